@@ -1,0 +1,26 @@
+"""The kernel algebra: linear conv expressions that fold to one convolution.
+
+Pure tensor code (no ``torch.fx``). See :mod:`.geometry` for the exactness rules,
+:mod:`.kernel` for the folded form and the tensor operations, :mod:`.expr` for the
+expression base class and combinators, :mod:`.leaves` for the leaves.
+
+Example::
+
+    from repcompiler.algebra import Conv, BatchNorm, Identity
+    block = (Conv.from_module(conv3) >> BatchNorm(bn3)) + (Conv.from_module(conv1) >> BatchNorm(bn1)) \
+        + (Identity(c, 2) >> BatchNorm(bn_id))
+    assert block.exactness().exact
+    plain = block.to_conv()            # one nn.Conv2d, equal to block(x) in eval mode
+"""
+
+from .expr import Concat, Exactness, Expr, Seq, Sum
+from .geometry import ConvSpec, ParPlan, SeqPlan, normalize_padding, parallel, sequence
+from .kernel import Kernel, add, compose, concat, expand_groups, spread
+from .leaves import AvgPool, Affine, BatchNorm, Bias, Constant, Conv, Identity, Scale, ZeroPad, dims_of
+
+__all__ = [
+    "Expr", "Seq", "Sum", "Concat", "Exactness",
+    "Conv", "Affine", "BatchNorm", "Scale", "Bias", "Constant", "Identity", "AvgPool", "ZeroPad", "dims_of",
+    "ConvSpec", "SeqPlan", "ParPlan", "sequence", "parallel", "normalize_padding",
+    "Kernel", "compose", "add", "concat", "expand_groups", "spread",
+]
