@@ -9,7 +9,20 @@ be written as one convolution. It has two semantics that must agree:
 
 ``exactness()`` says, structurally and before any tensor is touched, whether the two
 agree for every input (borders included) and if not, why. ``fold()`` refuses an
-inexact expression unless asked (``check=False``, interior-only).
+inexact expression unless asked (``check=False``). The unchecked fold of an inexact
+expression still agrees on the *interior*: every output whose folded window
+``[s*q - l, s*q - l + e]`` lies inside the input, provided the branch outputs have a
+common shape at all (the property tests check exactly this).
+
+Combinators validate their operands when they are built: a channel or dims mismatch
+raises :class:`~repcompiler.errors.IncompatibleError` where the composition is written,
+naming both operands. Inexact (but well-formed) compositions are accepted and reported
+by ``exactness()``. Unfolded, :class:`Sum` and :class:`Concat` refuse branch outputs of
+different spatial sizes instead of letting ``+`` broadcast a size-1 map.
+
+Cost: ``fold(check=False)`` (what online blocks call every training step) does the
+structural planning without formatting any message; labels are built lazily, only
+when a reason is reported.
 
 Expressions compose with ``a >> b`` (``b`` after ``a``), ``a + b`` (parallel sum) and
 :class:`Concat`. Leaves live in :mod:`repcompiler.algebra.leaves`.
@@ -26,7 +39,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..errors import InexactFoldError
+from ..errors import IncompatibleError, InexactFoldError, UnsupportedError
 from .geometry import ConvSpec, parallel, sequence
 from .kernel import Kernel, add, compose, concat
 
@@ -120,17 +133,24 @@ class _Combinator(Expr):
     def __init__(self, *children: Expr) -> None:
         super().__init__()
         if not children:
-            raise InexactFoldError(f"{type(self).__name__} needs at least one operand")
+            raise IncompatibleError(f"{type(self).__name__} needs at least one operand")
         flat: list[Expr] = []
         for c in children:
             if not isinstance(c, Expr):
-                raise TypeError(f"{type(self).__name__} operands must be Expr, got {type(c).__name__}")
+                raise UnsupportedError(
+                    f"{type(self).__name__} operand {len(flat)} is a {type(c).__name__}, not an Expr "
+                    "(wrap modules with a leaf, e.g. Conv.from_module)"
+                )
             # flatten nested combinators of the same kind: (a >> b) >> c == a >> b >> c
             if type(c) is type(self):
                 flat.extend(c.terms)  # type: ignore[attr-defined]
             else:
                 flat.append(c)
         self.terms = nn.ModuleList(flat)
+        # Validate structure now so that an invalid composition (channel or dims
+        # mismatch) fails where it is written, naming the operands. Inexact but valid
+        # compositions are accepted (see ``exactness()``).
+        self.plan()
 
     def __iter__(self) -> Iterator[Expr]:
         return iter(self.terms)  # type: ignore[arg-type]
@@ -139,22 +159,28 @@ class _Combinator(Expr):
         return len(self.terms)
 
 
+def _prefix_label(terms: list[Expr], i: int):
+    """Lazy label of ``terms[:i]`` (what the ``i``-th term is applied to)."""
+    if i == 1:
+        return terms[0].label
+    return lambda: f"(... >> {terms[i - 1].label()})"
+
+
 class Seq(_Combinator):
     """Sequential composition: ``Seq(a, b, c)(x) == c(b(a(x)))``."""
 
     def plan(self) -> tuple[ConvSpec | None, tuple[str, ...]]:
-        spec, reasons = self.terms[0].plan()
-        reasons = list(reasons)
-        prev = self.terms[0]
-        for term in list(self.terms)[1:]:
+        terms = list(self.terms)
+        spec, reasons0 = terms[0].plan()
+        reasons = list(reasons0)
+        for i, term in enumerate(terms[1:], 1):
             tspec, treasons = term.plan()
             reasons += treasons
             if spec is None or tspec is None:
                 return None, tuple(reasons)
-            p = sequence(spec, tspec, prev.label(), term.label())
+            p = sequence(spec, tspec, _prefix_label(terms, i), term.label)
             reasons += p.reasons
             spec = p.spec
-            prev = term
         return spec, tuple(reasons)
 
     def fold(self, check: bool = True) -> Kernel:
@@ -173,6 +199,18 @@ class Seq(_Combinator):
         return Seq(*self.terms, other)
 
 
+def _same_shapes(expr: "Sum", outs: list[Tensor]) -> None:
+    """Branch outputs must have equal spatial sizes (no silent broadcasting)."""
+    first = outs[0].shape[2:]
+    for i, o in enumerate(outs[1:], 1):
+        if o.shape[2:] != first:
+            raise IncompatibleError(
+                f"{type(expr).__name__}: branch 0 ({expr.terms[0].label()}) and branch {i} "
+                f"({expr.terms[i].label()}) produce spatial sizes {tuple(first)} vs {tuple(o.shape[2:])} "
+                "on this input (branch windows do not align)"
+            )
+
+
 class Sum(_Combinator):
     """Parallel sum of branches on the same input: ``Sum(a, b)(x) == a(x) + b(x)``."""
 
@@ -184,7 +222,8 @@ class Sum(_Combinator):
         specs = [s for s, _ in plans]
         if any(s is None for s in specs):
             return None, tuple(reasons)
-        p = parallel(specs, concat=self._concat, names=[t.label() for t in self.terms])  # type: ignore[arg-type]
+        terms = list(self.terms)
+        p = parallel(specs, concat=self._concat, names=lambda: [t.label() for t in terms])  # type: ignore[arg-type]
         return p.spec, tuple(reasons) + p.reasons
 
     def fold(self, check: bool = True) -> Kernel:
@@ -193,9 +232,11 @@ class Sum(_Combinator):
         return (concat if self._concat else add)(kernels, check=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.terms[0](x)
-        for t in list(self.terms)[1:]:
-            out = out + t(x)
+        outs = [t(x) for t in self.terms]
+        _same_shapes(self, outs)
+        out = outs[0]
+        for o in outs[1:]:
+            out = out + o
         return out
 
     def __add__(self, other: Expr) -> "Sum":  # type: ignore[override]
@@ -208,7 +249,9 @@ class Concat(Sum):
     _concat = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([t(x) for t in self.terms], dim=1)
+        outs = [t(x) for t in self.terms]
+        _same_shapes(self, outs)
+        return torch.cat(outs, dim=1)
 
     def __add__(self, other: Expr) -> Sum:  # type: ignore[override]
         return Sum(self, other)

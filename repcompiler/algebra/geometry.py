@@ -23,9 +23,26 @@ there on the zero-extended input, i.e. where ``B`` pads (``l2 > 0`` or ``r2 > 0`
 * left: ``e1 - l1 < s1`` (output ``-1`` of ``A`` sees only zeros);
 * right: ``r1 >= e1`` (output ``L_A`` of ``A`` sees only zeros, for every ``L``).
 
+The folded conv always has the chain's output length (``floor`` nests), so an inexact
+composition differs only at the borders. The rule is exact-for-every-input sufficient;
+it is also necessary when ``B`` reads every position it pads (stride 1, no dilation,
+the RepVGG/DBB/ACNet/OREPA case). With a strided or dilated ``B`` that skips some
+padded positions it may call a composition inexact that happens to be equal
+(conservative, never wrong). ``tests/test_algebra_geometry.py`` checks both directions.
+
 A parallel sum (or channel concat) is exact iff every branch has the same stride and
 the same output length for every input (``l + r - e`` equal), i.e. the branch windows
-align; the branches are then placed in one frame with padding ``max(l)``.
+align; the branches are then placed in one frame with padding ``max(l)`` (the merged
+right padding is then never negative).
+
+Messages: at most one reason per offending pair (sequence) or per combination
+(parallel), naming the operands once and the affected dims, e.g.
+``conv(2d 4->4, k=3, p=1) zero-pads the output of conv(2d 2->4, k=3, p=1, bias) (not
+equal at the borders): that output would still read the input beyond the border (left
+in dims 0, 1; right in dims 0, 1) and that output has a bias, which the padding
+replaces by zeros``. Operand names may be passed as callables; they are evaluated
+only when a message is built, so planning on the training hot path (``fold`` every
+step) formats no strings.
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import IncompatibleError
 
@@ -177,24 +194,45 @@ class SeqPlan:
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
-def sequence(a: ConvSpec, b: ConvSpec, a_name: str = "", b_name: str = "") -> SeqPlan:
+def _resolve(name: "str | Callable[[], str]", spec: ConvSpec) -> str:
+    """A name given as a string or as a zero-argument callable (evaluated lazily, only
+    when a message is built, so planning stays cheap on the hot path)."""
+    if callable(name):
+        name = name()
+    return name or spec.describe()
+
+
+def _dims_text(dims: Sequence[int]) -> str:
+    return ("dim " if len(dims) == 1 else "dims ") + ", ".join(map(str, dims))
+
+
+def sequence(
+    a: ConvSpec,
+    b: ConvSpec,
+    a_name: "str | Callable[[], str]" = "",
+    b_name: "str | Callable[[], str]" = "",
+) -> SeqPlan:
     """Plan the sequential composition ``a then b`` (``b(a(x))``).
 
     Raises :class:`IncompatibleError` when the two cannot be chained at all; returns
-    the reasons the folded conv would differ from the chain at the borders otherwise.
+    the reasons the folded conv would differ from the chain at the borders otherwise
+    (at most one message per pair, naming the affected dims). ``a_name``/``b_name``
+    label the operands in messages; they may be callables, evaluated only when a
+    message is actually built.
     """
-    an = a_name or a.describe()
-    bn = b_name or b.describe()
     if a.dims != b.dims:
-        raise IncompatibleError(f"cannot compose {an} ({a.dims}-d) then {bn} ({b.dims}-d)")
+        an, bn = _resolve(a_name, a), _resolve(b_name, b)
+        raise IncompatibleError(f"cannot compose {an} ({a.dims}-d) then {bn} ({b.dims}-d): dims differ")
     if a.out_channels != b.in_channels:
+        an, bn = _resolve(a_name, a), _resolve(b_name, b)
         raise IncompatibleError(
             f"cannot compose {an} then {bn}: {a.out_channels} output channels feed "
             f"{b.in_channels} input channels"
         )
-    reasons: list[str] = []
     dil, up, step, ksize, pads = [], [], [], [], []
     pads_b_read = False
+    left_bad: list[int] = []
+    right_bad: list[int] = []
     for i in range(a.dims):
         k1, k2 = a.kernel_size[i], b.kernel_size[i]
         s1, d1, d2 = a.stride[i], a.dilation[i], b.dilation[i]
@@ -211,20 +249,21 @@ def sequence(a: ConvSpec, b: ConvSpec, a_name: str = "", b_name: str = "") -> Se
         if l2 or r2:
             pads_b_read = True
         if l2 and e1 - l1 >= s1:
-            reasons.append(
-                f"{bn} zero-pads (left {l2}, dim {i}) the output of {an}, whose outputs left of "
-                f"the border would still read the input (extent {e1} > padding {l1} + stride {s1} - 1)"
-            )
+            left_bad.append(i)
         if r2 and r1 < e1:
-            reasons.append(
-                f"{bn} zero-pads (right {r2}, dim {i}) the output of {an}, whose outputs right of "
-                f"the border would still read the input (right padding {r1} < extent {e1})"
+            right_bad.append(i)
+    reasons: list[str] = []
+    if left_bad or right_bad or (pads_b_read and a.has_bias):
+        an, bn = _resolve(a_name, a), _resolve(b_name, b)
+        why = []
+        if left_bad or right_bad:
+            sides = ([f"left in {_dims_text(left_bad)}"] if left_bad else []) + (
+                [f"right in {_dims_text(right_bad)}"] if right_bad else []
             )
-    if pads_b_read and a.has_bias:
-        reasons.append(
-            f"{an} has a bias and {bn} zero-pads its output: the folded conv would see the "
-            f"bias at the border where the chain sees zeros"
-        )
+            why.append(f"that output would still read the input beyond the border ({'; '.join(sides)})")
+        if pads_b_read and a.has_bias:
+            why.append("that output has a bias, which the padding replaces by zeros")
+        reasons.append(f"{bn} zero-pads the output of {an} (not equal at the borders): " + " and ".join(why))
     groups = math.gcd(a.groups, b.groups)
     spec = ConvSpec(
         dims=a.dims,
@@ -255,40 +294,57 @@ class ParPlan:
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
-def parallel(specs: Sequence[ConvSpec], concat: bool = False, names: Sequence[str] | None = None) -> ParPlan:
-    """Plan the parallel sum (``concat=False``) or channel concat of branches on one input."""
+def parallel(
+    specs: Sequence[ConvSpec],
+    concat: bool = False,
+    names: "Sequence[str] | Callable[[], Sequence[str]] | None" = None,
+) -> ParPlan:
+    """Plan the parallel sum (``concat=False``) or channel concat of branches on one input.
+
+    ``names`` labels the branches in messages (a callable is evaluated lazily, only
+    when a message is built). Raises :class:`IncompatibleError` when the branches
+    cannot be combined at all (dims, input channels, or output channels of a sum).
+    """
     if not specs:
         raise IncompatibleError("a parallel combination needs at least one branch")
-    names = list(names) if names else [s.describe() for s in specs]
+    _names: list[str] = []
+
+    def nm(j: int) -> str:
+        if not _names:
+            given = names() if callable(names) else names
+            _names.extend(given if given else [s.describe() for s in specs])
+        return _names[j] or specs[j].describe()
+
     first = specs[0]
-    for s, n in zip(specs[1:], names[1:]):
+    for j, s in enumerate(specs[1:], 1):
         if s.dims != first.dims:
-            raise IncompatibleError(f"branches {names[0]} ({first.dims}-d) and {n} ({s.dims}-d) differ in dims")
+            raise IncompatibleError(f"branches {nm(0)} ({first.dims}-d) and {nm(j)} ({s.dims}-d) differ in dims")
         if s.in_channels != first.in_channels:
             raise IncompatibleError(
-                f"branches {names[0]} and {n} read different channel counts "
+                f"branches {nm(0)} and {nm(j)} read different channel counts "
                 f"({first.in_channels} vs {s.in_channels})"
             )
         if not concat and s.out_channels != first.out_channels:
             raise IncompatibleError(
-                f"cannot sum branches {names[0]} and {n}: {first.out_channels} vs "
+                f"cannot sum branches {nm(0)} and {nm(j)}: {first.out_channels} vs "
                 f"{s.out_channels} output channels"
             )
     reasons: list[str] = []
     dims = first.dims
-    for s, n in zip(specs[1:], names[1:]):
-        if s.stride != first.stride:
-            reasons.append(f"branch windows do not align: {names[0]} has stride {first.stride}, {n} has {s.stride}")
-    if reasons:
+    if any(s.stride != first.stride for s in specs[1:]):
+        detail = ", ".join(f"{nm(j)}: {'x'.join(map(str, s.stride))}" for j, s in enumerate(specs))
+        reasons.append(f"branch windows do not align: strides differ ({detail})")
         return ParPlan(spec=None, groups=1, ups=(), offsets=(), reasons=tuple(reasons))
-    for i in range(dims):
-        consts = [s.padding[i][0] + s.padding[i][1] - s.extent[i] for s in specs]
-        if len(set(consts)) > 1:
-            detail = ", ".join(f"{n}: {c}" for n, c in zip(names, consts))
-            reasons.append(
-                f"branch windows do not align in dim {i}: output sizes differ "
-                f"(padding minus extent per branch: {detail})"
-            )
+    consts = [tuple(s.padding[i][0] + s.padding[i][1] - s.extent[i] for i in range(dims)) for s in specs]
+    bad = [i for i in range(dims) if len({c[i] for c in consts}) > 1]
+    if bad:
+        detail = ", ".join(
+            f"{nm(j)}: {'x'.join(str(c[i]) for i in bad)}" for j, c in enumerate(consts)
+        )
+        reasons.append(
+            f"branch windows do not align: output sizes differ in {_dims_text(bad)} "
+            f"(padding minus extent per branch: {detail})"
+        )
     lf = [max(s.padding[i][0] for s in specs) for i in range(dims)]
     offs_raw = [[lf[i] - s.padding[i][0] for i in range(dims)] for s in specs]
     dil, ksize, pads = [], [], []
@@ -308,8 +364,10 @@ def parallel(specs: Sequence[ConvSpec], concat: bool = False, names: Sequence[st
         ksize.append(size)
         const = max(s.padding[i][0] + s.padding[i][1] - s.extent[i] for s in specs)
         pads.append((lf[i], df * (size - 1) + const - lf[i]))
-    if any(r < 0 for _, r in pads):
-        reasons.append(f"branches {', '.join(names)} would need negative padding when merged")
+    if any(r < 0 for _, r in pads):  # pragma: no cover - impossible (see docstring), kept as a guard
+        reasons.append(
+            f"branches {', '.join(nm(j) for j in range(len(specs)))} would need negative padding when merged"
+        )
         return ParPlan(spec=None, groups=1, ups=(), offsets=(), reasons=tuple(reasons))
     groups = 1 if concat else _gcd_all([s.groups for s in specs])
     spec = ConvSpec(

@@ -13,7 +13,14 @@ Every leaf is a linear (affine) map on feature maps that is one convolution:
   does); folded it is the eval-mode affine map of its running statistics.
 * :class:`Identity`, :class:`AvgPool` (``count_include_pad`` semantics handled: with
   ``count_include_pad=False`` and padding the border divisor differs, which is
-  reported as inexact), :class:`ZeroPad`.
+  reported as inexact; ``ceil_mode`` with a stride > 1 may add a partial window,
+  also reported; ``divisor_override`` is a plain scale), :class:`ZeroPad`
+  (``ZeroPad >> BatchNorm`` is how "BN, then pad with the BN's bias" is written).
+
+Every leaf validates its geometry at construction and raises
+:class:`~repcompiler.errors.IncompatibleError` / :class:`~repcompiler.errors.UnsupportedError`
+naming the leaf (its ``name`` or module type) and the reason: bad groups, negative
+padding, avg-pool padding above half the kernel, a non-zeros ``padding_mode``, ...
 
 Leaves without parameters keep a non-persistent empty buffer so that ``.double()`` or
 ``.to(device)`` on the expression decides the dtype/device of their kernels, without
@@ -161,7 +168,10 @@ class Conv(_Leaf):
             raise IncompatibleError(
                 f"{self._name()}: bias shape {tuple(bias.shape)} does not match {weight.shape[0]} output channels"
             )
-        self._spec()  # validate geometry now
+        try:
+            self._spec()  # validate geometry now, naming this operand on failure
+        except IncompatibleError as err:
+            raise IncompatibleError(f"{self._name()}: {err}") from None
 
     def _name(self) -> str:
         return self.name or "Conv"
@@ -408,6 +418,18 @@ class AvgPool(_Buffered):
         self.divisor_override = divisor_override
         if divisor_override is not None and dims == 1:
             raise UnsupportedError("AvgPool1d has no divisor_override")
+        if len(ks) != dims or len(st) != dims or len(self.pool_padding) != dims:
+            raise IncompatibleError(
+                f"AvgPool: kernel_size={ks}, stride={st}, padding={self.pool_padding} do not all have {dims} entries"
+            )
+        if any(p < 0 or 2 * p > k for p, k in zip(self.pool_padding, ks)):
+            raise UnsupportedError(
+                f"AvgPool(k={ks}, p={self.pool_padding}): padding must be between 0 and half the kernel size"
+            )
+        try:
+            self._spec()
+        except IncompatibleError as err:
+            raise IncompatibleError(f"AvgPool(k={ks}, s={st}, p={self.pool_padding}): {err}") from None
         reasons = []
         if any(self.pool_padding) and not count_include_pad and divisor_override is None:
             reasons.append(
