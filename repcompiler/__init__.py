@@ -21,6 +21,20 @@ from .errors import (
     VerificationError,
 )
 
+from .deploy import deploy
+from .fold import fold
+from .export import ExportResult, export
+from .report import FoldReport, ReportEntry, TransformReport
+from .tracing import trace_model, trace_units
+from .rules import register_rule, lookup_rule, unregister_rule
+from .blocks import available_blocks, get_block, register_block, unregister_block
+from .blocks import ConvGeometry
+from .online import OfflineBlock, OnlineConv
+from .transform import orepa_transform
+from .linearize import linearize, linearize_regions
+from .config import BlockConfig, Branch, RuleConfig
+from . import config, testing
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
@@ -34,4 +48,31 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "RegistrationError",
+    "fold",
+    "deploy",
+    "trace_model",
+    "trace_units",
+    "FoldReport",
+    "TransformReport",
+    "ReportEntry",
+    "export",
+    "ExportResult",
+    "register_rule",
+    "lookup_rule",
+    "unregister_rule",
+    "register_block",
+    "unregister_block",
+    "get_block",
+    "available_blocks",
+    "ConvGeometry",
+    "OnlineConv",
+    "OfflineBlock",
+    "orepa_transform",
+    "linearize",
+    "linearize_regions",
+    "BlockConfig",
+    "RuleConfig",
+    "Branch",
+    "config",
+    "testing",
 ]

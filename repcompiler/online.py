@@ -1,18 +1,34 @@
 """Online (training-time) blocks: an algebra expression squeezed into one conv per forward.
 
-:class:`OnlineConv` holds the block's linear branches as an
+:class:`OnlineConv` holds a block's linear branches as an
 :class:`~repcompiler.algebra.Expr` and an optional post-addition BatchNorm. Every
-forward folds the expression into one kernel *inside autograd* and runs a single
-convolution on the feature map; the post-BN (which is not linear while training)
-runs on that conv's output. Its lowering rule makes it foldable by ``deploy``/``fold``
-like any conv followed by a BN.
+forward generates one kernel from the branch parameters *inside autograd* and runs a
+single convolution on the feature map; the post-BN (not linear while training) runs
+on that conv's output. If the expression offers a ``fast_fold()`` (the built-in OREPA
+blocks do: a specialised generator that the tests prove equal to ``fold()``), it is
+used; otherwise the generic ``fold()``.
+
+Kernel cache: in eval mode, when no gradient can flow to the branch parameters
+(``torch.no_grad()``/``inference_mode()`` or no parameter requiring grad), the
+generated kernel is cached (detached) and regenerated only when a parameter or
+buffer changed: the cache key is every tensor's ``(data_ptr, _version, dtype,
+device)``, so optimizer steps, ``load_state_dict``, ``.to()``/``.double()`` and
+in-place edits all invalidate it. With grad enabled the kernel is always regenerated,
+so caching never cuts the autograd graph. The cache is not part of ``state_dict`` and
+is dropped when pickling.
+
+Its lowering rule makes it foldable by ``deploy``/``fold`` like any conv followed by a
+BN (:meth:`OnlineConv.deploy_expr`).
 
 :class:`OfflineBlock` is the baseline the paper compares against: the same branches
-run unfolded on the feature map (BN inside every branch uses batch statistics).
+run unfolded on the feature map (a BN inside every branch uses batch statistics).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from . import algebra as A
@@ -22,48 +38,132 @@ from .rules import LowerInfo, register_rule
 __all__ = ["OnlineConv", "OfflineBlock"]
 
 
-class OnlineConv(nn.Module):
-    """One conv per forward, its kernel generated from ``expr``'s parameters."""
+def _deploy_expr(expr: A.Expr, post_bn: nn.Module | None) -> A.Expr:
+    if post_bn is None:
+        return expr
+    return A.Seq(expr, A.BatchNorm(post_bn, dims=expr.spec.dims))
 
-    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None) -> None:
+
+class OnlineConv(nn.Module):
+    """One conv per forward, its kernel generated from ``expr``'s parameters.
+
+    Args:
+        expr: the block's branches (must fold exactly).
+        post_bn: a BatchNorm run after the conv (the block's post-addition BN when
+            the model had none after the original conv), or ``None``.
+        block: the block's name, for reports and ``repr``.
+    """
+
+    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "") -> None:
         super().__init__()
         reasons = expr.exactness().reasons
         if reasons:
-            raise InexactFoldError("an online block must fold exactly: " + "; ".join(reasons))
+            raise InexactFoldError(f"online block {block or expr.label()} must fold exactly: " + "; ".join(reasons))
         self.expr = expr
         self.post_bn = post_bn
+        self.block = block
+        self._cache: tuple[tuple, A.Kernel] | None = None
 
-    def kernel(self) -> A.Kernel:
-        """The current folded kernel (differentiable in the branch parameters)."""
+    # -- kernel generation -----------------------------------------------------------
+    def generate(self) -> A.Kernel:
+        """Generate the folded kernel (differentiable in the branch parameters)."""
+        fast = getattr(self.expr, "fast_fold", None)
+        if fast is not None and getattr(self.expr, "has_fast_fold", True):
+            return fast()
         return self.expr.fold(check=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.kernel().apply(x)
+    def _key(self) -> tuple:
+        return tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device)
+            for t in (*self.expr.parameters(), *self.expr.buffers())
+        )
+
+    def kernel(self) -> A.Kernel:
+        """The current kernel: cached in eval mode when no grad can flow (see module doc)."""
+        if self.training:
+            self._cache = None
+            return self.generate()
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.expr.parameters())
+        if needs_grad:
+            return self.generate()
+        key = self._key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            k = self.generate().detach()
+        self._cache = (key, k)
+        return k
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = self.kernel().apply(input)
         return y if self.post_bn is None else self.post_bn(y)
 
+    # -- conv-like geometry attributes (read-only), for code that inspects convs ------
+    @property
+    def in_channels(self) -> int:
+        return self.expr.spec.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.expr.spec.out_channels
+
+    @property
+    def groups(self) -> int:
+        return self.expr.spec.groups
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.expr.spec.stride
+
+    # -- deploy ----------------------------------------------------------------------
     def deploy_expr(self) -> A.Expr:
         """The expression this block equals in eval mode (branches, then post-BN)."""
-        if self.post_bn is None:
-            return self.expr
-        return A.Seq(self.expr, A.BatchNorm(self.post_bn, dims=self.expr.spec.dims))
+        return _deploy_expr(self.expr, self.post_bn)
+
+    def to_conv(self) -> nn.Module:
+        """A plain conv (detached) equal to this block in eval mode."""
+        return self.deploy_expr().to_conv()
+
+    def extra_repr(self) -> str:
+        try:
+            desc = self.expr.spec.describe()
+        except Exception:  # pragma: no cover - repr must not fail
+            desc = "?"
+        return f"block={self.block or type(self.expr).__name__}, {desc}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self._cache = None
+        return super()._apply(fn, recurse)
 
 
 class OfflineBlock(nn.Module):
     """The branches run on the feature map (DBB/RepVGG-style training)."""
 
-    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None) -> None:
+    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "") -> None:
         super().__init__()
         self.expr = expr
         self.post_bn = post_bn
+        self.block = block
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.expr(x)
+    def forward(self, input: Tensor) -> Tensor:
+        y = self.expr(input)
         return y if self.post_bn is None else self.post_bn(y)
 
     def deploy_expr(self) -> A.Expr:
-        if self.post_bn is None:
-            return self.expr
-        return A.Seq(self.expr, A.BatchNorm(self.post_bn, dims=self.expr.spec.dims))
+        """The expression this block equals in eval mode (branches, then post-BN)."""
+        return _deploy_expr(self.expr, self.post_bn)
+
+    def to_conv(self) -> nn.Module:
+        """A plain conv (detached) equal to this block in eval mode."""
+        return self.deploy_expr().to_conv()
+
+    def extra_repr(self) -> str:
+        return f"block={self.block or type(self.expr).__name__}, offline"
 
 
 def _lower_block(m: nn.Module, info: LowerInfo) -> A.Expr:

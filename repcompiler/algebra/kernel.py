@@ -154,6 +154,10 @@ def _bias_through(weight: Tensor, groups: int, bias_in: Tensor) -> Tensor:
     return torch.einsum("gom,gm->go", w, bias_in.reshape(groups, m_g)).reshape(out_ch)
 
 
+def _depthwise(spec: ConvSpec) -> bool:
+    return spec.groups == spec.in_channels == spec.out_channels
+
+
 def compose(a: Kernel, b: Kernel, *, check: bool = True, plan: SeqPlan | None = None) -> Kernel:
     """The kernel of ``b(a(x))``. With ``check`` an inexact composition raises
     :class:`InexactFoldError` naming the reasons."""
@@ -172,6 +176,21 @@ def compose(a: Kernel, b: Kernel, *, check: bool = True, plan: SeqPlan | None = 
         o, mg = w2.shape[:2]
         g2 = sb.groups
         weight = (w2.reshape(g2, o // g2, mg, -1) * scale.reshape(g2, 1, mg, 1)).reshape(w2.shape)
+        groups = g2
+    elif _depthwise(sb) and all(k == 1 for k in sa.kernel_size):
+        # pointwise conv then a per-channel (depthwise) kernel: an outer product
+        m, cg = w1.shape[:2]
+        weight = w1.reshape(m, cg, *([1] * dims)) * w2.reshape(m, 1, *w2.shape[2:])
+        if plan.step != (1,) * dims:
+            weight = spread(weight, plan.step)
+        groups = sa.groups
+    elif _depthwise(sa) and all(k == 1 for k in sb.kernel_size):
+        # per-channel (depthwise) kernel then a pointwise conv: an outer product per group
+        o, mg = w2.shape[:2]
+        g2 = sb.groups
+        weight = (w2.reshape(g2, o // g2, mg, 1) * w1.reshape(g2, 1, mg, -1)).reshape(o, mg, *w1.shape[2:])
+        if plan.up != (1,) * dims:
+            weight = spread(weight, plan.up)
         groups = g2
     else:
         g = plan.groups

@@ -1,0 +1,333 @@
+"""Training cost of OREPA online vs plain vs DBB offline (the paper's Table/Fig. on cost).
+
+ResNet-18 (torchvision, 1000 classes) at 112x112 on this machine's CPU. Each
+configuration (form x batch size) runs in its own process, so allocator state and
+caches never leak between measurements. Forms:
+
+* ``plain``   - the torchvision model as is;
+* ``online``  - ``orepa_transform(model)`` (OREPA blocks, one conv per block);
+* ``dbb``     - ``orepa_transform(model, block="dbb", mode="offline", post_bn=False)``:
+  the DBB training form, a BN in every branch, every branch run on the feature map
+  (the following BN of each conv is replaced by the branch BNs, as in DBB).
+
+Per configuration: SGD (momentum 0.9, weight decay 1e-4) train steps on a fixed random
+batch; 3 warm-up steps, then the **median of 10** step times (zero_grad + forward +
+cross-entropy + backward + optimizer step). **Peak memory** of torch's CPU allocator
+over one step = bytes live at the start of the step (parameters, buffers, gradients,
+optimizer state, the batch: summed from the tensors themselves) plus the maximum of
+the running sum of the allocation/free events the profiler records during that step
+(``torch.profiler.profile(profile_memory=True)``, kineto ``[memory]`` events in time
+order). For ``online`` the worker also times kernel generation alone (forward +
+backward of every block's kernel, no feature map).
+
+Fit: ``cost(batch) = fixed + per_sample * batch`` by least squares over the batch
+sizes, for time and memory. Reported: per-sample ratios online/plain (targets: time
+<= 1.10, memory <= 1.05), OREPA's extra fixed time ``fixed_online - fixed_plain``
+in "samples of plain training" (``/ per_sample_plain``; target <= 12), and at batch 64
+online/plain time (<= 1.3), online/DBB time (<= 0.45) and peak memory (<= 0.7).
+
+Usage::
+
+    python benchmarks/train_cost.py                 # all configurations, writes results/
+    python benchmarks/train_cost.py --batches 8 16  # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FORMS = ("plain", "online", "dbb")
+TARGETS = {
+    "per_sample_time_online/plain": 1.10,
+    "per_sample_mem_online/plain": 1.05,
+    "fixed_online_extra_in_plain_samples": 12,
+    "b64_time_online/plain": 1.3,
+    "b64_time_online/dbb": 0.45,
+    "b64_mem_online/dbb": 0.7,
+}
+
+
+def _live_bytes(model, opt, *tensors) -> int:
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+
+    for p in model.parameters():
+        add(p)
+        add(p.grad)
+    for b in model.buffers():
+        add(b)
+    for state in opt.state.values():
+        for v in state.values():
+            add(v)
+    for t in tensors:
+        add(t)
+    return total
+
+
+def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: int = 0) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    import torch.nn.functional as F
+    import torchvision
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(HERE.parent))
+    import repcompiler as rc
+    from repcompiler.online import OnlineConv
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    if form == "online":
+        model = rc.orepa_transform(model)
+    elif form == "dbb":
+        model = rc.orepa_transform(model, block="dbb", mode="offline", post_bn=False)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    load0 = os.getloadavg()[0]
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    base = _live_bytes(model, opt, x, y)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    run = peak = 0
+    for _, n in events:
+        run += n
+        peak = max(peak, run)
+    out = {
+        "form": form, "batch": batch, "size": size,
+        "time_s": statistics.median(times), "times_s": times,
+        "peak_bytes": base + peak, "live_at_start_bytes": base,
+        "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(), "load_before": load0, "load_after": os.getloadavg()[0],
+    }
+    if form == "online":
+        blocks = [m for m in model.modules() if isinstance(m, OnlineConv)]
+
+        def gen():
+            total = 0
+            for b in blocks:
+                total = total + b.generate().weight.sum()
+            total.backward()
+
+        gen()
+        gt = []
+        for _ in range(5):
+            t = time.perf_counter()
+            gen()
+            gt.append(time.perf_counter() - t)
+        out["kernel_gen_s"] = statistics.median(gt)
+    return out
+
+
+def paired(batch: int, size: int, rounds: int, threads: int = 0) -> dict:
+    """Plain and online steps alternated in ONE process (robust to a drifting machine
+    load): medians, and the online fixed cost implied by ``online - plain`` at the same
+    batch, in samples of plain training (assumes equal per-sample cost)."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+
+    sys.path.insert(0, str(HERE.parent))
+    import repcompiler as rc
+    from repcompiler.online import OnlineConv
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18().train()
+    online = rc.orepa_transform(plain).train()
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4) for m in (plain, online)}
+    blocks = [m for m in online.modules() if isinstance(m, OnlineConv)]
+
+    def step(m):
+        opt = opts[id(m)]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    def gen():
+        total = 0
+        for b in blocks:
+            total = total + b.generate().weight.sum()
+        total.backward()
+
+    for m in (plain, online):
+        step(m)
+        step(m)
+    tp, to, tg = [], [], []
+    for _ in range(rounds):
+        for m, acc in ((plain, tp), (online, to)):
+            t = time.perf_counter()
+            step(m)
+            acc.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        gen()
+        tg.append(time.perf_counter() - t)
+    mp, mo, mg = statistics.median(tp), statistics.median(to), statistics.median(tg)
+    return {"batch": batch, "size": size, "rounds": rounds, "plain_s": mp, "online_s": mo, "kernel_gen_s": mg,
+            "online/plain": mo / mp, "implied_fixed_in_plain_samples": (mo - mp) / (mp / batch),
+            "kernel_gen_in_plain_samples": mg / (mp / batch), "threads": torch.get_num_threads(),
+            "load": os.getloadavg()[0]}
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - slope * mx, slope
+
+
+def summarize(results: list[dict], batches: list[int]) -> dict:
+    by = {(r["form"], r["batch"]): r for r in results}
+    fits = {}
+    for form in FORMS:
+        bs = [b for b in batches if (form, b) in by]
+        if len(bs) >= 2:
+            fits[form] = {
+                "time": fit(bs, [by[form, b]["time_s"] for b in bs]),
+                "mem": fit(bs, [by[form, b]["peak_bytes"] for b in bs]),
+            }
+    ratios = {}
+    if "plain" in fits and "online" in fits:
+        ratios["per_sample_time_online/plain"] = fits["online"]["time"][1] / fits["plain"]["time"][1]
+        ratios["per_sample_mem_online/plain"] = fits["online"]["mem"][1] / fits["plain"]["mem"][1]
+        ratios["fixed_online_extra_in_plain_samples"] = (fits["online"]["time"][0] - fits["plain"]["time"][0]) / fits["plain"]["time"][1]
+        ratios["fixed_online_total_in_plain_samples"] = fits["online"]["time"][0] / fits["plain"]["time"][1]
+    if "dbb" in fits and "plain" in fits:
+        ratios["per_sample_time_dbb/plain"] = fits["dbb"]["time"][1] / fits["plain"]["time"][1]
+        ratios["per_sample_mem_dbb/plain"] = fits["dbb"]["mem"][1] / fits["plain"]["mem"][1]
+    b = max(batches)
+    if ("online", b) in by and ("plain", b) in by:
+        ratios[f"b{b}_time_online/plain"] = by["online", b]["time_s"] / by["plain", b]["time_s"]
+        ratios[f"b{b}_mem_online/plain"] = by["online", b]["peak_bytes"] / by["plain", b]["peak_bytes"]
+    if ("online", b) in by and ("dbb", b) in by:
+        ratios[f"b{b}_time_online/dbb"] = by["online", b]["time_s"] / by["dbb", b]["time_s"]
+        ratios[f"b{b}_mem_online/dbb"] = by["online", b]["peak_bytes"] / by["dbb", b]["peak_bytes"]
+    return {"fits": fits, "ratios": ratios}
+
+
+def markdown(results: list[dict], summary: dict, batches: list[int], meta: dict) -> str:
+    by = {(r["form"], r["batch"]): r for r in results}
+    lines = [
+        "# Training cost: ResNet-18, 112x112, CPU",
+        "",
+        f"Measured {meta['date']} on {meta['cpus']} CPU cores, torch {meta['torch']}, "
+        f"{meta['threads']} intra-op threads; load average before/after each run in the json. "
+        "Each cell is its own process: median of 10 SGD steps after 3 warm-up steps; peak = live "
+        "bytes at step start + max running sum of the profiler's allocator events during one step "
+        "(see `train_cost.py`).",
+        "",
+        "| form | " + " | ".join(f"b={b} time (s)" for b in batches) + " | " + " | ".join(f"b={b} peak (MB)" for b in batches) + " |",
+        "|---|" + "---|" * (2 * len(batches)),
+    ]
+    for form in FORMS:
+        cells = [f"{by[form, b]['time_s']:.3f}" if (form, b) in by else "-" for b in batches]
+        cells += [f"{by[form, b]['peak_bytes'] / 2**20:.0f}" if (form, b) in by else "-" for b in batches]
+        lines.append(f"| {form} | " + " | ".join(cells) + " |")
+    lines += ["", "Fit `cost = fixed + per_sample * batch`:", "",
+              "| form | fixed time (s) | per-sample time (ms) | fixed mem (MB) | per-sample mem (MB) |", "|---|---|---|---|---|"]
+    for form, f in summary["fits"].items():
+        lines.append(f"| {form} | {f['time'][0]:.3f} | {1000 * f['time'][1]:.2f} | {f['mem'][0] / 2**20:.0f} | {f['mem'][1] / 2**20:.2f} |")
+    lines += ["", "| ratio | measured | target |", "|---|---|---|"]
+    for k, v in summary["ratios"].items():
+        t = TARGETS.get(k)
+        ok = "" if t is None else (" (met)" if v <= t else " (missed)")
+        lines.append(f"| {k} | {v:.3f} | {'' if t is None else f'<= {t}'}{ok} |")
+    gen = [r.get("kernel_gen_s") for r in results if r.get("kernel_gen_s")]
+    if gen:
+        lines += ["", f"Kernel generation alone (all OREPA blocks, forward + backward): median {statistics.median(gen):.3f} s per step."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--form", choices=FORMS, default="plain")
+    ap.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", nargs="+", type=int, default=[8, 16, 32, 64])
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "train_cost")
+    ap.add_argument("--paired", type=int, default=0, metavar="BATCH",
+                    help="alternate plain and online steps in one process at this batch size and report medians")
+    ap.add_argument("--rounds", type=int, default=8)
+    args = ap.parse_args(argv)
+    if args.paired:
+        r = paired(args.paired, args.size, args.rounds, args.threads)
+        print(json.dumps(r, indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name(args.out.name + f"_paired_b{args.paired}.json").write_text(json.dumps(r, indent=1))
+        return 0
+    if args.worker:
+        print(json.dumps(worker(args.form, args.batch, args.size, args.steps, args.warmup, args.threads)))
+        return 0
+    results = []
+    for batch in args.batches:
+        for form in args.forms:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--form", form, "--batch", str(batch),
+                   "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(proc.stderr[-2000:], file=sys.stderr)
+                return proc.returncode
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(f"{form:7s} b={batch:3d}: {r['time_s']:.3f} s, peak {r['peak_bytes'] / 2**20:.0f} MB"
+                  f" (load {r['load_before']:.1f}->{r['load_after']:.1f})", flush=True)
+    import torch
+
+    summary = summarize(results, args.batches)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": results[0]["threads"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, **summary}, indent=1))
+    md = markdown(results, summary, args.batches, meta)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""Squeeze regions into single convolutions.
+
+For each foldable region (exact, holds a conv; see :mod:`passes.find_regions`):
+
+1. :func:`fold_region` evaluates its algebra expression once under ``no_grad`` into
+   a plain ``nn.ConvNd`` (BN, scales, pads, pools and branches folded in);
+2. :func:`verify_region` runs the **original** nodes of the region (extracted with
+   :func:`region_reference`, so the modules themselves run, not their lowering) and
+   the folded conv on random inputs whose spatial size comes from the region's
+   geometry, and raises :class:`~repcompiler.errors.VerificationError` naming the
+   region on a mismatch;
+3. :func:`squeeze_region` rewrites the graph: one ``call_module`` node on the region's
+   entry replaces the region. The folded conv is installed at the qualified name of
+   the region's first conv module (so its ``state_dict`` keys stay where the conv's
+   were); the region's other modules are replaced by ``nn.Identity`` (not deleted, so
+   containers and user code that refer to them by name keep working).
+
+:class:`SqueezeRegions` is the pass: it reads ``gm.meta[META_REGIONS]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from repcompiler.errors import VerificationError
+
+from .base import META_REGIONS, META_REPORT, GraphPass, PassResult, graph_meta
+from .find_regions import Region
+
+__all__ = [
+    "fold_region",
+    "region_reference",
+    "RegionRunner",
+    "verify_region",
+    "squeeze_region",
+    "set_submodule",
+    "SqueezeRegions",
+    "relative_error",
+    "tolerance_for",
+    "region_params",
+    "kernel_to_module",
+]
+
+log = logging.getLogger(__name__)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at qualified name ``path`` under ``root`` (parents must exist)."""
+    *prefix, last = path.split(".")
+    parent = root.get_submodule(".".join(prefix)) if prefix else root
+    setattr(parent, last, module)
+
+
+def fold_region(region: Region) -> nn.Module:
+    """The plain conv equal to ``region`` (detached tensors)."""
+    if region.expr is None or not region.exact:
+        raise VerificationError(f"region {region.name} is not exact: " + "; ".join(region.reasons))
+    with torch.no_grad():
+        return kernel_to_module(region.expr.fold(check=True))
+
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_PADS = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
+
+
+def kernel_to_module(kernel: Any) -> nn.Module:
+    """A plain ``nn.ConvNd`` (``ConstantPadNd -> ConvNd`` for asymmetric padding) holding
+    detached copies of a folded :class:`~repcompiler.algebra.Kernel`. Like
+    ``Kernel.to_module`` but without running the conv's random initialisation."""
+    s = kernel.spec
+    sym = s.symmetric_padding
+    conv = torch.nn.utils.skip_init(
+        _CONVS[s.dims], s.in_channels, s.out_channels, s.kernel_size, stride=s.stride,
+        padding=tuple(a for a, _ in s.padding) if sym else 0, dilation=s.dilation, groups=s.groups,
+        bias=kernel.bias is not None, device=kernel.weight.device, dtype=kernel.weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(kernel.weight)
+        if kernel.bias is not None:
+            conv.bias.copy_(kernel.bias)
+    if sym:
+        return conv
+    pads: list[int] = []
+    for left, right in reversed(list(s.padding)):
+        pads += [left, right]
+    return nn.Sequential(_PADS[s.dims](tuple(pads), 0.0), conv)
+
+
+def region_reference(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
+    """A graph module running the region's original nodes (sharing ``gm``'s modules)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    x = graph.placeholder("x")
+    env[region.entry] = x
+    body = set(region.nodes)
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a in env:
+            return env[a]
+        if a in body:  # pragma: no cover - nodes are in topological order
+            raise VerificationError(f"region {region.name} is not in topological order")
+        # a constant operand (parameter, buffer or something computed from them)
+        env[a] = graph.node_copy(a, lookup)
+        return env[a]
+
+    for n in region.nodes:
+        env[n] = graph.node_copy(n, lookup)
+    graph.output(env[region.exit])
+    return fx.GraphModule(gm, graph, "RegionReference")
+
+
+class RegionRunner:
+    """Runs a region's original nodes on a given input without building a module
+    (cheaper than :func:`region_reference` when called once)."""
+
+    def __init__(self, gm: fx.GraphModule, region: Region) -> None:
+        self.gm, self.region = gm, region
+
+    def _value(self, n: fx.Node, env: dict) -> Any:
+        if n in env:
+            return env[n]
+        if n.op == "get_attr":
+            v: Any = self.gm
+            for part in str(n.target).split("."):
+                v = getattr(v, part)
+        else:
+            v = self._call(n, env)
+        env[n] = v
+        return v
+
+    def _call(self, n: fx.Node, env: dict) -> Any:
+        args = fx.node.map_arg(n.args, lambda a: self._value(a, env))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self._value(a, env))
+        if n.op == "call_module":
+            return self.gm.get_submodule(str(n.target))(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)  # type: ignore[operator]
+        if n.op == "call_method":
+            return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        raise VerificationError(f"region {self.region.name}: cannot run node {n.format_node()}")
+
+    def __call__(self, x: Tensor) -> Any:
+        env: dict = {self.region.entry: x}
+        for n in self.region.nodes:
+            env[n] = self._call(n, env)
+        return env[self.region.exit]
+
+
+def _probe_input(region: Region, ref: Tensor, batch: int = 1) -> Tensor:
+    spec = region.expr.spec  # type: ignore[union-attr]
+    size = [e + 2 * s + 2 for e, s in zip(spec.extent, spec.stride)]
+    if region.dims == 3:
+        size = [min(n, max(e + s + 2, 4)) for n, e, s in zip(size, spec.extent, spec.stride)]
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(batch, region.in_channels, *size, generator=gen, dtype=torch.float64)
+    return x.to(dtype=ref.dtype, device=ref.device)
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    """``max|a - b| / max|b|`` (``max|a-b|`` when ``b`` is all zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.abs().max().item() if b.numel() else 0.0
+    err = (a - b).abs().max().item() if b.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """Relative tolerance used when verifying a fold in ``dtype``."""
+    if dtype == torch.float64:
+        return 1e-9
+    if dtype in (torch.float16, torch.bfloat16):
+        return 2e-2
+    return 1e-4
+
+
+def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn.Module) -> float:
+    """Compare ``folded`` with ``reference`` on a random input; return the relative
+    error, raise :class:`VerificationError` naming the region if it is too large."""
+    ref_t = next(iter(folded.parameters()))
+    x = _probe_input(region, ref_t)
+    with torch.no_grad():
+        want = reference(x)
+        got = folded(x)
+    if not isinstance(want, Tensor) or want.shape != got.shape:
+        raise VerificationError(
+            f"region {region.name}: the folded conv gives shape {tuple(got.shape)}, the original "
+            f"{tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__}"
+        )
+    err = relative_error(got, want)
+    if not err <= tolerance_for(ref_t.dtype):
+        raise VerificationError(
+            f"region {region.name}: the folded conv differs from the original by relative {err:.3g} "
+            f"(tolerance {tolerance_for(ref_t.dtype):g}); its lowering or a rule is wrong"
+        )
+    return err
+
+
+def _fold_target(gm: fx.GraphModule, region: Region) -> str:
+    mods = region.module_targets()
+    for t in mods:
+        m = gm.get_submodule(t)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return t
+    if mods:
+        return mods[0]
+    base = f"folded_{region.exit.name}"
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def squeeze_region(
+    gm: fx.GraphModule,
+    region: Region,
+    folded: nn.Module,
+    target: str | None = None,
+    replaced: dict[fx.Node, fx.Node] | None = None,
+) -> str:
+    """Replace ``region``'s nodes in ``gm`` by one call of ``folded``; return its name.
+
+    The region's module targets other than ``target`` become ``nn.Identity``. When
+    squeezing several regions, pass the same ``replaced`` dict to every call: a
+    region whose entry is an earlier region's exit then reads the new node. Call
+    ``gm.recompile()`` afterwards (or run the pass, which does).
+    """
+    target = target or _fold_target(gm, region)
+    graph = gm.graph
+    entry = region.entry
+    if replaced is not None:
+        while entry in replaced:
+            entry = replaced[entry]
+    with graph.inserting_before(region.exit):
+        new = graph.call_module(target, (entry,))
+    new.meta = dict(region.exit.meta)
+    region.exit.replace_all_uses_with(new)
+    if replaced is not None:
+        replaced[region.exit] = new
+    for n in reversed(region.nodes):
+        graph.erase_node(n)
+    for t in region.module_targets():
+        if t != target:
+            set_submodule(gm, t, nn.Identity())
+    if "." in target or hasattr(gm, target):
+        set_submodule(gm, target, folded)
+    else:
+        gm.add_submodule(target, folded)
+    return target
+
+
+class SqueezeRegions(GraphPass):
+    """Fold every foldable region of ``gm.meta[META_REGIONS]`` into one conv.
+
+    With ``verify`` each region is checked against its original nodes first. If a
+    :class:`~repcompiler.report.TransformReport` is in ``gm.meta[META_REPORT]``,
+    an entry per region is added.
+    """
+
+    def __init__(self, verify: bool = True) -> None:
+        self.verify = verify
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        meta = graph_meta(graph_module)
+        regions: list[Region] = meta.get(META_REGIONS) or []
+        report = meta.get(META_REPORT)
+        modified = False
+        plans = []
+        for r in regions:
+            if not r.foldable:
+                if report is not None:
+                    report.add_region(r, "refused" if not r.exact else "kept")
+                continue
+            folded = fold_region(r)
+            if self.verify:
+                verify_region(r, RegionRunner(graph_module, r), folded)
+            plans.append((r, folded))
+        replaced: dict[fx.Node, fx.Node] = {}
+        for r, folded in plans:
+            before = sum(p.numel() for p in region_params(graph_module, r))
+            squeeze_region(graph_module, r, folded, replaced=replaced)
+            modified = True
+            if report is not None:
+                report.add_region(r, "folded", params_before=before,
+                                  params_after=sum(p.numel() for p in folded.parameters()))
+        if modified:
+            graph_module.graph.lint()
+            graph_module.recompile()
+            meta[META_REGIONS] = []
+        return PassResult(graph_module, modified)
+
+
+def region_params(gm: fx.GraphModule, region: Region) -> list[Tensor]:
+    seen: dict[int, Tensor] = {}
+    for n in region.nodes:
+        if n.op == "call_module":
+            for p in gm.get_submodule(str(n.target)).parameters():
+                seen[id(p)] = p
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                v = gm
+                for part in str(a.target).split("."):
+                    v = getattr(v, part)
+                if isinstance(v, nn.Parameter):
+                    seen[id(v)] = v
+    return list(seen.values())

@@ -1,0 +1,208 @@
+"""The block registry: what an eligible conv becomes for training.
+
+A **block** is a builder ``build(geom: ConvGeometry, **options) -> Expr``: given the
+geometry of the conv it replaces, it returns the training-time branches as a
+kernel-algebra expression (:mod:`repcompiler.algebra`) with *fresh* parameters. The
+expression must have exactly the conv's geometry: the same channels and stride and
+the same output size (and window placement) for every input size; the registry
+checks this on every build (:func:`build_block`).
+
+Options every built-in block understands (a user block may ignore them; the
+transform only passes the options a builder's signature accepts):
+
+* ``mode``: ``"online"`` (linearized: a learnable scale at the end of every branch,
+  no BN inside; folded to one conv each forward) or ``"offline"`` (a BatchNorm at the
+  end of every branch, as DBB/RepVGG train; run unfolded).
+* ``scaling``: ``"vector"`` (per output channel, the paper's default), ``"scalar"``
+  or ``"none"`` (the paper's ablation). Ignored in offline mode.
+
+A builder raises :class:`~repcompiler.errors.UnsupportedError` for a geometry it
+does not handle (the transform then leaves that conv as it is and reports why).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .. import algebra as A
+from ..errors import IncompatibleError, RegistrationError, UnsupportedError
+
+__all__ = [
+    "ConvGeometry",
+    "BlockBuilder",
+    "register_block",
+    "unregister_block",
+    "get_block",
+    "available_blocks",
+    "build_block",
+    "check_geometry",
+]
+
+log = logging.getLogger(__name__)
+
+Pads = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The geometry of the conv a block replaces.
+
+    ``padding`` is per spatial dimension ``(left, right)`` (``"same"``/``"valid"``
+    already resolved, as torch resolves them); ``dilation`` is kept as given.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Pads
+    dilation: tuple[int, ...]
+    groups: int = 1
+    dims: int = 2
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        # validates channels/groups/kernels through the algebra's spec
+        self.spec  # noqa: B018
+
+    @classmethod
+    def from_module(cls, conv: nn.Module, *, bias: bool | None = None) -> "ConvGeometry":
+        """The geometry of an ``nn.Conv1d/2d/3d`` (``bias`` overrides whether the
+        block needs a bias of its own)."""
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise UnsupportedError(f"{type(conv).__name__} is not an nn.Conv1d/2d/3d")
+        dims = A.dims_of(conv)
+        ks = tuple(conv.kernel_size)
+        dil = tuple(conv.dilation)
+        if isinstance(conv.padding, str):
+            if conv.padding == "valid":
+                pads: Pads = ((0, 0),) * dims
+            else:  # "same", as torch: the extra pixel goes to the right
+                pads = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dil, ks))
+        else:
+            pads = A.normalize_padding(conv.padding, dims)
+        return cls(
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=ks,
+            stride=tuple(conv.stride),
+            padding=pads,
+            dilation=dil,
+            groups=conv.groups,
+            dims=dims,
+            bias=(conv.bias is not None) if bias is None else bool(bias),
+        )
+
+    @property
+    def spec(self) -> A.ConvSpec:
+        """The algebra's :class:`~repcompiler.algebra.ConvSpec` of this conv."""
+        return A.ConvSpec(
+            dims=self.dims,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=tuple(self.kernel_size),
+            stride=tuple(self.stride),
+            padding=tuple(tuple(p) for p in self.padding),  # type: ignore[arg-type]
+            dilation=tuple(self.dilation),
+            groups=self.groups,
+            has_bias=self.bias,
+        )
+
+    @property
+    def is_pointwise_kernel(self) -> bool:
+        return all(k == 1 for k in self.kernel_size)
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels and self.groups > 1
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+
+BlockBuilder = Callable[..., A.Expr]
+
+_BLOCKS: dict[str, BlockBuilder] = {}
+
+
+def register_block(name: str, build: BlockBuilder, *, override: bool = False) -> None:
+    """Register a block builder ``build(geom, **options) -> Expr`` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise RegistrationError(f"a block name must be a non-empty string, got {name!r}")
+    if not callable(build):
+        raise RegistrationError(f"block {name!r}: build must be callable, got {type(build).__name__}")
+    if name in _BLOCKS and not override:
+        raise RegistrationError(f"a block named {name!r} is already registered (pass override=True)")
+    _BLOCKS[name] = build
+    log.debug("registered block %s", name)
+
+
+def unregister_block(name: str) -> None:
+    """Remove a block (no error if absent)."""
+    _BLOCKS.pop(name, None)
+
+
+def get_block(name: str) -> BlockBuilder:
+    """The builder registered under ``name``."""
+    try:
+        return _BLOCKS[name]
+    except KeyError:
+        raise RegistrationError(
+            f"no block named {name!r}; available: {', '.join(available_blocks())}"
+        ) from None
+
+
+def available_blocks() -> list[str]:
+    """Names of all registered blocks, sorted."""
+    return sorted(_BLOCKS)
+
+
+def _accepted(build: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    try:
+        params = inspect.signature(build).parameters.values()
+    except (TypeError, ValueError):
+        return options
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return options
+    names = {p.name for p in params}
+    return {k: v for k, v in options.items() if k in names}
+
+
+def check_geometry(expr: A.Expr, geom: ConvGeometry, name: str = "block") -> None:
+    """Raise :class:`IncompatibleError` unless ``expr`` has ``geom``'s geometry:
+    same channels, stride, window start and output size for every input size."""
+    spec = expr.spec
+    want = geom.spec
+    problems: list[str] = []
+    if spec.dims != want.dims:
+        problems.append(f"dims {spec.dims} != {want.dims}")
+    if spec.in_channels != want.in_channels or spec.out_channels != want.out_channels:
+        problems.append(
+            f"channels {spec.in_channels}->{spec.out_channels} != {want.in_channels}->{want.out_channels}"
+        )
+    if spec.stride != want.stride:
+        problems.append(f"stride {spec.stride} != {want.stride}")
+    if not problems:
+        for i in range(want.dims):
+            c1 = spec.padding[i][0] + spec.padding[i][1] - spec.extent[i]
+            c2 = want.padding[i][0] + want.padding[i][1] - want.extent[i]
+            if c1 != c2:
+                problems.append(f"output size differs in dim {i} (padding - extent {c1} vs {c2})")
+    if problems:
+        raise IncompatibleError(f"{name} built for {geom.describe()} has geometry {spec.describe()}: " + "; ".join(problems))
+
+
+def build_block(name: str, geom: ConvGeometry, **options: Any) -> A.Expr:
+    """Build block ``name`` for ``geom`` (passing only the options its builder
+    accepts) and check the result has the conv's geometry."""
+    build = get_block(name)
+    expr = build(geom, **_accepted(build, options))
+    if not isinstance(expr, A.Expr):
+        raise RegistrationError(f"block {name!r} returned {type(expr).__name__}, not an algebra Expr")
+    check_geometry(expr, geom, f"block {name!r}")
+    return expr

@@ -1,0 +1,181 @@
+"""Tracing models with ``torch.fx`` for the graph compiler.
+
+:class:`RepTracer` is an ``fx.Tracer`` whose leaf modules are
+
+* every module with a lowering rule in the rule registry (MRO lookup, so subclasses of
+  ``nn.Conv2d`` and ``OnlineConv`` blocks are leaves: the compiler lowers them whole);
+* the usual ``torch.nn`` leaves (activations, pooling, linear, ... but not containers);
+* torchvision's op modules that do not trace (RoI ops, deformable conv, ...),
+
+and it autowraps ``math`` and the ``torchvision.ops`` functions, as torchvision's own
+feature extractor does.
+
+Traces are specialised on ``module.training``: :func:`trace_units` traces in whatever
+mode the model is in, and the compiler puts the model in eval mode first.
+
+Where a whole model does not trace (torchvision's detection models iterate over
+proxies; RAFT has data-dependent control flow), :func:`trace_units` falls back to the
+**largest submodules that do trace**: it tries the root, and on failure each child in
+turn, recursively. The result lists the traced units (qualified name, module,
+``GraphModule``) and the skipped modules with the reason (the tracing error); a
+skipped module whose children all traced, or which holds no parameters, is not a loss,
+and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+from .rules import RuleRegistry, default_rules
+
+__all__ = ["RepTracer", "TracedUnit", "TraceResult", "trace_model", "trace_units", "count_convs"]
+
+log = logging.getLogger(__name__)
+
+_TV_OPAQUE_OPS = (
+    "RoIAlign",
+    "RoIPool",
+    "PSRoIAlign",
+    "PSRoIPool",
+    "MultiScaleRoIAlign",
+    "DeformConv2d",
+    "StochasticDepth",
+    "DropBlock2d",
+    "DropBlock3d",
+)
+
+
+def _torchvision_leaves() -> tuple[type, ...]:
+    try:
+        import torchvision.ops as tvops
+    except ImportError:  # pragma: no cover
+        return ()
+    return tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n))
+
+
+def _autowrap_modules() -> tuple[Any, ...]:
+    mods: list[Any] = [math]
+    try:
+        import torchvision.ops as tvops
+
+        mods.append(tvops)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(mods)
+
+
+class RepTracer(fx.Tracer):
+    """``fx.Tracer`` whose leaves are rule-registered modules plus the usual ``torch.nn``
+    leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
+
+    def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()) -> None:
+        super().__init__(autowrap_modules=_autowrap_modules())
+        self.rules = rules if rules is not None else default_rules
+        self.extra_leaves = tuple(extra_leaves) + _torchvision_leaves()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, fx.GraphModule):
+            return False
+        if self.rules.lookup(m) is not None:
+            return True
+        if self.extra_leaves and isinstance(m, self.extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()) -> fx.GraphModule:
+    """Trace ``model`` whole with :class:`RepTracer`; raise :class:`TraceError` naming the
+    model and the reason if it does not trace. The ``GraphModule`` shares the leaf
+    modules (not copies) with ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace_model expects an nn.Module, got {type(model).__name__}")
+    tracer = RepTracer(rules, extra_leaves)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many exception types
+        raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    return gm
+
+
+@dataclass
+class TracedUnit:
+    """A submodule that traced: ``path`` ('' for the root), the module and its graph."""
+
+    path: str
+    module: nn.Module
+    gm: fx.GraphModule
+
+
+@dataclass
+class TraceResult:
+    """What :func:`trace_units` traced and what it skipped (``(path, reason)``)."""
+
+    units: list[TracedUnit] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def whole(self) -> bool:
+        """True when the root traced as a whole."""
+        return len(self.units) == 1 and self.units[0].path == "" and not self.skipped
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    first = msg[0] if msg else type(exc).__name__
+    first = first.split(". This can be attempted")[0]  # fx's long iteration hint
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def _has_forward(m: nn.Module) -> bool:
+    fwd = type(m).forward
+    return fwd is not nn.Module.forward and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
+
+
+def trace_units(
+    model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()
+) -> TraceResult:
+    """Trace ``model``, falling back to the largest submodules that trace.
+
+    Modules that are leaves themselves (have a rule, or are standard ``torch.nn``
+    leaves) are not traced on their own: there is nothing inside them to rewrite.
+    """
+    rules = rules if rules is not None else default_rules
+    result = TraceResult()
+    tracer_probe = RepTracer(rules, extra_leaves)
+
+    def visit(path: str, m: nn.Module) -> None:
+        if _has_forward(m):
+            if path and tracer_probe.is_leaf_module(m, path):
+                return
+            try:
+                gm = trace_model(m, rules=rules, extra_leaves=extra_leaves)
+            except TraceError as exc:
+                reason = str(exc.__cause__ and _short(exc.__cause__) or exc)
+                has_params = any(True for _ in m.parameters(recurse=False)) or any(
+                    True for _ in m.buffers(recurse=False)
+                )
+                result.skipped.append((path or "<root>", reason + (" (own tensors not folded)" if has_params else "")))
+                log.info("could not trace %s (%s); tracing its children", path or "<root>", reason)
+            else:
+                result.units.append(TracedUnit(path, m, gm))
+                return
+        for name, child in m.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
+    return result
+
+
+def count_convs(model: nn.Module) -> int:
+    """Number of ``nn.Conv1d/2d/3d`` modules (subclasses included) in ``model``."""
+    return sum(1 for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)))

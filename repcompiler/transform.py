@@ -1,0 +1,367 @@
+"""``orepa_transform``: turn every eligible conv of a model into an online block.
+
+Each eligible ``nn.Conv1d/2d/3d`` is replaced **in its parent module** (same
+qualified name, the root's class kept, user methods and the rest of the hierarchy
+untouched) by an :class:`~repcompiler.online.OnlineConv` (``mode="online"``) or an
+:class:`~repcompiler.online.OfflineBlock` (``mode="offline"``) with the same call
+signature, built from a registered block (:mod:`repcompiler.blocks`).
+
+Post-BN: the model is traced with ``torch.fx`` (:mod:`repcompiler.tracing`; where a
+part does not trace, sibling order in the parent module is used for that part, and
+the report says so). A conv whose only user is a BatchNorm (called once, matching
+channels) already has its post-addition BN: it stays where it is in the model.
+Where no BN follows, one is inserted inside the block (``insert_bn=True``, for
+training from scratch). ``post_bn=False`` (the paper's ablation) inserts none and
+replaces a following BN by ``nn.Identity``. A conv bias is kept only where no
+post-BN follows (a BN absorbs it).
+
+Which block (the *policy*); the default, for ``block="orepa"``:
+
+* kxk convs (some kernel dim >= 2; grouped, depthwise, strided, dilated,
+  asymmetric, 1-d/2-d/3-d) -> ``orepa``;
+* 1x1 convs -> ``orepa_1x1``;
+* the model's first conv, if every kernel dim is odd and some is >= 5 (a large stem)
+  -> ``orepa_large``.
+
+With another ``block`` name every conv gets that block (convs its builder rejects
+are left as they are and reported). ``policy`` refines per layer:
+
+* ``{"layer4.*": "dbb", "fc*": None, ...}``: the first matching ``fnmatch`` pattern
+  decides (a block name, ``None`` to skip, ``"default"`` for the default choice);
+* a callable ``(qualified_name, conv) -> block name | None | "default"``;
+* a list/tuple/set of name patterns to skip.
+
+Left as they are and reported with the reason: transposed convs, ``padding_mode``
+other than ``'zeros'``, conv subclasses that override ``forward``, lazy convs, and
+convs a block's builder rejects. A model with no transformed conv comes back
+unchanged with a ``UserWarning``.
+
+Models that already have multi-branch training blocks (a region of branches, each
+linear up to a BN, summed: RepVGG, DBB, ACNet, MobileOne, timm ``repvgg_*`` /
+``mobileone_*``): such a block is not wrapped conv by conv; it is linearized whole
+(:func:`repcompiler.linearize.linearize_regions`: branch BNs -> learnable scales, one
+post-BN, one online conv per block; report action ``"linearized"``). With
+``mode="offline"`` those blocks are left in their own BN-per-branch form (``"kept"``).
+
+The report (``return_report=True``) is a :class:`repcompiler.report.TransformReport`
+with one entry per conv: action ``"transformed"`` (``details["block"]``,
+``details["post_bn"]``), ``"kept"`` (the policy skipped it) or ``"refused"``
+(unsupported; ``reason`` says why); parts that did not trace are in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from .blocks import ConvGeometry, build_block, get_block
+from .errors import RepCompilerError, UnsupportedError
+from .online import OfflineBlock, OnlineConv
+from .report import TransformReport, count_convs, count_params
+
+__all__ = ["orepa_transform", "Policy", "default_block_for"]
+
+log = logging.getLogger(__name__)
+
+Policy = Union[None, Mapping[str, Union[str, None]], Callable[[str, nn.Module], Union[str, None]], Sequence[str]]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = nn.modules.batchnorm._BatchNorm
+_BN_FOR_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+
+
+# -- finding "conv followed by BN" ------------------------------------------------------
+
+
+@dataclass
+class _ConvSite:
+    name: str
+    conv: nn.Module
+    bn_name: str | None = None
+    how: str = ""
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, _CONVS)
+
+
+def _inside_block(name: str, blocks: list[str]) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in blocks)
+
+
+def _pair_by_trace(model: nn.Module) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
+    """``conv name -> following BN name or None`` for traced convs, the traced conv
+    names in graph order, and the module names covered by traced units."""
+    from .tracing import trace_units
+
+    pairs: dict[str, str | None] = {}
+    order: list[str] = []
+    covered: set[str] = set()
+    skipped: list[tuple[str, str]] = []
+    try:
+        res = trace_units(model)
+    except Exception as exc:  # pragma: no cover - trace_units reports per unit
+        return pairs, order, covered, [("<root>", f"tracing failed ({exc}); BN pairing by module order")]
+    for path, reason in res.skipped:
+        skipped.append((path, f"{reason}; its convs are paired with BNs by module order"))
+    for unit in res.units:
+        prefix = unit.path + "." if unit.path else ""
+        covered.add(unit.path)
+        calls: dict[str, int] = {}
+        for node in unit.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in unit.gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            try:
+                m = unit.gm.get_submodule(node.target)
+            except AttributeError:
+                continue
+            if not _is_conv(m):
+                continue
+            qname = prefix + node.target
+            if qname not in order:
+                order.append(qname)
+            bn = None
+            users = list(node.users)
+            if calls[node.target] == 1 and len(users) == 1 and users[0].op == "call_module":
+                u = users[0]
+                um = unit.gm.get_submodule(u.target)
+                if (isinstance(um, _BNS) and calls[u.target] == 1 and um.num_features == m.out_channels
+                        and u.args and u.args[0] is node):
+                    bn = prefix + u.target
+            if qname in pairs and pairs[qname] != bn:
+                bn = None  # called from several places: no single post-BN
+            pairs[qname] = bn
+    return pairs, order, covered, skipped
+
+
+def _pair_by_order(model: nn.Module, name: str) -> str | None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    names = [n for n, _ in parent.named_children()]
+    conv = getattr(parent, child)
+    i = names.index(child)
+    if i + 1 < len(names):
+        nxt = getattr(parent, names[i + 1])
+        if isinstance(nxt, _BNS) and nxt.num_features == conv.out_channels:
+            return (parent_name + "." if parent_name else "") + names[i + 1]
+    return None
+
+
+def _unsupported_reason(m: nn.Module) -> str | None:
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return "transposed conv (not a block target)"
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():  # type: ignore[attr-defined]
+        return "lazy conv with uninitialised parameters"
+    if not _is_conv(m):
+        return None
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only 'zeros' folds into a plain conv)"
+    if type(m).forward not in _CONV_FORWARDS:
+        return f"{type(m).__name__} overrides forward (its computation is not a plain conv)"
+    return None
+
+
+# -- policy ------------------------------------------------------------------------------
+
+
+def default_block_for(geom: ConvGeometry, *, block: str = "orepa", first: bool = False) -> str:
+    """The block the default policy gives a conv (see the module docstring)."""
+    if block != "orepa":
+        return block
+    if geom.is_pointwise_kernel:
+        return "orepa_1x1"
+    if first and all(k % 2 == 1 for k in geom.kernel_size) and max(geom.kernel_size) >= 5:
+        return "orepa_large"
+    return "orepa"
+
+
+def _policy_choice(policy: Policy, name: str, conv: nn.Module) -> tuple[str | None, bool]:
+    """``(choice, decided)``: ``choice`` a block name, ``None`` (skip) or "default"."""
+    if policy is None:
+        return "default", False
+    if callable(policy) and not isinstance(policy, Mapping):
+        out = policy(name, conv)
+        if out is True:
+            out = "default"
+        if out is False:
+            out = None
+        return out, True
+    if isinstance(policy, Mapping):
+        for pattern, choice in policy.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return choice, True
+        return "default", False
+    if isinstance(policy, (list, tuple, set, frozenset)):
+        for pattern in policy:
+            if fnmatch.fnmatchcase(name, pattern):
+                return None, True
+        return "default", False
+    raise UnsupportedError(f"policy must be None, a dict, a callable or a list of names, got {type(policy).__name__}")
+
+
+# -- the transform -----------------------------------------------------------------------
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def orepa_transform(
+    model: nn.Module,
+    *,
+    block: str = "orepa",
+    policy: Policy = None,
+    inplace: bool = False,
+    insert_bn: bool = True,
+    mode: str = "online",
+    scaling: str = "vector",
+    post_bn: bool = True,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, TransformReport]:
+    """Replace every eligible conv of ``model`` by a training-time block.
+
+    Args:
+        model: any ``nn.Module``; deep-copied first unless ``inplace``.
+        block: ``"orepa"`` (the default policy: orepa / orepa_1x1 / orepa_large) or
+            any registered block name, applied to every conv.
+        policy: per-layer choice (see the module docstring).
+        inplace: edit ``model`` itself.
+        insert_bn: insert a post-BN where no BN follows a conv.
+        mode: ``"online"`` (one conv per forward) or ``"offline"`` (branches on the
+            feature map, a BN per branch: the DBB/RepVGG baseline).
+        scaling: ``"vector"``, ``"scalar"`` or ``"none"`` branch scales (online).
+        post_bn: ``False`` removes the post-BN (following BNs become ``nn.Identity``).
+        return_report: also return the :class:`TransformReport`.
+
+    Returns:
+        The transformed model (and the report).
+    """
+    if mode not in ("online", "offline"):
+        raise UnsupportedError(f"mode must be 'online' or 'offline', got {mode!r}")
+    if scaling not in ("vector", "scalar", "none"):
+        raise UnsupportedError(f"scaling must be 'vector', 'scalar' or 'none', got {scaling!r}")
+    if block != "orepa":
+        get_block(block)  # raises for an unknown name
+    t0 = time.perf_counter()
+    work = model if inplace else copy.deepcopy(model)
+    report = TransformReport(title="orepa_transform", convs_before=count_convs(work), params_before=count_params(work))
+
+    # Existing multi-branch blocks (RepVGG, DBB, ACNet, MobileOne, ...; issue 7): each is
+    # linearized whole into one online conv (mode="offline": left in its BN-per-branch
+    # form) instead of wrapping each of its convs; see repcompiler.linearize.
+    from .linearize import linearize_regions
+
+    _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn, mode=mode, report=report)
+
+    # modules inside existing blocks are not touched
+    existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
+    pairs, order, covered, skipped = _pair_by_trace(work)
+    report.skipped += skipped
+
+    def is_covered(name: str) -> bool:
+        return any(c == "" or name == c or name.startswith(c + ".") for c in covered)
+
+    sites: list[_ConvSite] = []
+    others: list[tuple[str, nn.Module]] = []
+    seen: dict[int, str] = {}
+    for name, m in work.named_modules(remove_duplicate=False):
+        if not name or _inside_block(name, existing) or isinstance(m, (OnlineConv, OfflineBlock)):
+            continue
+        if name in in_blocks:  # part of an existing multi-branch block (see above)
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            if not _is_conv(m) or _unsupported_reason(m):
+                others.append((name, m))
+                continue
+            if name in pairs:
+                sites.append(_ConvSite(name, m, pairs[name], "trace"))
+            elif is_covered(name):
+                # inside a traced unit but never called as a module
+                sites.append(_ConvSite(name, m, None, "not called in the traced graph"))
+            else:
+                sites.append(_ConvSite(name, m, _pair_by_order(work, name), "module order"))
+    first_name = order[0] if order else (sites[0].name if sites else None)
+
+    for name, m in others:
+        report.add(name, _describe(m), "refused", _unsupported_reason(m) or "not a conv")
+
+    built: dict[int, nn.Module] = {}
+    for site in sites:
+        conv = site.conv
+        desc = _describe(conv)
+        if id(conv) in built:
+            _set(work, site.name, built[id(conv)])
+            report.add(site.name, desc, "transformed", "shared module: the block of " + seen[id(conv)])
+            continue
+        choice, _ = _policy_choice(policy, site.name, conv)
+        if choice is None:
+            report.add(site.name, desc, "kept", "policy")
+            continue
+        has_bn = site.bn_name is not None
+        will_have_post = post_bn and (has_bn or insert_bn)
+        try:
+            geom = ConvGeometry.from_module(conv, bias=conv.bias is not None and not will_have_post)
+            name = default_block_for(geom, block=block, first=site.name == first_name) if choice == "default" else choice
+            expr = build_block(name, geom, mode=mode, scaling=scaling)
+        except RepCompilerError as exc:
+            report.add(site.name, desc, "refused", str(exc), count_params(conv), count_params(conv))
+            continue
+        expr = expr.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        inserted = None
+        if post_bn and not has_bn and insert_bn:
+            inserted = _BN_FOR_DIMS[geom.dims](geom.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+        cls = OnlineConv if mode == "online" else OfflineBlock
+        new = cls(expr, inserted, block=name)
+        new.train(conv.training)
+        _set(work, site.name, new)
+        built[id(conv)] = new
+        seen[id(conv)] = site.name
+        if has_bn and post_bn:
+            bn_note = f"{site.bn_name} (existing)"
+        elif has_bn:
+            _set(work, site.bn_name, nn.Identity())
+            bn_note = f"{site.bn_name} removed (post_bn=False)"
+        elif inserted is not None:
+            bn_note = "inserted"
+        else:
+            bn_note = "none"
+        reason = f"{name}, post-BN: {bn_note}" + ("" if site.how == "trace" else f" (BN pairing: {site.how})")
+        report.add(site.name, desc, "transformed", reason, count_params(conv), count_params(new),
+                   block=name, post_bn=bn_note)
+
+    report.convs_after = count_convs(work)
+    report.params_after = count_params(work)
+    report.seconds = time.perf_counter() - t0
+    if not report.by_action("transformed") and not report.by_action("linearized"):
+        warnings.warn(
+            f"orepa_transform: no eligible conv in {type(model).__name__}; the model is returned unchanged"
+            + (f" ({len(report.entries)} conv(s) left as they are: "
+               + "; ".join(f"{e.name}: {e.reason}" for e in report.entries[:5]) + ")" if report.entries else ""),
+            UserWarning,
+            stacklevel=2,
+        )
+    log.info("%s", report.summary())
+    return (work, report) if return_report else work
+
+
+def _describe(m: nn.Module) -> str:
+    if _is_conv(m):
+        try:
+            return ConvGeometry.from_module(m).describe()
+        except RepCompilerError:
+            pass
+    return type(m).__name__

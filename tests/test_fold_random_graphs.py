@@ -1,0 +1,169 @@
+"""Property test: random small CNN DAGs (conv / BN / ReLU / add / concat / pool / pad).
+
+``fold`` never changes the output (float64), and afterwards no foldable region is left
+(fold is a fixpoint: every region the algebra says is exact was folded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import repcompiler
+from passes.find_regions import find_regions
+from repcompiler.tracing import trace_model
+
+SIZE = 10
+
+
+class DagNet(nn.Module):
+    """Interprets a fixed program: ``(op, inputs, module_name)`` per node."""
+
+    def __init__(self, program, mods: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.program = program
+        self.ops = nn.ModuleDict(mods)
+
+    def forward(self, x):
+        vals = [x]
+        for op, ins, name in self.program:
+            a = vals[ins[0]]
+            if op == "mod":
+                v = self.ops[name](a)
+            elif op == "add":
+                v = a + vals[ins[1]]
+            elif op == "cat":
+                v = torch.cat([a, vals[ins[1]]], dim=1)
+            elif op == "pad":
+                v = F.pad(a, [1, 1, 1, 1])
+            elif op == "scale":
+                v = a * 0.5
+            else:  # pragma: no cover
+                raise AssertionError(op)
+            vals.append(v)
+        return vals[-1]
+
+
+@st.composite
+def dag_nets(draw):
+    c0 = draw(st.sampled_from([2, 3, 4]))
+    shapes = [(c0, SIZE)]  # (channels, spatial)
+    program = []
+    mods: dict[str, nn.Module] = {}
+    n = draw(st.integers(2, 9))
+    for i in range(n):
+        src = draw(st.integers(0, len(shapes) - 1))
+        c, s = shapes[src]
+        kinds = ["conv", "conv", "bn", "relu", "avg", "pad", "scale", "add", "cat", "block", "block"]
+        kind = draw(st.sampled_from(kinds))
+        name = f"m{i}"
+        if kind == "block":  # a multi-branch block on one input: RepVGG / DBB / ACNet-like
+            cout = draw(st.sampled_from([c, 4]))
+            join = draw(st.sampled_from(["add", "cat"]))
+            outs = []
+            for b in range(draw(st.integers(2, 3))):
+                shape = draw(st.sampled_from(["3x3", "1x1", "1x3", "id", "avg", "1x1-3x3"]))
+                if shape in ("id", "avg") and (cout != c or join == "cat"):
+                    shape = "1x1"
+                cur = src
+                bname = f"{name}b{b}"
+                if shape == "1x1-3x3":
+                    mods[bname + "p"] = nn.Conv2d(c, c, 1, bias=False).double()
+                    program.append(("mod", (cur,), bname + "p"))
+                    shapes.append((c, s))
+                    cur = len(shapes) - 1
+                    mods[bname + "pbn"] = nn.BatchNorm2d(c).double()
+                    program.append(("mod", (cur,), bname + "pbn"))
+                    shapes.append((c, s))
+                    cur = len(shapes) - 1
+                    shape = "3x3"
+                if shape in ("3x3", "1x1", "1x3"):
+                    k = {"3x3": 3, "1x1": 1, "1x3": (1, 3)}[shape]
+                    pad = {"3x3": 1, "1x1": 0, "1x3": (0, 1)}[shape]
+                    mods[bname] = nn.Conv2d(c, cout, k, padding=pad, bias=draw(st.booleans())).double()
+                elif shape == "avg":
+                    mods[bname] = nn.AvgPool2d(3, 1, 1)
+                else:
+                    mods[bname] = nn.Identity()
+                program.append(("mod", (cur,), bname))
+                shapes.append((cout, s))
+                cur = len(shapes) - 1
+                if draw(st.booleans()):
+                    mods[bname + "bn"] = nn.BatchNorm2d(cout).double()
+                    program.append(("mod", (cur,), bname + "bn"))
+                    shapes.append((cout, s))
+                    cur = len(shapes) - 1
+                outs.append(cur)
+            acc = outs[0]
+            for o in outs[1:]:
+                program.append((join, (acc, o), name))
+                shapes.append((shapes[acc][0] + shapes[o][0] if join == "cat" else cout, s))
+                acc = len(shapes) - 1
+            continue
+        if kind == "conv":
+            k = draw(st.sampled_from([1, 3]))
+            p = draw(st.sampled_from([0, k // 2])) if k > 1 else 0
+            if s + 2 * p - k + 1 < 2:
+                p = k // 2
+            cout = draw(st.sampled_from([2, 3, 4]))
+            g = draw(st.sampled_from([1, c])) if cout % c == 0 else 1
+            mods[name] = nn.Conv2d(c, cout, k, padding=p, groups=g, bias=draw(st.booleans())).double()
+            program.append(("mod", (src,), name))
+            shapes.append((cout, s + 2 * p - k + 1))
+        elif kind == "bn":
+            mods[name] = nn.BatchNorm2d(c).double()
+            program.append(("mod", (src,), name))
+            shapes.append((c, s))
+        elif kind == "relu":
+            mods[name] = nn.ReLU()
+            program.append(("mod", (src,), name))
+            shapes.append((c, s))
+        elif kind == "avg":
+            cip = draw(st.booleans())
+            mods[name] = nn.AvgPool2d(3, 1, 1, count_include_pad=cip)
+            program.append(("mod", (src,), name))
+            shapes.append((c, s))
+        elif kind == "pad":
+            if s > 14:
+                continue
+            program.append(("pad", (src,), name))
+            shapes.append((c, s + 2))
+        elif kind == "scale":
+            program.append(("scale", (src,), name))
+            shapes.append((c, s))
+        else:
+            partners = [j for j, sh in enumerate(shapes) if sh[1] == s and (kind == "cat" or sh[0] == c)]
+            other = draw(st.sampled_from(partners))
+            program.append((kind, (src, other), name))
+            shapes.append((c + shapes[other][0] if kind == "cat" else c, s))
+    net = DagNet(program, mods).double()
+    g = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.3)
+                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+    return net.eval(), c0
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(dag_nets())
+def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
+    net, c0 = case
+    x = torch.randn(2, c0, SIZE, SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        want = net(x)
+    folded, report = repcompiler.fold(net, x, return_report=True)
+    with torch.no_grad():
+        got = folded(x)
+        again = net(x)
+    assert torch.equal(again, want), "fold modified the user's model"
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), report
+    left = [r for r in find_regions(trace_model(folded)) if r.foldable]
+    assert not left, f"foldable regions left after fold: {left}\n{report}"

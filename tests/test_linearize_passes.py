@@ -1,0 +1,94 @@
+"""The two linearization passes on their own (``passes/bn_to_scale.py``,
+``passes/insert_post_bn.py``), through the pass contract of ``passes/base.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from passes.base import META_REGIONS, run_passes
+from passes.bn_to_scale import META_LINEARIZE, META_SCALED, BnToScale, branch_bns, scale_for_bn
+from passes.find_regions import FindRegions
+from passes.insert_post_bn import META_POST_BN, InsertPostBN, make_post_bn
+from repcompiler import algebra as A
+from repcompiler.errors import UnsupportedError
+from repcompiler.tracing import trace_model
+
+import fixtures_blocks as fb
+from helpers import rel_err
+
+
+def _eval(m, x):
+    m.eval()
+    with torch.no_grad():
+        return m(x)
+
+
+def test_passes_rewrite_graph_and_keep_eval_output_with_from_bn():
+    net = fb.randomize_bn(nn.Sequential(fb.RepVGGBlock(8, 8), fb.ACBlock(8, 8)), seed=1).double().eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    want = _eval(net, x)
+    gm = trace_model(net)
+    run_passes(gm, [FindRegions()])
+    regions = [r for r in gm.meta[META_REGIONS] if branch_bns(gm, r)]
+    assert len(regions) == 2
+    gm.meta[META_LINEARIZE] = regions
+    res = run_passes(gm, [BnToScale("vector", "from_bn"), InsertPostBN("from_bn")])
+    assert res.modified
+    # BN modules became affine leaves under the same names; the graph still runs them
+    assert isinstance(gm.get_submodule("0.rbr_dense.bn"), A.Affine)
+    assert isinstance(gm.get_submodule("1.square_bn"), A.Affine)
+    assert len(gm.meta[META_SCALED]) == 3 + 3
+    # one post-BN per region, inserted as a graph node after the region
+    assert [ins for _, _, ins in gm.meta[META_POST_BN]] == [True, True]
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "post_bn" in called and "post_bn_1" in called
+    # from_bn: the rewritten (unfolded) graph equals the original in eval mode
+    assert rel_err(_eval(gm, x), want) < 1e-12
+    # and the region expressions were rewritten to match (folding them is exact)
+    for r in regions:
+        assert not any(isinstance(leaf, A.BatchNorm) and leaf.bn is not r.expr.terms[-1].bn
+                       for leaf in r.expr.modules() if isinstance(leaf, A.BatchNorm))
+        assert r.expr.exactness().exact
+
+
+def test_passes_do_nothing_without_selected_regions():
+    gm = trace_model(nn.Sequential(fb.RepVGGBlock(8, 8)))
+    res = run_passes(gm, [BnToScale(), InsertPostBN()])
+    assert not res.modified
+
+
+def test_post_bn_disabled_and_existing():
+    net = nn.Sequential(fb.RepVGGBlock(8, 8))
+    gm = trace_model(net)
+    run_passes(gm, [FindRegions()])
+    gm.meta[META_LINEARIZE] = list(gm.meta[META_REGIONS])
+    res = run_passes(gm, [InsertPostBN(enabled=False)])
+    assert not res.modified and gm.meta[META_POST_BN][0][1] is None
+
+
+def test_scale_for_bn_inits():
+    bn = fb.randomize_bn(nn.BatchNorm2d(4), seed=2).eval()
+    x = torch.randn(3, 4, 5, 5)
+    for scaling in ("vector", "scalar", "none"):
+        leaf = scale_for_bn(bn, 2, scaling=scaling, init="from_bn")
+        assert rel_err(leaf(x), bn(x)) < 1e-6
+        d = scale_for_bn(bn, 2, scaling=scaling)
+        assert rel_err(d(x), x) == 0.0
+        learnable = {n for n, _ in d.named_parameters()}
+        assert learnable == ({"scale", "shift"} if scaling != "none" else {"shift"})
+    with pytest.raises(UnsupportedError):
+        scale_for_bn(nn.BatchNorm2d(4, track_running_stats=False), 2, init="from_bn")
+    with pytest.raises(UnsupportedError):
+        scale_for_bn(bn, 2, scaling="matrix")
+    with pytest.raises(UnsupportedError):
+        scale_for_bn(nn.Conv2d(4, 4, 1), 2)
+
+
+def test_make_post_bn_identity_in_eval():
+    bn = make_post_bn(6, 3, init="from_bn", dtype=torch.float64).eval()
+    x = torch.randn(2, 6, 3, 3, 3, dtype=torch.float64)
+    assert isinstance(bn, nn.BatchNorm3d) and rel_err(bn(x), x) < 1e-12
+    fresh = make_post_bn(6, 1)
+    assert isinstance(fresh, nn.BatchNorm1d) and bool((fresh.running_var == 1).all())

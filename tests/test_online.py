@@ -1,0 +1,171 @@
+"""OnlineConv / OfflineBlock: one conv per forward, gradients equal the unfolded
+block, the eval-mode kernel cache, module-level deploy, pickling."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from repcompiler.blocks import ConvGeometry, build_block
+from repcompiler.online import OfflineBlock, OnlineConv
+
+from helpers import randomize_bn, rel_err
+
+
+class ConvCounter(TorchDispatchMode):
+    """Counts convolutions whose input has the feature map's batch size (kernel
+    generation convolves kernels, whose leading dim is a channel count)."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = batch
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution,
+                                   torch.ops.aten._convolution, torch.ops.aten.conv2d):
+            if args[0].dim() >= 3 and args[0].shape[0] == self.batch:
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def geom2d(cin, cout, k, s=1, g=1) -> ConvGeometry:
+    p = (k - 1) // 2
+    return ConvGeometry(cin, cout, (k, k), (s, s), ((p, p), (p, p)), (1, 1), g, 2, False)
+
+
+def make(name: str, gm: ConvGeometry, *, double=True, post_bn=True) -> OnlineConv:
+    expr = build_block(name, gm)
+    bn = nn.BatchNorm2d(gm.out_channels) if post_bn else None
+    m = OnlineConv(expr, bn, block=name)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m.double() if double else m
+
+
+BATCH = 5  # distinctive: no kernel dim equals it
+
+
+@pytest.mark.parametrize("name,gm", [
+    ("orepa", geom2d(8, 16, 3)),
+    ("orepa", geom2d(8, 8, 3, s=2, g=8)),
+    ("orepa_large", geom2d(3, 8, 7, s=2)),
+    ("orepa_1x1", geom2d(8, 16, 1, s=2)),
+    ("dbb", geom2d(8, 8, 3)),
+    ("repvgg", geom2d(8, 8, 3)),
+    ("acnet", geom2d(8, 8, 3)),
+])
+def test_one_feature_map_conv_per_forward(name, gm):
+    m = make(name, gm, double=False).train()
+    x = torch.randn(BATCH, gm.in_channels, 12, 12, requires_grad=True)
+    with ConvCounter(BATCH) as c:
+        y = m(x)
+    assert c.count == 1
+    with ConvCounter(BATCH) as c:  # backward: input grad + weight grad, still the one conv
+        y.sum().backward()
+    assert c.count <= 2
+    # the offline form runs a conv per branch
+    off = OfflineBlock(build_block(name, gm, mode="offline")).train()
+    with ConvCounter(BATCH) as c:
+        off(x.detach())
+    assert c.count >= 2 or name == "orepa_1x1"
+
+
+@pytest.mark.parametrize("name", ["orepa", "orepa_large", "dbb"])
+def test_gradients_equal_unfolded(name):
+    gm = geom2d(4, 6, 7 if name == "orepa_large" else 3)
+    m = make(name, gm).train()
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 9, 9, dtype=torch.float64)
+    params = [x] + list(m.parameters())
+    g_online = torch.autograd.grad((m(x) * w).sum(), params)
+    g_unfolded = torch.autograd.grad((m.post_bn(m.expr(x)) * w).sum(), params)  # branches on the feature map
+    for a, b in zip(g_online, g_unfolded):
+        assert rel_err(a, b) < 1e-9
+
+
+def test_eval_cache_regenerates_only_on_change():
+    m = make("orepa", geom2d(4, 6, 3)).eval()
+    randomize_bn(m)
+    calls = {"n": 0}
+    orig = m.generate
+
+    def counting():
+        calls["n"] += 1
+        return orig()
+
+    m.generate = counting  # instance attribute shadows the method
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y1 = m(x)
+        y2 = m(x)
+    assert calls["n"] == 1 and torch.equal(y1, y2)
+    with torch.no_grad():  # an optimizer-style in-place update invalidates the cache
+        m.expr.terms[0].terms[0].weight.add_(1.0)
+        y3 = m(x)
+    assert calls["n"] == 2 and not torch.allclose(y1, y3)
+    # load_state_dict invalidates it too
+    sd = copy.deepcopy(m.state_dict())
+    with torch.no_grad():
+        m.expr.terms[1].terms[0].weight.zero_()
+        m(x)
+    m.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.allclose(m(x), y3)
+    # eval mode with grad enabled: no cache, gradients flow to the branches
+    n = calls["n"]
+    m(x).sum().backward()
+    assert calls["n"] == n + 1
+    assert m.expr.terms[0].terms[0].weight.grad is not None
+    # training mode never caches
+    m.train()
+    m(x)
+    m(x)
+    assert calls["n"] == n + 3
+
+
+def test_module_deploy_equals_eval_output():
+    for name in ["orepa", "orepa_1x1", "orepa_large", "dbb", "repvgg", "acnet"]:
+        k = 7 if name == "orepa_large" else (1 if name == "orepa_1x1" else 3)
+        m = make(name, geom2d(4, 6, k)).eval()
+        randomize_bn(m)
+        x = torch.randn(2, 4, 10, 10, dtype=torch.float64)
+        with torch.no_grad():
+            assert rel_err(m.to_conv()(x), m(x)) < 1e-12
+        off = OfflineBlock(build_block(name, geom2d(4, 6, k), mode="offline"), nn.BatchNorm2d(6)).double().eval()
+        randomize_bn(off)
+        with torch.no_grad():
+            assert rel_err(off.to_conv()(x), off(x)) < 1e-12
+
+
+def test_float32_deploy_relative_error():
+    m = make("orepa", geom2d(16, 32, 3), double=False).eval()
+    randomize_bn(m)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        assert rel_err(m.to_conv()(x), m(x)) < 1e-5
+
+
+def test_pickle_and_deepcopy_roundtrip():
+    m = make("orepa", geom2d(4, 6, 3)).eval()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x)  # fills the cache
+    assert m._cache is not None
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    assert m2._cache is None
+    m3 = pickle.loads(pickle.dumps(m))
+    m4 = copy.deepcopy(m)
+    with torch.no_grad():
+        for other in (m2, m3, m4):
+            assert torch.equal(other(x), y)

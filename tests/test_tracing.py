@@ -1,0 +1,73 @@
+"""The tracer: rule-registered leaves, torchvision helpers, fallback to submodules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import repcompiler
+from repcompiler.errors import TraceError
+from repcompiler.online import OnlineConv
+from repcompiler.tracing import RepTracer, trace_model, trace_units
+from repcompiler import algebra as A
+
+
+class MyConv(nn.Conv2d):
+    pass
+
+
+class Opaque(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def test_rule_modules_are_leaves_and_containers_are_traced_through():
+    m = nn.Sequential(MyConv(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), Opaque()))
+    gm = trace_model(m)
+    mods = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert mods == ["0", "1", "2.0"]  # Opaque is traced through (its x * 2 is a function node)
+    assert gm.get_submodule("0") is m[0]  # leaves are shared, not copied
+
+
+def test_online_conv_is_a_leaf():
+    expr = A.Conv(nn.Parameter(torch.randn(4, 3, 3, 3)), padding=1)
+    m = nn.Sequential(OnlineConv(expr), nn.ReLU())
+    gm = trace_model(m)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    assert RepTracer().is_leaf_module(m[0], "0")
+
+
+def test_trace_error_names_the_model():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(TraceError, match="Bad"):
+        trace_model(Bad())
+    with pytest.raises(TraceError):
+        trace_model(3)  # type: ignore[arg-type]
+
+
+def test_trace_is_specialised_on_training_flag():
+    m = torchvision.models.googlenet(weights=None, init_weights=False, aux_logits=True)
+    m.eval()
+    gm = trace_model(m)
+    assert not any("aux" in str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+
+def test_detection_model_falls_back_to_backbone_and_heads():
+    m = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None).eval()
+    res = trace_units(m)
+    paths = [u.path for u in res.units]
+    assert "backbone" in paths and "rpn.head.conv" in paths
+    skipped = dict(res.skipped)
+    assert "<root>" in skipped and "iterated" in skipped["<root>"]
+    assert not res.whole
+
+
+def test_whole_model_traces():
+    res = trace_units(torchvision.models.resnet18())
+    assert res.whole and res.units[0].path == ""

@@ -1,0 +1,88 @@
+"""fold on the torchvision model zoo (weights=None, randomized BN statistics).
+
+Every model: eval outputs equal within relative 1e-5 (float32), conv count unchanged
+(every conv->BN pair folded into its conv, no conv merged away), and no conv->BN pair
+left in the traced parts. The default run covers a representative subset; the full
+sweep (80 classification, 6 segmentation, 9 video, 12 detection models) runs with::
+
+    pytest -m zoo_full tests/test_zoo.py
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import repcompiler
+from repcompiler.report import count_convs
+from zoo_utils import build, input_for, names, randomize_bn, rel_err, unfused_conv_bn
+
+SUBSET = [
+    ("resnet18", "classification"),
+    ("mobilenet_v3_small", "classification"),
+    ("efficientnet_b0", "classification"),
+    ("regnet_x_400mf", "classification"),
+    ("densenet121", "classification"),
+    ("lraspp_mobilenet_v3_large", "segmentation"),
+    ("r3d_18", "video"),
+    ("fasterrcnn_mobilenet_v3_large_fpn", "detection"),
+]
+
+
+def _check(name: str, group: str) -> None:
+    warnings.filterwarnings("ignore")
+    model = randomize_bn(build(name, group)).eval()
+    x = input_for(name, group)
+    if group == "detection":
+        return _check_detection(name, model, x)
+    with torch.no_grad():
+        want = model(x)
+    folded, report = repcompiler.fold(model, return_report=True)
+    with torch.no_grad():
+        got = folded(x)
+        again = model(x)
+    assert rel_err(again, want) == 0.0, "the user's model changed"
+    err = rel_err(got, want)
+    assert err <= 1e-5, f"{name}: relative error {err:.3g}\n{report}"
+    assert count_convs(folded) == count_convs(model), report
+    assert unfused_conv_bn(folded) == []
+
+
+def _check_detection(name: str, model, images) -> None:
+    """Detection heads (random weights) amplify float32 rounding by ~100x (box decoding,
+    score thresholds), so: the backbone (where the folds are) within relative 1e-5 in
+    float32, and the whole model - post-processing included - in float64."""
+    folded, report = repcompiler.fold(model, return_report=True)
+    assert report.skipped and type(folded) is type(model)  # root kept: it still post-processes
+    assert count_convs(folded) == count_convs(model), report
+    assert unfused_conv_bn(folded) == []
+    t = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        err = rel_err(folded.backbone(t), model.backbone(t))
+    assert err <= 1e-5, f"{name} backbone: relative error {err:.3g}"
+    model64 = model.double()
+    folded64 = repcompiler.fold(model64)
+    imgs = [i.double() for i in images]
+    with torch.no_grad():
+        want, got = model64(imgs), folded64(imgs)
+    assert rel_err(got, want) <= 1e-7  # float64; a wrong fold shows up at 1e-3 and above
+
+
+@pytest.mark.parametrize("name,group", SUBSET, ids=[n for n, _ in SUBSET])
+def test_zoo_subset(name, group):
+    _check(name, group)
+
+
+def _all():
+    out = []
+    for group in ("classification", "segmentation", "video", "detection"):
+        out += [(n, group) for n in names(group)]
+    return out
+
+
+@pytest.mark.zoo_full
+@pytest.mark.parametrize("name,group", _all(), ids=[f"{g}-{n}" for n, g in _all()])
+def test_zoo_full(name, group):
+    _check(name, group)

@@ -1,0 +1,116 @@
+"""Helpers for the model-zoo tests (build torchvision models without downloads,
+randomize BN statistics, compare outputs, find conv->BN pairs left unfolded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from repcompiler.tracing import trace_units
+
+__all__ = ["build", "input_for", "randomize_bn", "unfused_conv_bn", "rel_err", "GROUPS"]
+
+GROUPS = ("classification", "segmentation", "video", "detection")
+
+# input sizes (H=W, or T,H,W for video) that every model of the zoo accepts
+_SIZE = {
+    "inception_v3": 80,
+    "googlenet": 64,
+    "vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224, "vit_h_14": 224,
+    "maxvit_t": 224,
+    "swin_t": 64, "swin_s": 64, "swin_b": 64, "swin_v2_t": 64, "swin_v2_s": 64, "swin_v2_b": 64,
+}
+
+
+def _models_module(group: str):
+    import torchvision.models as M
+
+    return {"classification": M, "segmentation": M.segmentation, "video": M.video,
+            "detection": M.detection}[group]
+
+
+def names(group: str) -> list[str]:
+    from torchvision.models import list_models
+
+    return sorted(list_models(module=_models_module(group)))
+
+
+def build(name: str, group: str) -> nn.Module:
+    import torchvision.models as M
+
+    kw: dict = {"weights": None}
+    if group in ("segmentation", "detection"):
+        kw["weights_backbone"] = None
+    if name in ("inception_v3", "googlenet"):
+        kw["init_weights"] = False
+    if group == "detection" and not name.startswith("ssd"):
+        kw.update(min_size=128, max_size=160)
+    torch.manual_seed(0)
+    return M.get_model(name, **kw)
+
+
+def input_for(name: str, group: str, batch: int = 1):
+    g = torch.Generator().manual_seed(0)
+    if group == "video":
+        size = 32 if name.startswith(("mvit", "s3d")) else 16
+        t = 16 if name.startswith("mvit") else (8 if name == "s3d" else 4)
+        hw = 224 if name.startswith(("mvit", "swin3d", "s3d")) else 32
+        if name == "s3d":
+            t = 16
+        if name.startswith("swin3d"):
+            hw, t = 64, 4
+        return torch.randn(batch, 3, t, hw, hw, generator=g)
+    if group == "detection":
+        return [torch.rand(3, 120, 150, generator=g)]
+    if group == "segmentation":
+        return torch.randn(batch, 3, 64, 64, generator=g)
+    s = _SIZE.get(name, 64)
+    return torch.randn(batch, 3, s, s, generator=g)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return model
+
+
+def rel_err(a, b) -> float:
+    """max over output tensors of max|a-b| / max|b|."""
+    al, _ = tree_flatten(a)
+    bl, _ = tree_flatten(b)
+    assert len(al) == len(bl)
+    worst = 0.0
+    for x, y in zip(al, bl):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            assert x.shape == y.shape, (x.shape, y.shape)
+            if y.numel():
+                worst = max(worst, ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item())
+    return worst
+
+
+def unfused_conv_bn(model: nn.Module) -> list[str]:
+    """conv -> BN pairs (conv output used only by the BN) left in the traced parts."""
+    out = []
+    res = trace_units(model)
+    for u in res.units:
+        gm = u.gm
+        for n in gm.graph.nodes:
+            if n.op != "call_module":
+                continue
+            m = gm.get_submodule(n.target)
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            src = n.args[0]
+            if isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1:
+                if isinstance(gm.get_submodule(src.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    out.append(f"{u.path}:{src.target}->{n.target}")
+    return out
