@@ -44,6 +44,15 @@ def _deploy_expr(expr: A.Expr, post_bn: nn.Module | None) -> A.Expr:
     return A.Seq(expr, A.BatchNorm(post_bn, dims=expr.spec.dims))
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting"):
+        check = getattr(compiler, name, None)
+        if check is not None and check():
+            return True
+    return False
+
+
 class OnlineConv(nn.Module):
     """One conv per forward, its kernel generated from ``expr``'s parameters.
 
@@ -83,10 +92,17 @@ class OnlineConv(nn.Module):
         if self.training:
             self._cache = None
             return self.generate()
+        if _is_compiling():
+            # torch.compile / torch.export trace the generation itself (the cache key reads
+            # data pointers, which a tracer cannot); the compiled graph is the cache.
+            return self.generate()
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.expr.parameters())
         if needs_grad:
             return self.generate()
-        key = self._key()
+        try:
+            key = self._key()
+        except RuntimeError:  # tensors without storage (fake/meta tensors while tracing)
+            return self.generate()
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         with torch.no_grad():

@@ -152,8 +152,11 @@ class OrepaExpr(A.Sum):
     def _patterns(self, ref: Tensor) -> Tensor:
         """``[O, 3, K]``: average (1/K), frequency prior, centre one-hot (cached)."""
         key = (ref.dtype, ref.device)
+        # never cache (or reuse) tensors seen while torch.compile/torch.export trace: they
+        # are fake tensors, and caching them would poison the eager module
+        plain = type(ref) in (torch.Tensor, torch.nn.Parameter)
         cache = getattr(self, "_pattern_cache", None)
-        if cache is not None and cache[0] == key:
+        if plain and cache is not None and cache[0] == key:
             return cache[1]
         g = self.geom
         O, K = g.out_channels, math.prod(g.kernel_size)
@@ -163,7 +166,8 @@ class OrepaExpr(A.Sum):
         one = torch.zeros(g.kernel_size, dtype=ref.dtype, device=ref.device)
         one[center_offsets(g.kernel_size, (1,) * g.dims)] = 1.0
         pats = torch.stack([avg, prior.to(ref), one.reshape(1, K).expand(O, K)], dim=1).contiguous()
-        object.__setattr__(self, "_pattern_cache", (key, pats))
+        if plain and type(pats) is torch.Tensor:
+            object.__setattr__(self, "_pattern_cache", (key, pats))
         return pats
 
     def __getstate__(self) -> dict[str, Any]:
