@@ -55,33 +55,6 @@ TARGETS = {
 }
 
 
-def _live_bytes(model, opt, *tensors) -> int:
-    import torch
-
-    seen: set[int] = set()
-    total = 0
-
-    def add(t):
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-
-    for p in model.parameters():
-        add(p)
-        add(p.grad)
-    for b in model.buffers():
-        add(b)
-    for state in opt.state.values():
-        for v in state.values():
-            add(v)
-    for t in tensors:
-        add(t)
-    return total
-
-
 def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: int = 0) -> dict:
     import torch
 
@@ -89,10 +62,10 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
         torch.set_num_threads(threads)
     import torch.nn.functional as F
     import torchvision
-    from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
+    from repcompiler.profiling import step_peak_bytes
     from repcompiler.online import OnlineConv
 
     torch.manual_seed(0)
@@ -120,18 +93,11 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    base = _live_bytes(model, opt, x, y)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    run = peak = 0
-    for _, n in events:
-        run += n
-        peak = max(peak, run)
+    peak, base = step_peak_bytes(step, model, opt, x, y)
     out = {
         "form": form, "batch": batch, "size": size,
         "time_s": statistics.median(times), "times_s": times,
-        "peak_bytes": base + peak, "live_at_start_bytes": base,
+        "peak_bytes": peak, "live_at_start_bytes": base,
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(), "load_before": load0, "load_after": os.getloadavg()[0],
     }

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .profiling import step_peak_bytes
+
 __all__ = ["run_demo", "DemoResult", "measure_step", "main"]
 
 log = logging.getLogger(__name__)
@@ -70,28 +72,8 @@ class DemoResult:
         return self.table()
 
 
-def _live_bytes(model: nn.Module, opt: torch.optim.Optimizer, *tensors: torch.Tensor) -> int:
-    seen: set[int] = set()
-    total = 0
-    items: list[Any] = []
-    for p in model.parameters():
-        items += [p, p.grad]
-    items += list(model.buffers())
-    for state in opt.state.values():
-        items += list(state.values())
-    items += list(tensors)
-    for t in items:
-        if isinstance(t, torch.Tensor):
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    return total
-
-
 def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1) -> tuple[float, int]:
     """``(seconds, peak bytes)`` of one SGD train step (see the module docstring)."""
-    from torch.profiler import ProfilerActivity, profile
 
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -106,15 +88,8 @@ def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int
     t = time.perf_counter()
     step()
     sec = time.perf_counter() - t
-    base = _live_bytes(model, opt, x, y)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    run = peak = 0
-    for _, n in events:
-        run += n
-        peak = max(peak, run)
-    return sec, base + peak
+    peak, _ = step_peak_bytes(step, model, opt, x, y)
+    return sec, peak
 
 
 def run_demo(
