@@ -61,7 +61,7 @@ __all__ = [
     "scale_for_bn",
     "branch_bn_nodes",
     "branch_bns",
-    "exit_bn_module",
+    "exit_bn",
     "iter_leaves",
     "replace_leaves",
     "BnToScale",
@@ -151,7 +151,7 @@ def iter_leaves(expr: A.Expr):
         yield expr
 
 
-def exit_bn_module(gm: fx.GraphModule, region) -> nn.Module | None:
+def exit_bn(gm: fx.GraphModule, region) -> nn.Module | None:
     """The BN module whose call produces ``region``'s output (its post-BN), if any."""
     e = region.exit
     if e.op != "call_module":
@@ -169,7 +169,7 @@ def branch_bns(gm: fx.GraphModule, region) -> list[tuple[str, nn.Module]]:
     modules' lowerings (e.g. DBB's BN-and-pad layer)."""
     if region.expr is None:
         return []
-    post = exit_bn_module(gm, region)
+    post = exit_bn(gm, region)
     out, seen = [], set()
     for leaf in iter_leaves(region.expr):
         if isinstance(leaf, A.BatchNorm) and leaf.bn is not post and id(leaf.bn) not in seen:

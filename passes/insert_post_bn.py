@@ -42,7 +42,7 @@ from repcompiler import algebra as A
 from repcompiler.errors import UnsupportedError
 
 from .base import GraphPass, PassResult, graph_meta
-from .bn_to_scale import INITS, META_LINEARIZE
+from .bn_to_scale import INITS, META_LINEARIZE, exit_bn
 
 __all__ = ["META_POST_BN", "make_post_bn", "exit_bn", "InsertPostBN"]
 
@@ -73,17 +73,6 @@ def make_post_bn(
         with torch.no_grad():
             bn.running_var.fill_(1.0 - bn.eps)  # eval: x / sqrt((1 - eps) + eps) == x
     return bn
-
-
-def exit_bn(gm: fx.GraphModule, region) -> nn.Module | None:
-    """The BN module producing ``region``'s output, if any (a usable post-BN)."""
-    e = region.exit
-    if e.op != "call_module":
-        return None
-    m = gm.get_submodule(str(e.target))
-    if isinstance(m, _BN) and m.running_mean is not None and m.running_var is not None:
-        return m
-    return None
 
 
 def _fresh_name(gm: fx.GraphModule, base: str) -> str:
