@@ -63,7 +63,6 @@ dimensionalities; ``geometries=`` takes any hypothesis strategy of
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -73,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra as A
-from .blocks.registry import ConvGeometry, build_block, get_block
+from .blocks.registry import ConvGeometry, _accepted, build_block, get_block
 from .errors import IncompatibleError, RegistrationError, RepCompilerError, UnsupportedError, VerificationError
 from .online import OfflineBlock, OnlineConv
 from .rules import INPUT, FunctionCall, LowerInfo, lookup_rule
@@ -209,17 +208,6 @@ def _close(subject: str, prop: str, case: str, got: Tensor, want: Tensor, tol: f
     err = _rel(got, want)
     if not err <= tol:
         raise CheckFailure(subject, prop, case, f"max relative error {err:.3g} > {tol:g}")
-
-
-def _accepted_kwargs(fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return options
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return options
-    names = {p.name for p in params}
-    return {k: v for k, v in options.items() if k in names}
 
 
 # -- hypothesis -----------------------------------------------------------------------------
@@ -686,7 +674,7 @@ def _call(fn: Callable[..., Any], **kw: Any) -> Any:
     ``__init__`` takes none)."""
     if isinstance(fn, type) and issubclass(fn, nn.Module) and fn.__init__ is nn.Module.__init__:
         return fn()
-    return fn(**_accepted_kwargs(fn, kw))
+    return fn(**_accepted(fn, kw))
 
 
 def _subst(value: Any, x: Tensor) -> Any:
