@@ -237,23 +237,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_transform(args: argparse.Namespace) -> int:
+def _load_apply_write(
+    args: argparse.Namespace, stage: str, apply: Callable[[nn.Module], Any], *, orepa: bool, whole: bool
+) -> tuple[nn.Module, int, int]:
+    """The load -> ``stage`` -> write body of ``transform``, ``fold`` and ``deploy``.
+
+    Load MODEL (``orepa``: transformed before ``--weights`` load, see :func:`_load`), run
+    ``apply`` on it (it may edit the model in place; its result is a model or a
+    ``(model, report)`` pair), write the result to ``--output`` (pickled ``whole`` or its
+    state dict) and print the report unless ``--quiet``. Returns the result and the
+    loaded model's parameter and conv counts (taken before ``apply``).
+    """
     from .io import save_atomic
 
-    transform = _orepa_transform()
-    with _Stages("transform", ["load", "transform", "write"], args.quiet) as st:
+    with _Stages(stage, ["load", stage, "write"], args.quiet) as st:
         st.start("load")
-        model = _load(args, orepa=False)
+        model = _load(args, orepa=orepa)
+        n_before, c_before = _param_count(model), _conv_count(model)
         st.done()
-        st.start("transform")
-        n_before = _param_count(model)
-        model, report = _split(transform(model, inplace=True, return_report=True, **_transform_kwargs(args)))
+        st.start(stage)
+        result, report = _split(apply(model))
         st.done()
         st.start("write")
-        save_atomic(model if args.whole_model else model.state_dict(), args.output)
+        save_atomic(result if whole else result.state_dict(), args.output)
         st.done()
     if report is not None and not args.quiet:
         _out(str(report))
+    return result, n_before, c_before
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    transform = _orepa_transform()
+    model, n_before, _ = _load_apply_write(
+        args, "transform",
+        lambda m: transform(m, inplace=True, return_report=True, **_transform_kwargs(args)),
+        orepa=False, whole=args.whole_model,
+    )
     what = "whole model (pickled)" if args.whole_model else "state dict"
     _out(f"wrote {what} of the transformed model to {args.output} "
          f"(params {n_before:,} plain -> {_param_count(model):,} training form)")
@@ -261,23 +280,12 @@ def cmd_transform(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .io import save_atomic
-
     fn = _deploy_fn("fold" if args.command == "fold" else "deploy")
-    with _Stages(args.command, ["load", args.command, "write"], args.quiet) as st:
-        st.start("load")
-        model = _load(args, orepa=args.orepa)
-        n_train, c_train = _param_count(model), _conv_count(model)
-        example = _example(args, None)
-        st.done()
-        st.start(args.command)
-        deployed, report = _split(fn(model, example, inplace=True, verify=not args.no_verify, return_report=True))
-        st.done()
-        st.start("write")
-        save_atomic(deployed.state_dict() if args.state_dict else deployed, args.output)
-        st.done()
-    if report is not None and not args.quiet:
-        _out(str(report))
+    deployed, n_train, c_train = _load_apply_write(
+        args, args.command,
+        lambda m: fn(m, _example(args, None), inplace=True, verify=not args.no_verify, return_report=True),
+        orepa=args.orepa, whole=not args.state_dict,
+    )
     what = "state dict" if args.state_dict else "whole model (pickled; load with torch.load(..., weights_only=False))"
     _out(f"wrote {what} of the deployed model to {args.output} "
          f"(params {n_train:,} -> {_param_count(deployed):,}, convs {c_train} -> {_conv_count(deployed)})")

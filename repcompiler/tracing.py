@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -102,9 +103,30 @@ def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_le
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many exception types
         raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
+    _resolve_string_types(graph, type(model).forward)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     return gm
+
+
+def _resolve_string_types(graph: fx.Graph, forward: Any) -> None:
+    """Replace string annotations on ``graph``'s inputs and output by the types they name.
+
+    fx copies ``forward.__annotations__`` onto the placeholder and output nodes; under
+    ``from __future__ import annotations`` those are strings, which fx's code emits as a
+    ``_Tensor_ = 'Tensor'`` global that ``torch.jit.script`` cannot resolve in a
+    rewritten forward. Resolve them in ``forward``'s module (as ``typing.get_type_hints``
+    does); an annotation that does not resolve is dropped.
+    """
+    nodes = [n for n in graph.nodes if n.op in ("placeholder", "output") and isinstance(n.type, str)]
+    if not nodes:
+        return
+    try:
+        hints = typing.get_type_hints(forward)
+    except Exception:  # a name only imported under TYPE_CHECKING, a bad annotation, ...
+        hints = {}
+    for n in nodes:
+        n.type = hints.get("return" if n.op == "output" else str(n.target).lstrip("*"))
 
 
 @dataclass

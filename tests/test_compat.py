@@ -129,25 +129,16 @@ def test_torch_export_deployed_model_dynamic_batch() -> None:
     assert len(convs) == 3 and not bns
 
 
-@needs_stack
-def test_torchscript_trace_of_deployed_model() -> None:
+def _deployed_tiny_net() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """tiny_net: its module is written with ``from __future__ import annotations``, so fx
+    sees the forward's annotations as strings (they once made the rewritten forward
+    unscriptable: ``x : _Tensor_`` with ``_Tensor_ = 'Tensor'``)."""
     online, deployed = _deployed(width=4, seed=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = torch.jit.trace(deployed, torch.randn(2, 3, 12, 12))
-        buf = io.BytesIO()
-        torch.jit.save(ts, buf)
-        buf.seek(0)
-        loaded = torch.jit.load(buf)
-    x = torch.randn(5, 3, 12, 12)
-    with torch.no_grad():
-        assert _rel(loaded(x), online(x)) < 1e-4
+    return online, deployed, torch.randn(2, 3, 12, 12)
 
 
-@needs_stack
-def test_torchscript_script_of_deployed_torchvision_block() -> None:
-    """torch.jit.script of a deployed model whose rewritten forward comes from fx (a
-    residual add folded into the conv): torchvision's BasicBlock."""
+def _deployed_torchvision_block() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """torchvision's BasicBlock: a residual add folded into the conv."""
     import torchvision
 
     import helpers
@@ -157,27 +148,73 @@ def test_torchscript_script_of_deployed_torchvision_block() -> None:
     model = helpers.randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block)).eval()
     deployed = repcompiler.deploy(model)
     deployed = deployed[0] if isinstance(deployed, tuple) else deployed
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.script(deployed)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        assert _rel(scripted(x), model(x)) < 1e-4
+    return model, deployed, torch.randn(2, 3, 8, 8)
+
+
+_JIT = {
+    "trace": lambda m, x: torch.jit.trace(m, x),
+    "script": lambda m, x: torch.jit.script(m),
+}
 
 
 @needs_stack
-@pytest.mark.xfail(strict=False, reason=(
-    "fold rewrites the root forward with fx code; when the user's module was written with "
-    "`from __future__ import annotations`, fx emits `x : _Tensor_` annotations that TorchScript "
-    "cannot resolve (repro: /tmp/repro_fold_script_annotations.py). torch.jit.trace works."))
-def test_torchscript_script_of_deployed_model_with_string_annotations() -> None:
-    online, deployed = _deployed(width=4, seed=5)
+@pytest.mark.parametrize("jit", sorted(_JIT))
+@pytest.mark.parametrize("case", [_deployed_tiny_net, _deployed_torchvision_block],
+                         ids=["tiny_net", "torchvision_block"])
+def test_torchscript_of_deployed_model(case, jit: str) -> None:
+    """TorchScript of a deployed model whose root forward fold rewrote with fx code; the
+    saved and reloaded module takes another batch size than the example's."""
+    reference, deployed, example = case()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scripted = torch.jit.script(deployed)
-    x = torch.randn(2, 3, 12, 12)
+        ts = _JIT[jit](deployed, example)
+        buf = io.BytesIO()
+        torch.jit.save(ts, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+    x = torch.randn(5, *example.shape[1:])
     with torch.no_grad():
-        assert _rel(scripted(x), online(x)) < 1e-4
+        assert _rel(loaded(x), reference(x)) < 1e-4
+
+
+class _ScaledResidual(nn.Module):
+    """A forward with a non-tensor argument, annotated as strings (this file uses
+    ``from __future__ import annotations``): scripting needs ``scale`` typed ``float``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)) + x) * scale  # the add folds into the conv
+
+
+class _UnresolvableAnnotation(_ScaledResidual):
+    """An annotation naming nothing in this module (as with a name imported only under
+    ``TYPE_CHECKING``): the annotations are dropped, and TorchScript's defaults apply."""
+
+    def forward(self, x: _NotDefinedAnywhere) -> torch.Tensor:  # noqa: F821
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+@needs_stack
+@pytest.mark.parametrize("cls, args", [(_ScaledResidual, (0.5,)), (_UnresolvableAnnotation, ())],
+                         ids=["float_argument", "unresolvable"])
+def test_torchscript_script_of_folded_string_annotations(cls: type, args: tuple) -> None:
+    import helpers
+    import repcompiler
+
+    model = helpers.randomize_bn(cls()).eval()
+    folded = repcompiler.fold(model)
+    folded = folded[0] if isinstance(folded, tuple) else folded
+    assert "_repcompiler_forward_src" in vars(type(folded))  # fold rewrote the forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(folded)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert _rel(scripted(x, *args), model(x, *args)) < 1e-4
 
 
 @needs_stack
