@@ -55,6 +55,7 @@ from ._common import (
     fresh_weight,
     placed_conv,
 )
+from .orepa_kernel import OrepaPatterns, orepa_kernel
 from .prior import frequency_prior
 from .registry import ConvGeometry
 
@@ -105,52 +106,52 @@ class OrepaExpr(A.Sum):
         return self.mode == "online" and len(self.terms) == 6
 
     def fast_fold(self) -> A.Kernel:
-        """The folded kernel, computed by the specialised path (equal to ``fold()``)."""
+        """The folded kernel, computed by :func:`~repcompiler.blocks.orepa_kernel.orepa_kernel`
+        (equal to ``fold()``, with a hand-written backward)."""
         if not self.has_fast_fold:
             return self.fold(check=False)
         g = self.geom
         O, C, G = g.out_channels, g.in_channels, g.groups
-        Cg, Og, K = C // G, O // G, math.prod(g.kernel_size)
-        t0, t1, t2, t3, t4, t5 = self.terms
-        s = [_scale_of(t, O) for t in (t0, t1, t2, t3, t4, t5)]
-        c0, c1, c2, c3, c4, c5 = (_core(t) for t in (t0, t1, t2, t3, t4, t5))
-        # origin
-        w0 = c0[0].weight
-        W = _mul(w0.reshape(O, Cg, K), s[0], (O, 1, 1))
-        # 1x1 times fixed patterns: avg, prior, centre one-hot -> one batched product
-        a = c1[0].weight.reshape(O, Cg)
-        p = c2[0].weight.reshape(O, Cg)
-        q = c4[-1].weight.reshape(O, Cg)
-        coef = torch.stack([_mul(a, s[1], (O, 1)), _mul(p, s[2], (O, 1)), _mul(q, s[4], (O, 1))], dim=2)
-        pats = self._patterns(w0)
-        W = torch.baddbmm(W, coef, pats)  # + [O, Cg, 3] @ [O, 3, K]
-        # 1x1 -> kxk: one matmul per group, [Og*K, Mg] @ [Mg, Cg], scaled on the way in
-        first, w2 = c3[0], c3[1].weight
-        M = self.internal
-        Mg = M // G
+        Cg, K = C // G, math.prod(g.kernel_size)
+        t = self.terms
+        w0 = _core(t[0])[0].weight
+        ones = None
+        scales = []
+        for branch in t:
+            s = _scale_of(branch, O)
+            if s is None:
+                ones = ones if ones is not None else torch.ones(O, dtype=w0.dtype, device=w0.device)
+                s = ones
+            scales.append(s)
+        first, w2 = _core(t[3])
+        Mg = self.internal // G
         if self.identity:
             delta = first.terms[0].weight.reshape(G, Mg, Cg)
             w1 = delta + torch.eye(Cg, dtype=delta.dtype, device=delta.device)
         else:
             w1 = first.weight.reshape(G, Mg, Cg)
-        lhs = w2.reshape(G, Og, Mg, K).transpose(2, 3).reshape(G, Og * K, Mg)
-        prod = torch.bmm(lhs, w1).reshape(O, K, Cg).transpose(1, 2)
-        W = W + prod if s[3] is None else torch.addcmul(W, prod, s[3].reshape(O, 1, 1))
-        # depthwise (x E) -> pointwise, batched over (group, input channel): [G*Cg, Og, E] @ [G*Cg, E, K]
-        dw, pw = c5[0].weight, c5[1].weight
-        E = dw.shape[0] // C
-        pw_t = pw.reshape(G, Og, Cg, E).permute(0, 2, 1, 3).reshape(G * Cg, Og, E)
-        dws = torch.bmm(pw_t, dw.reshape(G * Cg, E, K)).reshape(G, Cg, Og, K).transpose(1, 2)  # [G, Og, Cg, K]
-        W4 = W.reshape(G, Og, Cg, K)
-        W = (W4 + dws if s[5] is None else torch.addcmul(W4, dws, s[5].reshape(G, Og, 1, 1))).reshape(O, Cg, K)
-        bias = c0[0].bias
-        if bias is not None and s[0] is not None:
-            bias = bias * s[0]
+        dw, pw = (c.weight for c in _core(t[5]))
+        W = orepa_kernel(
+            w0.reshape(O, Cg, K),
+            _core(t[1])[0].weight.reshape(O, Cg),
+            _core(t[2])[0].weight.reshape(O, Cg),
+            _core(t[4])[-1].weight.reshape(O, Cg),
+            w1,
+            w2.weight.reshape(O, Mg, K),
+            dw.reshape(C, -1, K),
+            pw.reshape(O, Cg, -1),
+            scales,
+            self._patterns(w0),
+            G,
+        )
+        bias = _core(t[0])[0].bias
+        if bias is not None and _scale_of(t[0], O) is not None:
+            bias = bias * scales[0]
         return A.Kernel(W.reshape(O, Cg, *g.kernel_size), bias, self.geom.spec if bias is not None else
                         _nobias(self.geom.spec))
 
-    def _patterns(self, ref: Tensor) -> Tensor:
-        """``[O, 3, K]``: average (1/K), frequency prior, centre one-hot (cached)."""
+    def _patterns(self, ref: Tensor) -> OrepaPatterns:
+        """Average and prior patterns ``[O, K]`` and the centre tap (cached per dtype/device)."""
         key = (ref.dtype, ref.device)
         # never cache (or reuse) tensors seen while torch.compile/torch.export trace: they
         # are fake tensors, and caching them would poison the eager module
@@ -160,13 +161,13 @@ class OrepaExpr(A.Sum):
             return cache[1]
         g = self.geom
         O, K = g.out_channels, math.prod(g.kernel_size)
-        prior = self.terms[2]
-        prior = _core(prior)[1].weight.reshape(O, K)
+        prior = _core(self.terms[2])[1].weight.reshape(O, K).to(ref)
         avg = _core(self.terms[1])[1].fold(check=False).weight.reshape(O, K).to(ref)
-        one = torch.zeros(g.kernel_size, dtype=ref.dtype, device=ref.device)
-        one[center_offsets(g.kernel_size, (1,) * g.dims)] = 1.0
-        pats = torch.stack([avg, prior.to(ref), one.reshape(1, K).expand(O, K)], dim=1).contiguous()
-        if plain and type(pats) is torch.Tensor:
+        centre = 0
+        for k, off in zip(g.kernel_size, center_offsets(g.kernel_size, (1,) * g.dims)):
+            centre = centre * k + off  # flat (row-major) index of the centre tap
+        pats = OrepaPatterns(avg.contiguous(), prior.contiguous(), centre)
+        if plain and type(pats.avg) is torch.Tensor:
             object.__setattr__(self, "_pattern_cache", (key, pats))
         return pats
 
