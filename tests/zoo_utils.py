@@ -9,7 +9,10 @@ from torch.utils._pytree import tree_flatten
 
 from repcompiler.tracing import trace_units
 
-__all__ = ["build", "input_for", "randomize_bn", "unfused_conv_bn", "rel_err", "GROUPS"]
+__all__ = [
+    "build", "input_for", "randomize_bn", "unfused_conv_bn", "rel_err", "GROUPS",
+    "detection_size", "detection_heads", "detections_rel_err",
+]
 
 GROUPS = ("classification", "segmentation", "video", "detection")
 
@@ -67,6 +70,72 @@ def input_for(name: str, group: str, batch: int = 1):
         return torch.randn(batch, 3, 64, 64, generator=g)
     s = _SIZE.get(name, 64)
     return torch.randn(batch, 3, s, s, generator=g)
+
+
+def detection_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) of the images a detection model's backbone sees, from its transform:
+    ``fixed_size`` (SSD: 300x300, SSDlite: 320x320) or ``min_size`` x ``max_size``."""
+    t = model.transform
+    if getattr(t, "fixed_size", None) is not None:
+        w, h = t.fixed_size  # torchvision's fixed_size is (width, height)
+        return int(h), int(w)
+    return int(min(t.min_size)), int(t.max_size)
+
+
+def detection_heads(model: nn.Module, images: list[torch.Tensor]) -> dict:
+    """A detection model's tensors before post-processing (no top-k, thresholds, NMS,
+    so no order that near-equal scores could flip): the backbone features and the
+    dense head outputs (``head`` of SSD/RetinaNet/FCOS, ``rpn.head`` of the R-CNNs)."""
+    from collections import OrderedDict
+
+    batch, _ = model.transform(images)
+    feats = model.backbone(batch.tensors)
+    if isinstance(feats, torch.Tensor):
+        feats = OrderedDict([("0", feats)])
+    out: dict = {"features": dict(feats)}
+    levels = list(feats.values())
+    if hasattr(model, "head"):
+        out["head"] = model.head(levels)
+    if hasattr(model, "rpn"):
+        out["rpn.head"] = model.rpn.head(levels)
+    return out
+
+
+def detections_rel_err(got: list[dict], want: list[dict]) -> float:
+    """:func:`rel_err` of two detection lists, matching each image's detections up to
+    permutation: detections whose scores are (near-)equal come out of top-k / NMS in
+    either order, so comparing row by row fails on a correct fold. Each detection is a
+    row of all its fields (boxes, scores, labels, masks, keypoints ...), every field
+    scaled by its max |want|; each wanted row is matched (greedily, in order) to the
+    nearest unused got row, and the result is the largest max-abs distance of a
+    match. A different number of detections, or a different label, is an error of 1+."""
+    assert len(got) == len(want)
+    worst = 0.0
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys(), (g.keys(), w.keys())
+        n = len(w["scores"]) if "scores" in w else len(next(iter(w.values())))
+        if any(len(g[k]) != n for k in g):
+            return float("inf")
+        if n == 0:
+            continue
+        gr, wr = [], []
+        for k in sorted(w):
+            a, b = g[k].reshape(n, -1).double(), w[k].reshape(n, -1).double()
+            if w[k].is_floating_point():
+                scale = b.abs().max().clamp_min(1e-12)
+            else:  # labels: compared as they are, a different label is an error of 1+
+                scale = torch.ones((), dtype=torch.float64)
+            gr.append(a / scale)
+            wr.append(b / scale)
+        gm, wm = torch.cat(gr, 1), torch.cat(wr, 1)
+        free = torch.ones(n, dtype=torch.bool)
+        for i in range(n):
+            d = (gm - wm[i]).abs().amax(1)
+            d[~free] = float("inf")
+            j = int(d.argmin())
+            free[j] = False
+            worst = max(worst, d[j].item())
+    return worst
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
