@@ -74,6 +74,20 @@ def test_kernel_and_gradients_equal_generic_fold(dims, k, gidx, mult, scaling, b
     _check_equal_to_generic(expr)
 
 
+@pytest.mark.parametrize("cin,cout,ks,groups,dims", [(4, 8, (3, 3), 1, 2), (1, 1, (2,), 1, 1), (4, 1, (3, 1), 1, 2),
+                                                     (4, 4, (3, 3, 3), 4, 3)])
+def test_generation_never_modifies_the_parameters(cin, cout, ks, groups, dims):
+    expr = _perturbed(build_block("orepa", _geom(cin, cout, ks, groups, dims)).double())
+    before = [p.detach().clone() for p in expr.parameters()]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            w = expr.fast_fold().weight
+        if grad:
+            (w * torch.randn_like(w)).sum().backward()
+    for p, b in zip(expr.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
 @pytest.mark.parametrize("frozen", [(0,), (1, 2, 3), (5, 7), tuple(range(1, 20))])
 def test_frozen_parameters_get_no_gradient_and_the_rest_are_right(frozen):
     expr = _perturbed(build_block("orepa", _geom(4, 8, (3, 3), 2, 2)).double())
@@ -148,6 +162,7 @@ def test_patterns_are_what_the_branches_hold():
     expr = build_block("orepa", g).double()
     pats = expr._patterns(torch.zeros((), dtype=torch.float64))
     assert isinstance(pats, OrepaPatterns)
+    assert pats.table.shape == (8, 15, 3)
     assert torch.allclose(pats.avg, torch.full((8, 15), 1 / 15, dtype=torch.float64))
     assert pats.centre == 1 * 5 + 2  # row 1 of 3, column 2 of 5
     # every output channel has a non-zero prior

@@ -29,11 +29,9 @@ have no padding, so the stack equals its folded kernel everywhere, borders inclu
 
 Speed: ``fold()`` of these expressions (the generic algebra) is the source of truth
 for deploy and checks. Online training instead calls :meth:`OrepaExpr.fast_fold`,
-a specialised generator proven equal to ``fold()`` by the tests: the three
-"1x1 times a fixed pattern" branches become one batched product
-``[O, Cg, 3] @ [O, 3, K]``, the 1x1 -> kxk product is one batched matmul per group
-(no block-diagonal group expansion), the depthwise -> pointwise product is one
-einsum, and everything else is elementwise.
+which gathers the branch parameters and runs
+:func:`~repcompiler.blocks.orepa_kernel.orepa_kernel` (a specialised generator with a
+hand-written backward, proven equal to ``fold()`` by the tests).
 """
 
 from __future__ import annotations
@@ -166,7 +164,7 @@ class OrepaExpr(A.Sum):
         centre = 0
         for k, off in zip(g.kernel_size, center_offsets(g.kernel_size, (1,) * g.dims)):
             centre = centre * k + off  # flat (row-major) index of the centre tap
-        pats = OrepaPatterns(avg.contiguous(), prior.contiguous(), centre)
+        pats = OrepaPatterns.of(avg, prior, centre)
         if plain and type(pats.avg) is torch.Tensor:
             object.__setattr__(self, "_pattern_cache", (key, pats))
         return pats

@@ -14,12 +14,21 @@ same kernel
              + s4[o] q[o,c] [k == centre]            1x1 zero-padded
              + s5[o] sum_e pw[o,c,e] dw[c,e,k]       depthwise (x E) -> pointwise
 
-with as few passes over kernel-sized memory as we could manage, and a backward
-(:class:`OrepaKernel`) that runs the two big products of the 1x1 -> kxk branch as
-single matrix products at the machine's matmul throughput, batches the depthwise ->
-pointwise products over input channels with contiguous operands, and reduces the
-fixed-pattern branches elementwise (autograd's generic backward of the same forward
-ran small-inner-dimension batched products and per-batch copies, about 3x slower).
+with as few passes over kernel-sized memory as we could manage. Kernel generation is
+memory-bound apart from the two big products of the 1x1 -> kxk branch, so:
+
+* the 1x1 -> kxk branch is one matrix product per group, ``[Og*K, Mg] @ [Mg, Cg]``,
+  in the forward and in each of the two gradients (at the machine's matmul rate);
+* the depthwise -> pointwise products are batched over input channels with output
+  channels innermost in every operand (small inner dimensions are only fast that way);
+* the origin and the three "1x1 times a fixed pattern" branches are one batched
+  product against the ``[O, K, 3]`` pattern table, forward and backward;
+* the backward (:class:`OrepaKernel`) computes only the gradients autograd asks for,
+  reuses the scaled, re-laid-out operands of the forward, writes every gradient in
+  its parameter's layout (so autograd can take it without a copy) and takes scale
+  gradients as per-row dot products without temporaries. Autograd's generic backward
+  of the same forward ran small-inner-dimension products on strided operands with
+  per-batch copies.
 
 Under ``torch.compile``/``torch.export`` or without gradients, :func:`orepa_kernel`
 runs the same forward as plain differentiable ops instead (tracers see ordinary aten
@@ -45,32 +54,65 @@ class OrepaPatterns(NamedTuple):
     avg: Tensor  # [O, K] average pattern of the 1x1 -> kxk average branch
     prior: Tensor  # [O, K] frequency prior, one basis function per output channel
     centre: int  # flat tap index of the zero-padded 1x1
+    table: Tensor  # [O, K, 3]: avg, prior and the centre one-hot side by side
+
+    @classmethod
+    def of(cls, avg: Tensor, prior: Tensor, centre: int) -> "OrepaPatterns":
+        one = torch.zeros_like(avg)
+        one[:, centre] = 1.0
+        return cls(avg.contiguous(), prior.contiguous(), centre, torch.stack([avg, prior, one], dim=2))
+
+
+def _t(x: Tensor) -> Tensor:
+    """``x [N, A, B]`` transposed to a contiguous ``[N, B, A]`` (a single matrix goes
+    through torch's blocked 2-d transpose, about twice as fast as the batched copy)."""
+    if x.shape[0] == 1:
+        return x[0].t().contiguous().unsqueeze(0)
+    return x.transpose(1, 2).contiguous()
+
+
+def _scaled_t(x: Tensor, s: Tensor, fused: bool) -> Tensor:
+    """``_t(x * s)`` for ``s`` broadcastable to ``[N, A, 1]``, always a new tensor; when
+    ``fused`` (no autograd) transposed into a fresh buffer and scaled in place."""
+    st = s.transpose(1, 2)
+    if not fused:
+        return _t(x) * st
+    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
+    if x.shape[0] == 1:
+        out[0].copy_(x[0].t())
+    else:
+        out.copy_(x.transpose(1, 2))
+    return out.mul_(st)
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """Per-row dot products of two same-shape tensors (rows = dim 0), no temporary."""
+    n = x.shape[0]
+    return torch.bmm(x.reshape(n, 1, -1), y.reshape(n, -1, 1)).reshape(n)
 
 
 def _forward(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
              s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel ``[O, Cg, K]`` plus the two re-laid-out operands the backward reuses:
-    ``w2`` as ``[G, Og*K, Mg]`` and ``s5 * pw`` as ``[G*Cg, E, Og]``."""
+    ``s3 * w2`` as ``[G, Og*K, Mg]`` and ``s5 * pw`` as ``[G*Cg, E, Og]``."""
     O, Cg, K = w0.shape
     G = groups
     Og, Mg, E = O // G, w1.shape[1], pw.shape[2]
     s0, s1, s2, s3, s4, s5 = s
-    col = (O, 1, 1)
-    W = w0 * s0.reshape(col)
-    W = W.addcmul_((a * s1[:, None]).unsqueeze(2), pats.avg.unsqueeze(1))
-    W = W.addcmul_((p * s2[:, None]).unsqueeze(2), pats.prior.unsqueeze(1))
-    W[:, :, pats.centre] += q * s4[:, None]
+    fused = not torch.is_grad_enabled() and not _is_compiling()
+    # origin plus the three "1x1 times a fixed pattern" branches: [O, Cg, 3] @ [O, 3, K]
+    coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=2)
+    W = (w0 * s0.reshape(O, 1, 1)).baddbmm_(coef, pats.table.transpose(1, 2))
     # 1x1 -> kxk: one product per group, [Og*K, Mg] @ [Mg, Cg], added with a transposed read
-    w2kc = w2.transpose(1, 2).reshape(G, Og * K, Mg)
-    prod = torch.bmm(w2kc, w1).reshape(O, K, Cg)
-    W = W.addcmul_(prod.transpose(1, 2), s3.reshape(col))
+    w2s = _scaled_t(w2, s3.reshape(O, 1, 1), fused).reshape(G, Og * K, Mg)
+    W = W.add_(torch.bmm(w2s, w1).reshape(O, K, Cg).transpose(1, 2))
     # depthwise -> pointwise, per input channel [K, E] @ [E, Og]: output channels innermost
     # in every operand (small inner dimensions are only fast that way), then transposed
     # into the kernel's layout
-    pws = (pw.reshape(O, Cg * E) * s5[:, None]).reshape(G, Og, Cg * E).transpose(1, 2).reshape(G * Cg, E, Og)
+    pws = _scaled_t(pw.reshape(G, Og, Cg * E), s5.reshape(G, Og, 1), fused).reshape(G * Cg, E, Og)
     dws = torch.bmm(dw.reshape(G * Cg, E, K).transpose(1, 2), pws).reshape(G, Cg * K, Og)
-    W = W.reshape(G, Og, Cg * K).add_(dws.transpose(1, 2).contiguous()).reshape(O, Cg, K)
-    return W, w2kc, pws
+    W = W.reshape(G, Og, Cg * K).add_(_t(dws)).reshape(O, Cg, K)
+    return W, w2s, pws
 
 
 class OrepaKernel(torch.autograd.Function):
@@ -86,62 +128,56 @@ class OrepaKernel(torch.autograd.Function):
                 pw: Tensor, s0: Tensor, s1: Tensor, s2: Tensor, s3: Tensor, s4: Tensor, s5: Tensor,
                 pats: OrepaPatterns, groups: int) -> Tensor:
         s = (s0, s1, s2, s3, s4, s5)
-        W, w2kc, pws = _forward(w0, a, p, q, w1, w2, dw, pw, s, pats, groups)
-        ctx.save_for_backward(w0, a, p, q, w1, w2kc, dw, pw, pws, *s, pats.avg, pats.prior)
-        ctx.centre, ctx.groups = pats.centre, groups
+        W, w2s, pws = _forward(w0, a, p, q, w1, w2, dw, pw, s, pats, groups)
+        ctx.save_for_backward(w0, a, p, q, w1, w2, w2s, dw, pw, pws, *s, pats.table)
+        ctx.groups = groups
         return W
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gW: Tensor) -> tuple[Tensor | None, ...]:
-        w0, a, p, q, w1, w2kc, dw, pw, pws, s0, s1, s2, s3, s4, s5, avg, prior = ctx.saved_tensors
+        w0, a, p, q, w1, w2, w2s, dw, pw, pws, s0, s1, s2, s3, s4, s5, table = ctx.saved_tensors
         need = ctx.needs_input_grad
         O, Cg, K = w0.shape
         G = ctx.groups
         Og, Mg, E = O // G, w1.shape[1], pw.shape[2]
         gW = gW.contiguous()
-        col = (O, 1, 1)
         g: list[Tensor | None] = [None] * 16
-
-        def per_out(x: Tensor, y: Tensor) -> Tensor:  # sum over everything but dim 0
-            return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
-
         # origin
         if need[0]:
-            g[0] = gW * s0.reshape(col)
+            g[0] = gW * s0.reshape(O, 1, 1)
         if need[8]:
-            g[8] = per_out(gW, w0)
-        # the three fixed-pattern branches: reduce the kernel gradient against the pattern
-        for ci, si, coef, pat in ((1, 9, a, avg), (2, 10, p, prior), (3, 12, q, None)):
-            if not (need[ci] or need[si]):
-                continue
-            r = gW[:, :, ctx.centre] if pat is None else torch.linalg.vecdot(gW, pat.unsqueeze(1))
-            scale = s1 if ci == 1 else (s2 if ci == 2 else s4)
-            if need[ci]:
-                g[ci] = r * scale[:, None]
-            if need[si]:
-                g[si] = per_out(r, coef)
-        # 1x1 -> kxk: kernel gradient laid out [G, Og*K, Cg] for the two products
+            g[8] = _dot(gW, w0)
+        # the fixed-pattern branches: the kernel gradient against the patterns, [O, Cg, 3]
+        if any(need[i] for i in (1, 2, 3, 9, 10, 12)):
+            r = torch.bmm(gW, table)
+            for j, (ci, si, coef, scale) in enumerate(((1, 9, a, s1), (2, 10, p, s2), (3, 12, q, s4))):
+                if need[ci]:
+                    g[ci] = r[:, :, j] * scale[:, None]
+                if need[si]:
+                    g[si] = _dot(r[:, :, j].contiguous(), coef)
+        # 1x1 -> kxk: the kernel gradient laid out [G, Og*K, Cg] for the two products
         if need[4] or need[5] or need[11]:
-            gWt = gW.transpose(1, 2).reshape(G, Og * K, Cg)
+            gWt = _t(gW).reshape(G, Og * K, Cg)
             if need[5] or need[11]:
-                h = torch.bmm(gWt, w1.transpose(1, 2)).reshape(O, K, Mg)  # d/d(s3 * w2), kc layout
-                if need[5]:
-                    g[5] = (h * s3.reshape(col)).transpose(1, 2)
+                h = torch.bmm(gWt, w1.transpose(1, 2))  # [G, Og*K, Mg]: d/d(s3 * w2), kc layout
+                gw2 = _t(h.reshape(O, K, Mg))
                 if need[11]:
-                    g[11] = per_out(h, w2kc.reshape(O, K, Mg))
+                    g[11] = _dot(gw2, w2)
+                if need[5]:
+                    g[5] = gw2.mul_(s3.reshape(O, 1, 1))
             if need[4]:
-                scaled = (gWt.reshape(O, K, Cg) * s3.reshape(col)).reshape(G, Og * K, Cg)
-                g[4] = torch.bmm(w2kc.transpose(1, 2), scaled)
-        # depthwise -> pointwise: kernel gradient as [G*Cg, K, Og] (see the forward)
+                g[4] = torch.bmm(w2s.transpose(1, 2), gWt)
+        # depthwise -> pointwise: the kernel gradient as [G*Cg, K, Og] (see the forward)
         if need[6] or need[7] or need[13]:
-            gWo = gW.reshape(G, Og, Cg * K).transpose(1, 2).reshape(G * Cg, K, Og)
+            gWo = _t(gW.reshape(G, Og, Cg * K)).reshape(G * Cg, K, Og)
             if need[7] or need[13]:
-                z = torch.bmm(dw, gWo).reshape(G, Cg * E, Og).transpose(1, 2).reshape(O, Cg * E)  # d/d(s5 * pw)
-                if need[7]:
-                    g[7] = (z * s5[:, None]).reshape(O, Cg, E)
+                z = torch.bmm(dw, gWo).reshape(G, Cg * E, Og)  # d/d(s5 * pw), [c, e] x o
+                gpw = _t(z).reshape(O, Cg, E)
                 if need[13]:
-                    g[13] = per_out(z, pw)
+                    g[13] = _dot(gpw, pw)
+                if need[7]:
+                    g[7] = gpw.mul_(s5.reshape(O, 1, 1))
             if need[6]:
                 g[6] = torch.bmm(pws, gWo.transpose(1, 2))
         return tuple(g)
