@@ -309,3 +309,29 @@ def test_padding_after_extent_inexact_each_side():
     assert "right in dim 0" in ex.reasons[0] and "left" not in ex.reasons[0]
     # fully padded first conv ("full" convolution): exact on both sides
     check_exact(conv(1, c, c, 3, 1, 2) >> conv(1, c, c, 3, 1, 1), 1, c, [5, 6])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_avgpool_on_inputs_smaller_than_its_kernel(dims, size):
+    """avg_pool3d refuses inputs smaller than the kernel even when padding makes room;
+    the leaf pads explicitly there, and still equals its folded kernel."""
+    pool = A.AvgPool(4, dims, (3,) * dims, (1,) * dims, (1,) * dims, False, True).double()
+    x = torch.randn(2, 4, *([size] * dims), dtype=torch.float64)
+    y = pool(x)
+    assert y.shape == x.shape
+    assert rel_err(pool.fold().apply(x), y) < 1e-12
+
+
+def test_offline_3d_orepa_runs_on_one_pixel_inputs():
+    import repcompiler as rc
+
+    m = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8)).double()
+    off = rc.orepa_transform(m, mode="offline").double()
+    with torch.no_grad():
+        for _ in range(2):  # non-trivial BN statistics in every branch
+            off.train()(torch.randn(4, 4, 3, 3, 3, dtype=torch.float64))
+    off.eval()
+    x = torch.randn(2, 4, 1, 1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(rc.deploy(off)(x), off(x)) < 1e-10

@@ -480,6 +480,12 @@ class AvgPool(_Buffered):
         )
         if self.dims > 1:
             kwargs["divisor_override"] = self.divisor_override
+        small = any(n < k for n, k in zip(x.shape[2:], self.kernel_size))
+        if self.dims == 3 and small and any(self.pool_padding) and self.count_include_pad and not self.ceil_mode:
+            # avg_pool3d (unlike 1-d/2-d) refuses inputs smaller than the kernel even when
+            # the padding makes room: pad explicitly (zeros, counted as count_include_pad does)
+            x = F.pad(x, [p for p in reversed(self.pool_padding) for _ in range(2)])
+            kwargs["padding"] = 0
         return _AVG_POOL[self.dims](x, **kwargs)
 
     def label(self) -> str:
