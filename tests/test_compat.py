@@ -259,15 +259,21 @@ def test_compile_offline_model_forward_backward() -> None:
     torch.manual_seed(8)
     model = orepa_transform(models.tiny_net(width=4), mode="offline").train()
     src = copy.deepcopy(model)
-    x = torch.randn(4, 3, 12, 12)
+    # odd size: even sizes hit inductor's 1x1 stride-2 weight-gradient bug (xfail test below)
+    x = torch.randn(4, 3, 13, 13)
     y_ref = model(x)
     y_ref.sum().backward()
     y = torch.compile(src, backend="inductor")(x)
     y.sum().backward()
     assert _rel(y, y_ref) < 1e-4
+    # The branch BNs' biases have an exactly-zero gradient here (bn0 in train mode follows
+    # the stem block and removes any per-channel shift), so eager and compiled both give
+    # rounding noise (~1e-8) there: measure errors against at least 1% of the largest
+    # gradient instead of against noise.
+    floor = 1e-2 * max(p.grad.norm() for p in model.parameters() if p.grad is not None)
     for (n, p), (_, q) in zip(model.named_parameters(), src.named_parameters()):
         if p.grad is not None:
-            assert _rel(q.grad, p.grad) < 1e-3, n
+            assert ((q.grad - p.grad).norm() / torch.clamp(p.grad.norm(), min=floor)).item() < 1e-3, n
 
 
 @pytest.mark.zoo_full
