@@ -41,6 +41,7 @@ class DemoResult:
     params_plain: int = 0
     params_train: int = 0
     params_deployed: int = 0
+    params_plain_folded: int = 0  # the plain model with its BNs folded: what deploy must match
     convs_plain: int = 0
     convs_deployed: int = 0
     step: dict[str, tuple[float, int]] = field(default_factory=dict)  # form -> (seconds, peak bytes)
@@ -55,6 +56,7 @@ class DemoResult:
             ("parameters: plain model", f"{self.params_plain:,}"),
             ("parameters: OREPA training form", f"{self.params_train:,}"),
             ("parameters: deployed", f"{self.params_deployed:,}" if self.deployed else "(deploy unavailable)"),
+            ("parameters: plain model, BN folded", f"{self.params_plain_folded:,}" if self.deployed else "-"),
             ("convs: plain / deployed", f"{self.convs_plain} / {self.convs_deployed}" if self.deployed else "-"),
         ]
         for form, (sec, peak) in self.step.items():
@@ -155,6 +157,7 @@ def run_demo(
             want, got = model(x), deployed(x)
         res.deployed = True
         res.params_deployed = count_params(deployed)
+        res.params_plain_folded = count_params(deploy(plain.eval(), (x[:2],), verify=False))
         res.convs_deployed = count_convs(deployed)
         res.max_abs_diff = (want - got).abs().max().item()
         res.rel_diff = res.max_abs_diff / max(want.abs().max().item(), 1e-30)

@@ -21,6 +21,7 @@ def test_run_demo_small():
     assert res.params_train > res.params_plain
     assert res.deployed
     assert res.params_deployed < res.params_plain  # BN folded into the deployed convs
+    assert res.params_deployed == res.params_plain_folded  # exactly the plain model's deploy form
     assert res.convs_deployed == res.convs_plain == 20
     assert res.rel_diff < 1e-5
     assert len(res.losses) == 2
