@@ -10,16 +10,22 @@ exact conv region of the model folds too.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import online as _online  # noqa: F401  (registers the online blocks' rules)
-from .fold import compile_folds
+from .errors import TraceError
+from .fold import _as_inputs, _compare_outputs, compile_folds
 from .report import FoldReport
 from .rules import RuleRegistry
+from .tracing import trace_model
 
 __all__ = ["deploy"]
+
+log = logging.getLogger(__name__)
 
 
 def deploy(
@@ -36,7 +42,45 @@ def deploy(
     exact conv region becomes one ``nn.ConvNd``. Arguments as :func:`repcompiler.fold`.
 
     An online block is one node of the graph, so it always becomes one conv, whatever
-    ``merge_convs`` says (that option only concerns chains of separate convs)."""
-    return compile_folds(model, example_inputs, inplace=inplace, verify=verify,
-                         return_report=return_report, rules=rules, title="deploy",
-                         merge_convs=merge_convs)
+    ``merge_convs`` says (that option only concerns chains of separate convs).
+
+    A block whose post-BN was inserted (``orepa_transform(insert_bn=True)``) where the
+    original conv had no bias deploys with a bias the plain model does not have; when the
+    whole deployed model traces and every use of that conv's output reaches BatchNorms
+    (through concatenations, pooling without padding), the bias moves into those BNs'
+    running means (:class:`passes.push_bias.PushBias`, exact), so DenseNet-style models
+    deploy with exactly the plain parameter count. With ``example_inputs`` and ``verify``
+    the whole model is checked before and after that step."""
+    names = [n for n, m in model.named_modules() if getattr(m, "bias_from_inserted_bn", False)]
+    out = compile_folds(model, example_inputs, inplace=inplace, verify=verify,
+                        return_report=return_report, rules=rules, title="deploy",
+                        merge_convs=merge_convs)
+    if names:
+        _push_inserted_biases(out[0] if return_report else out, names, example_inputs, verify)
+    return out
+
+
+def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs: Any, verify: bool) -> None:
+    from passes.push_bias import PushBias
+
+    try:
+        gm = trace_model(deployed)
+    except TraceError as exc:
+        log.info("deploy: inserted post-BN biases kept (%s)", exc)
+        return
+    inputs = _as_inputs(example_inputs) if verify else None
+    want = None
+    if inputs is not None:
+        with torch.no_grad():
+            want = deployed(*inputs)
+    if inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)  # channel counts for concatenations
+    push = PushBias(names)
+    push.call(gm)
+    log.info("deploy: moved %d inserted post-BN biases into downstream BatchNorms", len(push.pushed))
+    if want is not None and push.pushed:
+        with torch.no_grad():
+            _compare_outputs(want, deployed(*inputs), "after moving inserted post-BN biases into BatchNorms")

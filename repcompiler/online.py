@@ -71,6 +71,10 @@ class OnlineConv(nn.Module):
         self.expr = expr
         self.post_bn = post_bn
         self.block = block
+        # True when the conv this block replaced had no bias and ``post_bn`` was inserted:
+        # the deployed conv's bias then comes from that BN, and deploy moves it into the
+        # BNs downstream where it can (so the deployed model has the plain parameters)
+        self.bias_from_inserted_bn = False
         self._cache: tuple[tuple, A.Kernel] | None = None
 
     # -- kernel generation -----------------------------------------------------------
@@ -165,6 +169,7 @@ class OfflineBlock(nn.Module):
         self.expr = expr
         self.post_bn = post_bn
         self.block = block
+        self.bias_from_inserted_bn = False  # as OnlineConv's
 
     def forward(self, input: Tensor) -> Tensor:
         y = self.expr(input)

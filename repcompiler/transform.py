@@ -326,6 +326,7 @@ def orepa_transform(
             inserted = _BN_FOR_DIMS[geom.dims](geom.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
         cls = OnlineConv if mode == "online" else OfflineBlock
         new = cls(expr, inserted, block=name)
+        new.bias_from_inserted_bn = inserted is not None and conv.bias is None
         new.train(conv.training)
         _set(work, site.name, new)
         built[id(conv)] = new
