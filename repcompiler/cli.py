@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import RepCompilerError, VerificationError
+from .report import count_convs, count_params
 
 __all__ = ["main", "build_parser"]
 
@@ -100,16 +101,6 @@ def _json_kwargs(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RepCompilerError(f"--model-kwargs {text!r}: expected a JSON object like '{{\"num_classes\": 10}}'")
     return value
-
-
-def _param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _conv_count(model: nn.Module) -> int:
-    from .export import count_convs
-
-    return count_convs(model)
 
 
 def _transform_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,7 +244,7 @@ def _load_apply_write(
     with _Stages(stage, ["load", stage, "write"], args.quiet) as st:
         st.start("load")
         model = _load(args, orepa=orepa)
-        n_before, c_before = _param_count(model), _conv_count(model)
+        n_before, c_before = count_params(model), count_convs(model)
         st.done()
         st.start(stage)
         result, report = _split(apply(model))
@@ -275,7 +266,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
     )
     what = "whole model (pickled)" if args.whole_model else "state dict"
     _out(f"wrote {what} of the transformed model to {args.output} "
-         f"(params {n_before:,} plain -> {_param_count(model):,} training form)")
+         f"(params {n_before:,} plain -> {count_params(model):,} training form)")
     return EXIT_OK
 
 
@@ -288,7 +279,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     )
     what = "state dict" if args.state_dict else "whole model (pickled; load with torch.load(..., weights_only=False))"
     _out(f"wrote {what} of the deployed model to {args.output} "
-         f"(params {n_train:,} -> {_param_count(deployed):,}, convs {c_train} -> {_conv_count(deployed)})")
+         f"(params {n_train:,} -> {count_params(deployed):,}, convs {c_train} -> {count_convs(deployed)})")
     return EXIT_OK
 
 
@@ -320,7 +311,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model = _load(args, orepa=args.orepa)
         example = _example(args, None)
         st.done()
-        plain_params, plain_convs = _param_count(model), _conv_count(model)
+        plain_params, plain_convs = count_params(model), count_convs(model)
         st.start("transform")
         transform_report = None
         if has_online_blocks(model):
@@ -349,8 +340,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if plain_params is not None:
         rows.append(("plain (as loaded)", f"{plain_params:,}", str(plain_convs)))
     if train is not model or has_online_blocks(train) or plain_params is None:
-        rows.append(("training form", f"{_param_count(train):,}", "-"))
-    rows.append(("deployed", f"{_param_count(deployed):,}", str(_conv_count(deployed))))
+        rows.append(("training form", f"{count_params(train):,}", "-"))
+    rows.append(("deployed", f"{count_params(deployed):,}", str(count_convs(deployed))))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     _out("== parameters ==")
     for r in rows:
@@ -418,7 +409,7 @@ def _quick_bench(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(name)
                 bar.update()
             times.sort()
-            rows.append((name, times[len(times) // 2], _param_count(model)))
+            rows.append((name, times[len(times) // 2], count_params(model)))
     base = rows[0][1]
     _out(f"train step, {args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
          f"median of {args.steps} (threads {torch.get_num_threads()})")

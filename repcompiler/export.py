@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from .errors import IncompatibleError, TraceError, UnsupportedError, VerificationError
 from .io import atomic_dir
+from .report import count_convs
 
 __all__ = [
     "FORMATS",
@@ -166,12 +167,6 @@ def onnx_op_counts(model: Any) -> Counter[str]:
     for fn in proto.functions:
         walk(fn.node)
     return counts
-
-
-def count_convs(model: nn.Module) -> int:
-    """Number of ``nn.Conv1d/2d/3d`` modules (incl. subclasses) in ``model``."""
-    return sum(isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
-               for m in model.modules())
 
 
 def has_online_blocks(model: nn.Module) -> bool:
