@@ -244,13 +244,15 @@ def _shared_modules(model: nn.Module) -> list[nn.Module]:
     return [mods[i] for i, c in seen.items() if c > 1]
 
 
-def _compare_outputs(want: Any, got: Any, name: str) -> None:
+def _compare_outputs(want: Any, got: Any, name: str, what: str = "folded model") -> None:
+    """Raise :class:`VerificationError` naming ``name`` unless ``got`` (the ``what``'s
+    output) equals ``want`` in structure, shapes and values (10x the dtype's tolerance)."""
     from passes.squeeze import relative_error, tolerance_for
 
     wl, ws = tree_flatten(want)
     gl, gs = tree_flatten(got)
     if ws != gs or len(wl) != len(gl):
-        raise VerificationError(f"{name}: the folded model's output structure differs from the original's")
+        raise VerificationError(f"{name}: the {what}'s output structure differs from the original's")
     for i, (w, g) in enumerate(zip(wl, gl)):
         if isinstance(w, Tensor) and w.is_floating_point():
             if w.shape != g.shape:
@@ -259,7 +261,7 @@ def _compare_outputs(want: Any, got: Any, name: str) -> None:
             tol = 10 * tolerance_for(w.dtype)
             if not err <= tol:
                 raise VerificationError(
-                    f"{name}: output {i} of the folded model differs from the original by relative {err:.3g} "
+                    f"{name}: output {i} of the {what} differs from the original by relative {err:.3g} "
                     f"(tolerance {tol:g})"
                 )
 

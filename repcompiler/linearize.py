@@ -97,6 +97,7 @@ from torch import Tensor, nn
 
 from . import algebra as A
 from .errors import RepCompilerError, UnsupportedError, VerificationError
+from .fold import _compare_outputs
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
 from .rules import LowerInfo, RuleRegistry, default_rules
@@ -875,26 +876,10 @@ def linearize(
     if example_inputs is not None and verify:
         got = _forward_eval(work, example_inputs)
         if want is not None:
-            _compare_outputs(got, want)
+            _compare_outputs(want, got, "linearize(init='from_bn')", "linearized model (eval mode)")
     report.convs_after, report.params_after = count_convs(work), count_params(work)
     report.seconds = time.perf_counter() - t0
     if not report.by_action("linearized"):
         log.info("linearize: no multi-branch BN block in %s", type(model).__name__)
     log.info("%s", report.summary())
     return (work, report) if return_report else work
-
-
-def _compare_outputs(got: Any, want: Any) -> None:
-    from passes.squeeze import relative_error, tolerance_for
-
-    gs = got if isinstance(got, (tuple, list)) else [got]
-    ws = want if isinstance(want, (tuple, list)) else [want]
-    for i, (g, w) in enumerate(zip(gs, ws)):
-        if isinstance(g, Tensor) and isinstance(w, Tensor):
-            err = relative_error(g, w)
-            tol = 10 * tolerance_for(w.dtype)
-            if not err <= tol:
-                raise VerificationError(
-                    f"linearize(init='from_bn'): output {i} of the linearized model differs from the original's "
-                    f"in eval mode by relative {err:.3g} (tolerance {tol:g})"
-                )
