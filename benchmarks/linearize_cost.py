@@ -43,12 +43,11 @@ FORMS = ("original", "linearized", "plain")
 
 def worker(form: str, batch: int, size: int, steps: int, warmup: int) -> dict:
     import torch
-    import torch.nn.functional as F
     import timm
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.profiling import step_peak_bytes
+    from repcompiler.profiling import sgd_step, step_peak_bytes, step_times
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -63,21 +62,9 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-
+    step = sgd_step(model, opt, x, y)
     load0 = os.getloadavg()[0]
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = step_times(step, warmup, steps)
     peak, base = step_peak_bytes(step, model, opt, x, y)
     return {
         "form": form, "batch": batch, "size": size,

@@ -62,13 +62,11 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
 
     if threads:
         torch.set_num_threads(threads)
-    import torch.nn.functional as F
     import torchvision
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.profiling import step_peak_bytes
-    from repcompiler.online import OnlineConv
+    from repcompiler.profiling import sgd_step, step_peak_bytes, step_times
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -80,21 +78,9 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-
+    step = sgd_step(model, opt, x, y)
     load0 = os.getloadavg()[0]
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = step_times(step, warmup, steps)
     peak, base = step_peak_bytes(step, model, opt, x, y)
     out = {
         "form": form, "batch": batch, "size": size,
@@ -104,22 +90,23 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
         "threads": torch.get_num_threads(), "load_before": load0, "load_after": os.getloadavg()[0],
     }
     if form == "online":
-        blocks = [m for m in model.modules() if isinstance(m, OnlineConv)]
-
-        def gen():
-            total = 0
-            for b in blocks:
-                total = total + b.generate().weight.sum()
-            total.backward()
-
-        gen()
-        gt = []
-        for _ in range(5):
-            t = time.perf_counter()
-            gen()
-            gt.append(time.perf_counter() - t)
-        out["kernel_gen_s"] = statistics.median(gt)
+        out["kernel_gen_s"] = statistics.median(step_times(kernel_generation(model), 1, 5))
     return out
+
+
+def kernel_generation(model):
+    """A function generating every online block's kernel, forward and backward (no feature map)."""
+    from repcompiler.online import OnlineConv
+
+    blocks = [m for m in model.modules() if isinstance(m, OnlineConv)]
+
+    def gen() -> None:
+        total = 0
+        for b in blocks:
+            total = total + b.generate().weight.sum()
+        total.backward()
+
+    return gen
 
 
 def paired(batch: int, size: int, rounds: int, threads: int = 0) -> dict:
@@ -127,12 +114,11 @@ def paired(batch: int, size: int, rounds: int, threads: int = 0) -> dict:
     load): medians, and the online fixed cost implied by ``online - plain`` at the same
     batch, in samples of plain training (assumes equal per-sample cost)."""
     import torch
-    import torch.nn.functional as F
     import torchvision
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.online import OnlineConv
+    from repcompiler.profiling import sgd_step, step_times
 
     if threads:
         torch.set_num_threads(threads)
@@ -141,33 +127,17 @@ def paired(batch: int, size: int, rounds: int, threads: int = 0) -> dict:
     online = rc.orepa_transform(plain).train()
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4) for m in (plain, online)}
-    blocks = [m for m in online.modules() if isinstance(m, OnlineConv)]
-
-    def step(m):
-        opt = opts[id(m)]
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
-
-    def gen():
-        total = 0
-        for b in blocks:
-            total = total + b.generate().weight.sum()
-        total.backward()
-
-    for m in (plain, online):
-        step(m)
-        step(m)
+    step_plain, step_online = (
+        sgd_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4), x, y)
+        for m in (plain, online))
+    gen = kernel_generation(online)
+    step_times(step_plain, 2, 0)
+    step_times(step_online, 2, 0)
     tp, to, tg = [], [], []
     for _ in range(rounds):
-        for m, acc in ((plain, tp), (online, to)):
-            t = time.perf_counter()
-            step(m)
-            acc.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        gen()
-        tg.append(time.perf_counter() - t)
+        tp += step_times(step_plain, 0, 1)
+        to += step_times(step_online, 0, 1)
+        tg += step_times(gen, 0, 1)
     mp, mo, mg = statistics.median(tp), statistics.median(to), statistics.median(tg)
     return {"batch": batch, "size": size, "rounds": rounds, "plain_s": mp, "online_s": mo, "kernel_gen_s": mg,
             "online/plain": mo / mp, "implied_fixed_in_plain_samples": (mo - mp) / (mp / batch),
@@ -211,16 +181,23 @@ def paired_sweep(args: argparse.Namespace) -> int:
               f"{r['kernel_gen_s']:.3f} |" for r in rows]
     lines += ["", "Fit over batch: plain = fixed + per_sample x b, online - plain = extra_fixed + extra_per_sample x b.",
               "", "| quantity | measured | target |", "|---|---|---|"]
-    for k, v in summary.items():
-        t = TARGETS.get(k)
-        ok = "" if t is None else (" (met)" if v <= t else " (missed)")
-        lines.append(f"| {k} | {v:.4g} | {'' if t is None else f'<= {t}'}{ok} |")
+    lines += target_rows(summary, ".4g")
     out = args.out.with_name(args.out.name + "_paired")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"date": date, "rows": rows, "summary": summary}, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def target_rows(values: dict[str, float], fmt: str) -> list[str]:
+    """Markdown rows ``| name | value | target (met/missed) |`` (targets from ``TARGETS``)."""
+    rows = []
+    for k, v in values.items():
+        t = TARGETS.get(k)
+        ok = "" if t is None else (" (met)" if v <= t else " (missed)")
+        rows.append(f"| {k} | {v:{fmt}} | {'' if t is None else f'<= {t}'}{ok} |")
+    return rows
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -284,10 +261,7 @@ def markdown(results: list[dict], summary: dict, batches: list[int], meta: dict)
     for form, f in summary["fits"].items():
         lines.append(f"| {form} | {f['time'][0]:.3f} | {1000 * f['time'][1]:.2f} | {f['mem'][0] / 2**20:.0f} | {f['mem'][1] / 2**20:.2f} |")
     lines += ["", "| ratio | measured | target |", "|---|---|---|"]
-    for k, v in summary["ratios"].items():
-        t = TARGETS.get(k)
-        ok = "" if t is None else (" (met)" if v <= t else " (missed)")
-        lines.append(f"| {k} | {v:.3f} | {'' if t is None else f'<= {t}'}{ok} |")
+    lines += target_rows(summary["ratios"], ".3f")
     gen = [r.get("kernel_gen_s") for r in results if r.get("kernel_gen_s")]
     if gen:
         lines += ["", f"Kernel generation alone (all OREPA blocks, forward + backward): median {statistics.median(gen):.3f} s per step."]

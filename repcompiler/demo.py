@@ -21,13 +21,13 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .profiling import step_peak_bytes
+from .profiling import sgd_step, step_peak_bytes, step_times
 
 __all__ = ["run_demo", "DemoResult", "measure_step", "main"]
 
@@ -79,17 +79,8 @@ def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int
 
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    step()
-    sec = time.perf_counter() - t
+    step = sgd_step(model, opt, x, y)
+    (sec,) = step_times(step, warmup, 1)
     peak, _ = step_peak_bytes(step, model, opt, x, y)
     return sec, peak
 

@@ -1,4 +1,8 @@
-"""Peak CPU-allocator memory of one training step (shared by the demo and the benchmarks).
+"""One training step, its time and its peak CPU-allocator memory (shared by the demo and
+the benchmarks).
+
+:func:`sgd_step` builds the step every measurement runs (zero_grad, forward,
+cross-entropy, backward, optimizer step); :func:`step_times` times it after warm-up.
 
 The peak is the bytes live when the step starts (parameters, buffers, gradients,
 optimizer state and the given tensors, each storage counted once) plus the maximum
@@ -8,12 +12,37 @@ running sum of the allocation/free events that
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["live_bytes", "step_peak_bytes"]
+__all__ = ["sgd_step", "step_times", "live_bytes", "step_peak_bytes"]
+
+
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A function running one classification train step of ``model`` on ``(x, y)`` with ``opt``."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def step_times(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
+    """Wall-clock seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def live_bytes(model: nn.Module, opt: torch.optim.Optimizer, *tensors: torch.Tensor) -> int:
