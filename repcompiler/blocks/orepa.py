@@ -113,14 +113,9 @@ class OrepaExpr(A.Sum):
         Cg, K = C // G, math.prod(g.kernel_size)
         t = self.terms
         w0 = _core(t[0])[0].weight
-        ones = None
-        scales = []
-        for branch in t:
-            s = _scale_of(branch, O)
-            if s is None:
-                ones = ones if ones is not None else torch.ones(O, dtype=w0.dtype, device=w0.device)
-                s = ones
-            scales.append(s)
+        raw = [_scale_of(branch, O) for branch in t]
+        ones = torch.ones(O, dtype=w0.dtype, device=w0.device) if any(s is None for s in raw) else None
+        scales = [ones if s is None else s for s in raw]
         first, w2 = _core(t[3])
         Mg = self.internal // G
         if self.identity:
@@ -143,8 +138,8 @@ class OrepaExpr(A.Sum):
             G,
         )
         bias = _core(t[0])[0].bias
-        if bias is not None and _scale_of(t[0], O) is not None:
-            bias = bias * scales[0]
+        if bias is not None and raw[0] is not None:
+            bias = bias * raw[0]
         return A.Kernel(W.reshape(O, Cg, *g.kernel_size), bias, self.geom.spec if bias is not None else
                         _nobias(self.geom.spec))
 
@@ -165,7 +160,7 @@ class OrepaExpr(A.Sum):
         for k, off in zip(g.kernel_size, center_offsets(g.kernel_size, (1,) * g.dims)):
             centre = centre * k + off  # flat (row-major) index of the centre tap
         pats = OrepaPatterns.of(avg, prior, centre)
-        if plain and type(pats.avg) is torch.Tensor:
+        if plain and type(pats.table) is torch.Tensor:
             object.__setattr__(self, "_pattern_cache", (key, pats))
         return pats
 

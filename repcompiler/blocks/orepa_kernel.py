@@ -51,38 +51,42 @@ __all__ = ["OrepaKernel", "OrepaPatterns", "orepa_kernel"]
 class OrepaPatterns(NamedTuple):
     """The fixed (non-learnable) parts of an OREPA block's kernel."""
 
-    avg: Tensor  # [O, K] average pattern of the 1x1 -> kxk average branch
-    prior: Tensor  # [O, K] frequency prior, one basis function per output channel
+    table: Tensor  # [O, K, 3]: average pattern, frequency prior, centre one-hot
     centre: int  # flat tap index of the zero-padded 1x1
-    table: Tensor  # [O, K, 3]: avg, prior and the centre one-hot side by side
 
     @classmethod
     def of(cls, avg: Tensor, prior: Tensor, centre: int) -> "OrepaPatterns":
+        """From the average pattern and the prior (each ``[O, K]``) and the centre tap."""
         one = torch.zeros_like(avg)
         one[:, centre] = 1.0
-        return cls(avg.contiguous(), prior.contiguous(), centre, torch.stack([avg, prior, one], dim=2))
+        return cls(torch.stack([avg, prior, one], dim=2), centre)
+
+    @property
+    def avg(self) -> Tensor:
+        return self.table[:, :, 0]
+
+    @property
+    def prior(self) -> Tensor:
+        return self.table[:, :, 1]
 
 
 def _t(x: Tensor) -> Tensor:
-    """``x [N, A, B]`` transposed to a contiguous ``[N, B, A]`` (a single matrix goes
-    through torch's blocked 2-d transpose, about twice as fast as the batched copy)."""
-    if x.shape[0] == 1:
-        return x[0].t().contiguous().unsqueeze(0)
-    return x.transpose(1, 2).contiguous()
-
-
-def _scaled_t(x: Tensor, s: Tensor, fused: bool) -> Tensor:
-    """``_t(x * s)`` for ``s`` broadcastable to ``[N, A, 1]``, always a new tensor; when
-    ``fused`` (no autograd) transposed into a fresh buffer and scaled in place."""
-    st = s.transpose(1, 2)
-    if not fused:
-        return _t(x) * st
+    """``x [N, A, B]`` transposed into a new contiguous ``[N, B, A]`` tensor (never a view of
+    ``x``, so callers may scale it in place; a single matrix goes through torch's blocked
+    2-d transpose copy, about twice as fast as the batched one)."""
     out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
     if x.shape[0] == 1:
         out[0].copy_(x[0].t())
     else:
         out.copy_(x.transpose(1, 2))
-    return out.mul_(st)
+    return out
+
+
+def _scaled_t(x: Tensor, s: Tensor, fused: bool) -> Tensor:
+    """``_t(x * s)`` for ``s`` broadcastable to ``[N, A, 1]``; scaled in place when
+    ``fused`` (no autograd)."""
+    xt, st = _t(x), s.transpose(1, 2)
+    return xt.mul_(st) if fused else xt * st
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
