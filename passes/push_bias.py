@@ -90,9 +90,8 @@ def _reach_bns(gm: fx.GraphModule, node: fx.Node, offset: int, edits: list, uses
                 continue
             return False
         if user.op == "call_function" and user.target in _CAT:
-            parts = user.args[0] if user.args else user.kwargs.get("tensors")
-            dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
-            if dim != 1 or not isinstance(parts, (list, tuple)):
+            parts = _channel_cat_parts(user)
+            if parts is None:
                 return False
             start = 0
             for part in parts:
@@ -105,6 +104,13 @@ def _reach_bns(gm: fx.GraphModule, node: fx.Node, offset: int, edits: list, uses
             continue
         return False
     return True
+
+
+def _channel_cat_parts(node: fx.Node) -> list | None:
+    """The inputs of a ``torch.cat`` node along dim 1 (None: another dim or unknown args)."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return list(parts) if dim == 1 and isinstance(parts, (list, tuple)) else None
 
 
 def _no_padding(padding) -> bool:
@@ -128,9 +134,8 @@ def _channels(gm: fx.GraphModule, node: fx.Node, memo: dict[fx.Node, int | None]
         elif isinstance(mod, (nn.Identity, nn.ReLU, nn.ReLU6) + _MAXPOOL + _AVGPOOL) and node.args:
             c = _channels(gm, node.args[0], memo) if isinstance(node.args[0], fx.Node) else None
     elif node.op == "call_function" and node.target in _CAT:
-        parts = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if dim == 1 and isinstance(parts, (list, tuple)) and all(isinstance(p, fx.Node) for p in parts):
+        parts = _channel_cat_parts(node)
+        if parts is not None and all(isinstance(p, fx.Node) for p in parts):
             counts = [_channels(gm, p, memo) for p in parts]
             c = None if any(x is None for x in counts) else sum(counts)
     memo[node] = c

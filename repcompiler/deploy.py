@@ -68,19 +68,17 @@ def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs:
     except TraceError as exc:
         log.info("deploy: inserted post-BN biases kept (%s)", exc)
         return
-    inputs = _as_inputs(example_inputs) if verify else None
+    inputs = _as_inputs(example_inputs)
     want = None
-    if inputs is not None:
-        with torch.no_grad():
-            want = deployed(*inputs)
     if inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)  # channel counts for concatenations
+        with torch.no_grad():  # channel counts for concatenations, and the reference output
+            want = ShapeProp(gm).propagate(*inputs)
     push = PushBias(names)
     push.call(gm)
     log.info("deploy: moved %d inserted post-BN biases into downstream BatchNorms", len(push.pushed))
-    if want is not None and push.pushed:
+    if verify and want is not None and push.pushed:
         with torch.no_grad():
-            _compare_outputs(want, deployed(*inputs), "after moving inserted post-BN biases into BatchNorms")
+            _compare_outputs(want, deployed(*inputs), type(deployed).__name__,
+                             "deployed model after moving inserted post-BN biases into BatchNorms")
