@@ -53,7 +53,30 @@ def _is_compiling() -> bool:
     return False
 
 
-class OnlineConv(nn.Module):
+class _ReparamBlock(nn.Module):
+    """What online and offline blocks share: the branches (``expr``), the post-BN, the
+    block's name, and their deploy form (branches, then post-BN)."""
+
+    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "") -> None:
+        super().__init__()
+        self.expr = expr
+        self.post_bn = post_bn
+        self.block = block
+        # True when the conv this block replaced had no bias and ``post_bn`` was inserted:
+        # the deployed conv's bias then comes from that BN, and deploy moves it into the
+        # BNs downstream where it can (so the deployed model has the plain parameters)
+        self.bias_from_inserted_bn = False
+
+    def deploy_expr(self) -> A.Expr:
+        """The expression this block equals in eval mode (branches, then post-BN)."""
+        return _deploy_expr(self.expr, self.post_bn)
+
+    def to_conv(self) -> nn.Module:
+        """A plain conv (detached) equal to this block in eval mode."""
+        return self.deploy_expr().to_conv()
+
+
+class OnlineConv(_ReparamBlock):
     """One conv per forward, its kernel generated from ``expr``'s parameters.
 
     Args:
@@ -64,17 +87,10 @@ class OnlineConv(nn.Module):
     """
 
     def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "") -> None:
-        super().__init__()
         reasons = expr.exactness().reasons
         if reasons:
             raise InexactFoldError(f"online block {block or expr.label()} must fold exactly: " + "; ".join(reasons))
-        self.expr = expr
-        self.post_bn = post_bn
-        self.block = block
-        # True when the conv this block replaced had no bias and ``post_bn`` was inserted:
-        # the deployed conv's bias then comes from that BN, and deploy moves it into the
-        # BNs downstream where it can (so the deployed model has the plain parameters)
-        self.bias_from_inserted_bn = False
+        super().__init__(expr, post_bn, block=block)
         self._cache: tuple[tuple, A.Kernel] | None = None
 
     # -- kernel generation -----------------------------------------------------------
@@ -135,15 +151,6 @@ class OnlineConv(nn.Module):
     def stride(self) -> tuple[int, ...]:
         return self.expr.spec.stride
 
-    # -- deploy ----------------------------------------------------------------------
-    def deploy_expr(self) -> A.Expr:
-        """The expression this block equals in eval mode (branches, then post-BN)."""
-        return _deploy_expr(self.expr, self.post_bn)
-
-    def to_conv(self) -> nn.Module:
-        """A plain conv (detached) equal to this block in eval mode."""
-        return self.deploy_expr().to_conv()
-
     def extra_repr(self) -> str:
         try:
             desc = self.expr.spec.describe()
@@ -161,27 +168,12 @@ class OnlineConv(nn.Module):
         return super()._apply(fn, recurse)
 
 
-class OfflineBlock(nn.Module):
+class OfflineBlock(_ReparamBlock):
     """The branches run on the feature map (DBB/RepVGG-style training)."""
-
-    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "") -> None:
-        super().__init__()
-        self.expr = expr
-        self.post_bn = post_bn
-        self.block = block
-        self.bias_from_inserted_bn = False  # as OnlineConv's
 
     def forward(self, input: Tensor) -> Tensor:
         y = self.expr(input)
         return y if self.post_bn is None else self.post_bn(y)
-
-    def deploy_expr(self) -> A.Expr:
-        """The expression this block equals in eval mode (branches, then post-BN)."""
-        return _deploy_expr(self.expr, self.post_bn)
-
-    def to_conv(self) -> nn.Module:
-        """A plain conv (detached) equal to this block in eval mode."""
-        return self.deploy_expr().to_conv()
 
     def extra_repr(self) -> str:
         return f"block={self.block or type(self.expr).__name__}, offline"
