@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repcompiler.blocks import ConvGeometry, build_block
-from repcompiler.blocks.orepa_kernel import OrepaKernel, OrepaPatterns, _forward, orepa_kernel
+from repcompiler.blocks.orepa_kernel import OrepaKernel, OrepaPatterns, _forward, _forward_inplace, orepa_kernel
 
 from helpers import rel_err
 
@@ -108,8 +108,8 @@ def test_hand_written_backward_passes_gradcheck(groups, internal):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
     pats = expr._patterns(torch.zeros((), dtype=torch.float64))
-    inputs = (leaf(O, Cg, K), leaf(O, Cg), leaf(O, Cg), leaf(O, Cg), leaf(G, Mg, Cg), leaf(O, Mg, K),
-              leaf(G * Cg, 3, K), leaf(O, Cg, 3), *(leaf(O) for _ in range(6)))
+    inputs = (leaf(O, K, Cg), leaf(O, Cg), leaf(O, Cg), leaf(O, Cg), leaf(G, Mg, Cg), leaf(O, K, Mg),
+              leaf(G * Cg, 3, K), leaf(G * Cg, 3, O // G), *(leaf(O) for _ in range(6)))
     assert torch.autograd.gradcheck(lambda *t: OrepaKernel.apply(*t, pats, G), inputs, fast_mode=True)
 
 
@@ -167,7 +167,8 @@ def test_patterns_are_what_the_branches_hold():
     assert pats.centre == 1 * 5 + 2  # row 1 of 3, column 2 of 5
     # every output channel has a non-zero prior
     assert bool((pats.prior.abs().sum(1) > 0).all())
-    # the forward of the raw generator is the documented formula, term by term
+    # the forward of the raw generator is the documented formula, term by term (inputs in
+    # the generator's layouts: w0, w2 [O, K, *]; pw [Cg, E, O])
     O, Cg, K, E = 8, 4, 15, 2
     gen = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -179,6 +180,49 @@ def test_patterns_are_what_the_branches_hold():
             + s[3][:, None, None] * torch.einsum("omk,mc->ock", w2, w1[0])
             + s[5][:, None, None] * torch.einsum("oce,cek->ock", pw, dw))
     want[:, :, pats.centre] += s[4][:, None] * q
-    got = _forward(w0, a, p, q, w1, w2, dw, pw, s, pats, 1)[0]
+    args = (w0.transpose(1, 2).contiguous(), a, p, q, w1, w2.transpose(1, 2).contiguous(), dw,
+            pw.permute(1, 2, 0).contiguous(), s, pats, 1)
+    got = _forward_inplace(*args)
+    assert got.is_contiguous()
     assert rel_err(got, want) < 1e-13
-    assert torch.equal(orepa_kernel(w0, a, p, q, w1, w2, dw, pw, s, pats, 1), got)
+    assert rel_err(_forward(*args), want) < 1e-13
+    assert torch.equal(orepa_kernel(*args), got)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_online_parameters_are_stored_in_the_generators_layouts(groups):
+    """Online, the kxk weights are channels-last and (one group) the pointwise weight is
+    input-channel-major, so the generator reads contiguous views; offline they are plain."""
+    g = _geom(8, 8, (3, 3), groups, 2)
+    online, offline = build_block("orepa", g), build_block("orepa", g, mode="offline")
+    t = online.terms
+    for branch in (t[0], t[3]):
+        w = [m for m in branch.parameters() if m.dim() == 4 and m.shape[-1] == 3][0]
+        assert w.permute(0, 2, 3, 1).is_contiguous() and not w.is_contiguous()
+    pw = [m for m in t[5].parameters() if m.dim() == 4 and m.shape[-1] == 1][0]
+    assert pw.reshape(8, -1).t().is_contiguous() == (groups == 1)
+    assert all(p.is_contiguous() for p in offline.parameters())
+    # the folded kernel (what the conv gets) is always contiguous
+    assert online.fast_fold().weight.is_contiguous()
+
+
+@pytest.mark.parametrize("plain_path", [False, True])
+def test_contiguous_parameters_give_the_same_kernel_and_gradients(plain_path):
+    """A model whose parameters lost build_orepa's layouts (e.g. ``.contiguous()`` by user
+    code) generates the same kernel and gradients, only slower."""
+    g = _geom(6, 6, (3, 2), 1, 2)
+    laid = _perturbed(build_block("orepa", g).double())
+    plain = _perturbed(build_block("orepa", g).double())
+    with torch.no_grad():
+        for a, b in zip(plain.parameters(), laid.parameters()):
+            a.data = b.detach().contiguous()
+    assert all(p.is_contiguous() for p in plain.parameters())
+    fold = _forward_only if plain_path else (lambda e: e.fast_fold().weight)
+    wa, wb = fold(laid), fold(plain)
+    assert torch.equal(wa, wb)
+    probe = torch.randn_like(wa)
+    for a, b in zip(torch.autograd.grad((wa * probe).sum(), list(laid.parameters()), allow_unused=True),
+                    torch.autograd.grad((wb * probe).sum(), list(plain.parameters()), allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < 1e-13

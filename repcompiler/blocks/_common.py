@@ -18,6 +18,7 @@ __all__ = [
     "SCALINGS",
     "check_options",
     "fresh_weight",
+    "laid_out",
     "fresh_bn",
     "branch_end",
     "center_offsets",
@@ -44,6 +45,14 @@ def fresh_weight(*shape: int, fan_in: int | None = None) -> nn.Parameter:
     fan = fan_in if fan_in is not None else math.prod(shape[1:])
     bound = 1.0 / math.sqrt(max(fan, 1))
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+def laid_out(p: nn.Parameter, order: Sequence[int]) -> nn.Parameter:
+    """``p`` (same shape and values) with its memory laid out in dimension order ``order``,
+    outermost first: e.g. ``(0, 2, 3, 1)`` is channels-last for a 2-d conv weight."""
+    inverse = sorted(range(len(order)), key=lambda i: order[i])
+    t = torch.empty([p.shape[i] for i in order], dtype=p.dtype, device=p.device).permute(inverse)
+    return nn.Parameter(t.copy_(p.detach()), requires_grad=p.requires_grad)
 
 
 def fresh_bn(channels: int, dims: int) -> A.BatchNorm:

@@ -51,6 +51,7 @@ from ._common import (
     check_options,
     fixed_depthwise,
     fresh_weight,
+    laid_out,
     placed_conv,
 )
 from .orepa_kernel import OrepaPatterns, orepa_kernel
@@ -124,15 +125,17 @@ class OrepaExpr(A.Sum):
         else:
             w1 = first.weight.reshape(G, Mg, Cg)
         dw, pw = (c.weight for c in _core(t[5]))
+        Og, E = O // G, dw.shape[0] // C
+        # the generator's layouts (views of the parameters as build_orepa lays them out)
         W = orepa_kernel(
-            w0.reshape(O, Cg, K),
+            w0.reshape(O, Cg, K).transpose(1, 2),
             _core(t[1])[0].weight.reshape(O, Cg),
             _core(t[2])[0].weight.reshape(O, Cg),
             _core(t[4])[-1].weight.reshape(O, Cg),
             w1,
-            w2.weight.reshape(O, Mg, K),
-            dw.reshape(C, -1, K),
-            pw.reshape(O, Cg, -1),
+            w2.weight.reshape(O, Mg, K).transpose(1, 2),
+            dw.reshape(C, E, K),
+            pw.reshape(G, Og, Cg * E).transpose(1, 2).reshape(G * Cg, E, Og),
             scales,
             self._patterns(w0),
             G,
@@ -188,8 +191,18 @@ def build_orepa(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vec
     ks = geom.kernel_size
     one = (1,) * d
     sc = scale_init
+    # online, the kernel generator reads the kxk weights channels-last ([O, k.., Cg]) and
+    # the pointwise weight input-channel-major ([C*E, O], one group): parameters stored in
+    # those layouts save it a transpose each in the forward and in the backward
+    online = mode == "online"
+    kc = (0, *range(2, 2 + d), 1)
+
+    def kc_weight(*shape: int) -> torch.nn.Parameter:
+        w = fresh_weight(*shape)
+        return laid_out(w, kc) if online else w
+
     # 0 origin kxk
-    origin = A.Conv(fresh_weight(O, Cg, *ks), _bias(geom), stride=geom.stride, padding=geom.padding,
+    origin = A.Conv(kc_weight(O, Cg, *ks), _bias(geom), stride=geom.stride, padding=geom.padding,
                     dilation=geom.dilation, groups=G)
     # 1 1x1 -> kxk average
     avg = A.Seq(A.Conv(fresh_weight(O, Cg, *one), groups=G), average_pattern(O, geom))
@@ -202,7 +215,7 @@ def build_orepa(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vec
         first: A.Expr = A.Sum(A.Conv(torch.nn.Parameter(torch.zeros(M, Cg, *one)), groups=G), A.Identity(C, d))
     else:
         first = A.Conv(fresh_weight(M, Cg, *one), groups=G)
-    w2 = A.Conv(fresh_weight(O, M // G, *ks), stride=geom.stride, padding=geom.padding, dilation=geom.dilation,
+    w2 = A.Conv(kc_weight(O, M // G, *ks), stride=geom.stride, padding=geom.padding, dilation=geom.dilation,
                 groups=G)
     kxk = A.Seq(first, w2)
     # 4 1x1 zero-padded (centre tap)
@@ -211,7 +224,10 @@ def build_orepa(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vec
     E = int(expand_ratio)
     dw = A.Conv(fresh_weight(E * C, 1, *ks), stride=geom.stride, padding=geom.padding, dilation=geom.dilation,
                 groups=C)
-    pw = A.Conv(fresh_weight(O, E * C // G, *one), groups=G)
+    pw_weight = fresh_weight(O, E * C // G, *one)
+    if online and G == 1:
+        pw_weight = laid_out(pw_weight, (1, 0, *range(2, 2 + d)))
+    pw = A.Conv(pw_weight, groups=G)
     dws = A.Seq(dw, pw)
     branches = [origin, avg, prior, kxk, onebyone, dws]
     ends = [branch_end(b, O, d, init, mode, scaling) for b, init in zip(branches, sc)]

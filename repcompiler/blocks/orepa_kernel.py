@@ -15,20 +15,25 @@ same kernel
              + s5[o] sum_e pw[o,c,e] dw[c,e,k]       depthwise (x E) -> pointwise
 
 with as few passes over kernel-sized memory as we could manage. Kernel generation is
-memory-bound apart from the two big products of the 1x1 -> kxk branch, so:
+memory-bound apart from the big products of the 1x1 -> kxk branch, so:
 
-* the 1x1 -> kxk branch is one matrix product per group, ``[Og*K, Mg] @ [Mg, Cg]``,
-  in the forward and in each of the two gradients (at the machine's matmul rate);
+* the online block stores its kxk weights (``w0``, ``w2``) channels-last, ``[O, K, C]``
+  in memory, and its pointwise weight ``pw`` input-channel-major, ``[C*E, O]`` (one
+  group); the generator reads them in those layouts and returns their gradients in them
+  (autograd takes them without a copy);
+* the origin, the three "1x1 times a fixed pattern" branches (one batched product
+  against the ``[O, K, 3]`` pattern table) and the 1x1 -> kxk branch (one matrix
+  product per group, ``[Og*K, Mg] @ [Mg, Cg]``, accumulating into the sum) are summed in
+  that channels-last layout, and one transpose (within each output channel) takes the
+  sum to the conv's ``[O, C, K]``; the backward transposes the kernel gradient back
+  once and shares it between those branches;
 * the depthwise -> pointwise products are batched over input channels with output
   channels innermost in every operand (small inner dimensions are only fast that way);
-* the origin and the three "1x1 times a fixed pattern" branches are one batched
-  product against the ``[O, K, 3]`` pattern table, forward and backward;
+  this is the one branch that must exchange input and output channels, once in the
+  forward (adding it to the kernel) and once in the backward (a strided read);
 * the backward (:class:`OrepaKernel`) computes only the gradients autograd asks for,
-  reuses the scaled, re-laid-out operands of the forward, writes every gradient in
-  its parameter's layout (so autograd can take it without a copy) and takes scale
-  gradients as per-row dot products without temporaries. Autograd's generic backward
-  of the same forward ran small-inner-dimension products on strided operands with
-  per-batch copies.
+  reuses the scaled operands of the forward and takes scale gradients as per-row dot
+  products without temporaries.
 
 Under ``torch.compile``/``torch.export`` or without gradients, :func:`orepa_kernel`
 runs the same forward as plain differentiable ops instead (tracers see ordinary aten
@@ -70,25 +75,6 @@ class OrepaPatterns(NamedTuple):
         return self.table[:, :, 1]
 
 
-def _t(x: Tensor) -> Tensor:
-    """``x [N, A, B]`` transposed into a new contiguous ``[N, B, A]`` tensor (never a view of
-    ``x``, so callers may scale it in place; a single matrix goes through torch's blocked
-    2-d transpose copy, about twice as fast as the batched one)."""
-    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
-    if x.shape[0] == 1:
-        out[0].copy_(x[0].t())
-    else:
-        out.copy_(x.transpose(1, 2))
-    return out
-
-
-def _scaled_t(x: Tensor, s: Tensor, fused: bool) -> Tensor:
-    """``_t(x * s)`` for ``s`` broadcastable to ``[N, A, 1]``; scaled in place when
-    ``fused`` (no autograd)."""
-    xt, st = _t(x), s.transpose(1, 2)
-    return xt.mul_(st) if fused else xt * st
-
-
 def _dot(x: Tensor, y: Tensor) -> Tensor:
     """Per-row dot products of two same-shape tensors (rows = dim 0), no temporary."""
     n = x.shape[0]
@@ -96,35 +82,57 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _forward(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
-             s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernel ``[O, Cg, K]`` plus the two re-laid-out operands the backward reuses:
-    ``s3 * w2`` as ``[G, Og*K, Mg]`` and ``s5 * pw`` as ``[G*Cg, E, Og]``."""
-    O, Cg, K = w0.shape
+             s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
+    """The kernel ``[O, Cg, K]``, with plain differentiable ops (the reference for
+    :func:`_forward_inplace`; what tracers and autograd see when they need the ops)."""
+    O, K, Cg = w0.shape
     G = groups
-    Og, Mg, E = O // G, w1.shape[1], pw.shape[2]
+    Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
     s0, s1, s2, s3, s4, s5 = s
-    fused = not torch.is_grad_enabled() and not _is_compiling()
-    # origin plus the three "1x1 times a fixed pattern" branches: [O, Cg, 3] @ [O, 3, K]
-    coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=2)
-    W = (w0 * s0.reshape(O, 1, 1)).baddbmm_(coef, pats.table.transpose(1, 2))
-    # 1x1 -> kxk: one product per group, [Og*K, Mg] @ [Mg, Cg], added with a transposed read
-    w2s = _scaled_t(w2, s3.reshape(O, 1, 1), fused).reshape(G, Og * K, Mg)
-    W = W.add_(torch.bmm(w2s, w1).reshape(O, K, Cg).transpose(1, 2))
-    # depthwise -> pointwise, per input channel [K, E] @ [E, Og]: output channels innermost
-    # in every operand (small inner dimensions are only fast that way), then transposed
-    # into the kernel's layout
-    pws = _scaled_t(pw.reshape(G, Og, Cg * E), s5.reshape(G, Og, 1), fused).reshape(G * Cg, E, Og)
-    dws = torch.bmm(dw.reshape(G * Cg, E, K).transpose(1, 2), pws).reshape(G, Cg * K, Og)
-    W = W.reshape(G, Og, Cg * K).add_(_t(dws)).reshape(O, Cg, K)
-    return W, w2s, pws
+    w0, w2, pw = w0.contiguous(), w2.contiguous(), pw.contiguous()  # no-ops for build_orepa's layouts
+    coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
+    W = torch.baddbmm(w0 * s0.reshape(O, 1, 1), pats.table, coef)
+    W = W + torch.bmm((w2 * s3.reshape(O, 1, 1)).view(G, Og * K, Mg), w1).view(O, K, Cg)
+    d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og))  # [G*Cg, K, Og]
+    d = d.view(G, Cg, K, Og).permute(0, 3, 1, 2) * s5.view(G, Og, 1, 1)
+    return (W.transpose(1, 2).reshape(G, Og, Cg, K) + d).reshape(O, Cg, K)
+
+
+def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
+                     s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
+    """:func:`_forward` without autograd: two kernel-sized allocations, no temporaries
+    (every fresh buffer costs page faults on each training step, more than the pass
+    that fills it)."""
+    O, K, Cg = w0.shape
+    G = groups
+    Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
+    s0, s1, s2, s3, s4, s5 = s
+    w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
+    # in the "kc" layout [O, K, Cg]: 1x1 -> kxk (one product per group, [Og*K, Mg] @ [Mg, Cg]),
+    # scaled, plus the origin, plus the three "1x1 times a fixed pattern" branches
+    # ([O, K, 3] @ [O, 3, Cg] against the pattern table)
+    W = torch.bmm(w2.view(G, Og * K, Mg), w1).view(O, K, Cg).mul_(s3.view(O, 1, 1))
+    W.addcmul_(w0, s0.view(O, 1, 1))
+    coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
+    W.baddbmm_(pats.table, coef)
+    # to the conv's layout [O, Cg, K]: a transpose within each output channel
+    out = W.new_empty(O, Cg, K).copy_(W.transpose(1, 2))  # never a view of W (reused below)
+    # depthwise -> pointwise, per input channel [K, E] @ [E, Og] (output channels innermost:
+    # small inner dimensions are only fast that way) into W's buffer, then added scaled,
+    # exchanging input and output channels
+    d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og), out=W.view(G * Cg, K, Og))
+    out.view(G, Og, Cg, K).addcmul_(d.view(G, Cg, K, Og).permute(0, 3, 1, 2), s5.view(G, Og, 1, 1))
+    return out
 
 
 class OrepaKernel(torch.autograd.Function):
     """Autograd function for the OREPA kernel (see the module docstring for the formula).
 
-    Inputs: ``w0 [O,Cg,K]``, ``a, p, q [O,Cg]``, ``w1 [G,Mg,Cg]``, ``w2 [O,Mg,K]``,
-    ``dw [G*Cg,E,K]``, ``pw [O,Cg,E]``, six scales ``[O]``, then the fixed patterns and
-    the group count. Output ``[O,Cg,K]``.
+    Inputs, in the memory layouts of the online block's parameters: ``w0 [O,K,Cg]``,
+    ``a, p, q [O,Cg]``, ``w1 [G,Mg,Cg]``, ``w2 [O,K,Mg]``, ``dw [G*Cg,E,K]``,
+    ``pw [G*Cg,E,Og]``, six scales ``[O]``, then the fixed patterns and the group count.
+    Output ``[O,Cg,K]``. Gradients come back in the inputs' layouts. Only the inputs are
+    saved for the backward (no kernel-sized intermediates live across the step).
     """
 
     @staticmethod
@@ -132,58 +140,62 @@ class OrepaKernel(torch.autograd.Function):
                 pw: Tensor, s0: Tensor, s1: Tensor, s2: Tensor, s3: Tensor, s4: Tensor, s5: Tensor,
                 pats: OrepaPatterns, groups: int) -> Tensor:
         s = (s0, s1, s2, s3, s4, s5)
-        W, w2s, pws = _forward(w0, a, p, q, w1, w2, dw, pw, s, pats, groups)
-        ctx.save_for_backward(w0, a, p, q, w1, w2, w2s, dw, pw, pws, *s, pats.table)
+        w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
+        ctx.save_for_backward(w0, a, p, q, w1, w2, dw, pw, *s, pats.table)
         ctx.groups = groups
-        return W
+        return _forward_inplace(w0, a, p, q, w1, w2, dw, pw, s, pats, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gW: Tensor) -> tuple[Tensor | None, ...]:
-        w0, a, p, q, w1, w2, w2s, dw, pw, pws, s0, s1, s2, s3, s4, s5, table = ctx.saved_tensors
+        w0, a, p, q, w1, w2, dw, pw, s0, s1, s2, s3, s4, s5, table = ctx.saved_tensors
         need = ctx.needs_input_grad
-        O, Cg, K = w0.shape
+        O, K, Cg = w0.shape
         G = ctx.groups
-        Og, Mg, E = O // G, w1.shape[1], pw.shape[2]
+        Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
         gW = gW.contiguous()
         g: list[Tensor | None] = [None] * 16
-        # origin
-        if need[0]:
-            g[0] = gW * s0.reshape(O, 1, 1)
-        if need[8]:
-            g[8] = _dot(gW, w0)
-        # the fixed-pattern branches: the kernel gradient against the patterns, [O, Cg, 3]
-        if any(need[i] for i in (1, 2, 3, 9, 10, 12)):
-            r = torch.bmm(gW, table)
-            for j, (ci, si, coef, scale) in enumerate(((1, 9, a, s1), (2, 10, p, s2), (3, 12, q, s4))):
-                if need[ci]:
-                    g[ci] = r[:, :, j] * scale[:, None]
-                if need[si]:
-                    g[si] = _dot(r[:, :, j].contiguous(), coef)
-        # 1x1 -> kxk: the kernel gradient laid out [G, Og*K, Cg] for the two products
-        if need[4] or need[5] or need[11]:
-            gWt = _t(gW).reshape(G, Og * K, Cg)
+        # the kernel gradient in the kc layout, shared by the origin, the pattern branches
+        # and the 1x1 -> kxk products
+        if any(need[i] for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12)):
+            gkc = gW.new_empty(O, K, Cg).copy_(gW.transpose(1, 2))  # never a view of gW (scaled below)
+            if need[0]:
+                g[0] = gkc * s0.view(O, 1, 1)
+            if need[8]:
+                g[8] = _dot(gkc, w0)
+            if any(need[i] for i in (1, 2, 3, 9, 10, 12)):
+                r = torch.bmm(table.transpose(1, 2), gkc)  # [O, 3, Cg]
+                for j, (ci, si, coef, scale) in enumerate(((1, 9, a, s1), (2, 10, p, s2), (3, 12, q, s4))):
+                    if need[ci]:
+                        g[ci] = r[:, j] * scale[:, None]
+                    if need[si]:
+                        g[si] = _dot(r[:, j], coef)
             if need[5] or need[11]:
-                h = torch.bmm(gWt, w1.transpose(1, 2))  # [G, Og*K, Mg]: d/d(s3 * w2), kc layout
-                gw2 = _t(h.reshape(O, K, Mg))
+                h = torch.bmm(gkc.view(G, Og * K, Cg), w1.transpose(1, 2)).view(O, K, Mg)  # d/d(s3 * w2)
                 if need[11]:
-                    g[11] = _dot(gw2, w2)
+                    g[11] = _dot(h, w2)
                 if need[5]:
-                    g[5] = gw2.mul_(s3.reshape(O, 1, 1))
-            if need[4]:
-                g[4] = torch.bmm(w2s.transpose(1, 2), gWt)
-        # depthwise -> pointwise: the kernel gradient as [G*Cg, K, Og] (see the forward)
+                    g[5] = h.mul_(s3.view(O, 1, 1))
+            if need[4]:  # d/d w1 = (s3 * w2)^T gkc = w2^T (s3 * gkc); gkc is not needed after this
+                gkc.mul_(s3.view(O, 1, 1))
+                g[4] = torch.bmm(w2.view(G, Og * K, Mg).transpose(1, 2), gkc.view(G, Og * K, Cg))
+        # depthwise -> pointwise: the kernel gradient read as [G*Cg, K, Og] (strided for one group)
         if need[6] or need[7] or need[13]:
-            gWo = _t(gW.reshape(G, Og, Cg * K)).reshape(G * Cg, K, Og)
+            gWo = gW.view(G, Og, Cg, K).permute(0, 2, 3, 1).reshape(G * Cg, K, Og)
+            s5g, pwv = s5.view(G, 1, Og), pw.view(G, Cg * E, Og)
+            spare = None  # a finished pw-sized buffer the scaled pw can go into
             if need[7] or need[13]:
-                z = torch.bmm(dw, gWo).reshape(G, Cg * E, Og)  # d/d(s5 * pw), [c, e] x o
-                gpw = _t(z).reshape(O, Cg, E)
+                z = torch.bmm(dw, gWo).view(G, Cg * E, Og)  # d/d(s5 * pw)
                 if need[13]:
-                    g[13] = _dot(gpw, pw)
-                if need[7]:
-                    g[7] = gpw.mul_(s5.reshape(O, 1, 1))
+                    if need[7]:
+                        g[7] = (z * s5g).view(G * Cg, E, Og)
+                    g[13] = z.mul_(pwv).sum(1).reshape(O)
+                    spare = z
+                else:
+                    g[7] = z.mul_(s5g).view(G * Cg, E, Og)
             if need[6]:
-                g[6] = torch.bmm(pws, gWo.transpose(1, 2))
+                pws = pwv * s5g if spare is None else torch.mul(pwv, s5g, out=spare)
+                g[6] = torch.bmm(pws.view(G * Cg, E, Og), gWo.transpose(1, 2))
         return tuple(g)
 
 
@@ -192,6 +204,8 @@ def orepa_kernel(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Te
     """The OREPA kernel ``[O, Cg, K]`` (shapes as in :class:`OrepaKernel`): through the
     hand-written backward when eager autograd needs it, as plain ops otherwise."""
     inputs = (w0, a, p, q, w1, w2, dw, pw, *scales)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs) and not _is_compiling():
+    if _is_compiling():
+        return _forward(w0, a, p, q, w1, w2, dw, pw, scales, pats, groups)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return OrepaKernel.apply(*inputs, pats, groups)
-    return _forward(w0, a, p, q, w1, w2, dw, pw, scales, pats, groups)[0]
+    return _forward_inplace(w0, a, p, q, w1, w2, dw, pw, scales, pats, groups)
