@@ -75,6 +75,9 @@ class OrepaPatterns(NamedTuple):
         return self.table[:, :, 1]
 
 
+_CHUNK = 1 << 17  # elements of the depthwise product exchanged per pass (a cache-sized block)
+
+
 def _dot(x: Tensor, y: Tensor) -> Tensor:
     """Per-row dot products of two same-shape tensors (rows = dim 0), no temporary."""
     n = x.shape[0]
@@ -121,7 +124,10 @@ def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2
     # small inner dimensions are only fast that way) into W's buffer, then added scaled,
     # exchanging input and output channels
     d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og), out=W.view(G * Cg, K, Og))
-    out.view(G, Og, Cg, K).addcmul_(d.view(G, Cg, K, Og).permute(0, 3, 1, 2), s5.view(G, Og, 1, 1))
+    d, dst, s5v = d.view(G, Cg, K, Og).permute(0, 3, 1, 2), out.view(G, Og, Cg, K), s5.view(G, Og, 1, 1)
+    step = max(1, _CHUNK // (K * Og))  # a few input channels at a time: twice as fast for big kernels
+    for c in range(0, Cg, step):
+        dst[:, :, c:c + step].addcmul_(d[:, :, c:c + step], s5v)
     return out
 
 
@@ -155,6 +161,7 @@ class OrepaKernel(torch.autograd.Function):
         Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
         gW = gW.contiguous()
         g: list[Tensor | None] = [None] * 16
+        gkc: Tensor | None = None
         # the kernel gradient in the kc layout, shared by the origin, the pattern branches
         # and the 1x1 -> kxk products
         if any(need[i] for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12)):
@@ -179,9 +186,12 @@ class OrepaKernel(torch.autograd.Function):
             if need[4]:  # d/d w1 = (s3 * w2)^T gkc = w2^T (s3 * gkc); gkc is not needed after this
                 gkc.mul_(s3.view(O, 1, 1))
                 g[4] = torch.bmm(w2.view(G, Og * K, Mg).transpose(1, 2), gkc.view(G, Og * K, Cg))
-        # depthwise -> pointwise: the kernel gradient read as [G*Cg, K, Og] (strided for one group)
+        # depthwise -> pointwise: the kernel gradient as [G*Cg, K, Og]
         if need[6] or need[7] or need[13]:
-            gWo = gW.view(G, Og, Cg, K).permute(0, 2, 3, 1).reshape(G * Cg, K, Og)
+            # one copy, then both products read it contiguously (faster than two strided reads);
+            # into gkc's buffer when that is finished with
+            src = gW.view(G, Og, Cg, K).permute(0, 2, 3, 1)
+            gWo = (src.contiguous() if gkc is None else gkc.view(G, Cg, K, Og).copy_(src)).view(G * Cg, K, Og)
             s5g, pwv = s5.view(G, 1, Og), pw.view(G, Cg * E, Og)
             spare = None  # a finished pw-sized buffer the scaled pw can go into
             if need[7] or need[13]:
