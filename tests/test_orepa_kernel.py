@@ -226,3 +226,26 @@ def test_contiguous_parameters_give_the_same_kernel_and_gradients(plain_path):
         assert (a is None) == (b is None)
         if a is not None:
             assert rel_err(a, b) < 1e-13
+
+
+def test_float32_generation_matches_the_float64_reference():
+    """Float32 runs other product routines than float64 (oneDNN's matmul where usable):
+    kernel and gradients against the float64 generic fold of the same parameters."""
+    import copy
+
+    from repcompiler.blocks.orepa_kernel import _mm_nt
+
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(45, 17, generator=gen), torch.randn(29, 17, generator=gen)
+    assert rel_err(_mm_nt(x, w).double(), x.double() @ w.double().t()) < 1e-6
+    expr = _perturbed(build_block("orepa", _geom(24, 40, (3, 3), 1, 2)))
+    ref = copy.deepcopy(expr).double()
+    fast, slow = expr.fast_fold(), ref.fold()
+    assert fast.weight.dtype == torch.float32
+    assert rel_err(fast.weight.double(), slow.weight) < 1e-5
+    probe = torch.randn(slow.weight.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(_grads(fast, list(expr.parameters()), probe.float()),
+                    _grads(slow, list(ref.parameters()), probe)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a.double(), b) < 1e-5

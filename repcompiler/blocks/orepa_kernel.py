@@ -42,6 +42,7 @@ ops). The tests prove both equal to the generic fold, kernels and gradients, in 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -75,7 +76,37 @@ class OrepaPatterns(NamedTuple):
         return self.table[:, :, 1]
 
 
+logger = logging.getLogger(__name__)
+
 _CHUNK = 1 << 17  # elements of the depthwise product exchanged per pass (a cache-sized block)
+_ONEDNN: bool | None = None  # whether oneDNN's matmul is usable here (checked once)
+
+
+def _onednn_ok() -> bool:
+    """Whether torch's oneDNN matmul (``mkldnn._linear_pointwise``, what inductor emits for
+    CPU linear layers) exists here and agrees with ``torch.mm`` on a small problem."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                gen = torch.Generator().manual_seed(0)
+                x, w = torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen)
+                got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                _ONEDNN = bool(torch.allclose(got, x @ w.t(), rtol=1e-5, atol=1e-5))
+        except Exception as e:  # not built with oneDNN, or another signature
+            logger.debug("oneDNN matmul unavailable (%s); using torch.mm", e)
+        logger.debug("OREPA kernel products use %s", "oneDNN" if _ONEDNN else "torch.mm")
+    return _ONEDNN
+
+
+def _mm_nt(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for 2-d ``x [N, K]``, ``w [M, K]``. Float32 on the CPU through oneDNN when
+    it is usable: for the 1x1 -> kxk products' shapes (``[O*K, C] @ [C, C]``) it runs about
+    25% faster than torch.mm (MKL) on the machine the benchmarks ran on."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and w.dtype == x.dtype and _onednn_ok():
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
+    return torch.mm(x, w.t())
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
@@ -114,7 +145,11 @@ def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2
     # in the "kc" layout [O, K, Cg]: 1x1 -> kxk (one product per group, [Og*K, Mg] @ [Mg, Cg]),
     # scaled, plus the origin, plus the three "1x1 times a fixed pattern" branches
     # ([O, K, 3] @ [O, 3, Cg] against the pattern table)
-    W = torch.bmm(w2.view(G, Og * K, Mg), w1).view(O, K, Cg).mul_(s3.view(O, 1, 1))
+    if G == 1:
+        W = _mm_nt(w2.view(O * K, Mg), w1[0].t())
+    else:
+        W = torch.bmm(w2.view(G, Og * K, Mg), w1)
+    W = W.view(O, K, Cg).mul_(s3.view(O, 1, 1))
     W.addcmul_(w0, s0.view(O, 1, 1))
     coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
     W.baddbmm_(pats.table, coef)
@@ -178,7 +213,9 @@ class OrepaKernel(torch.autograd.Function):
                     if need[si]:
                         g[si] = _dot(r[:, j], coef)
             if need[5] or need[11]:
-                h = torch.bmm(gkc.view(G, Og * K, Cg), w1.transpose(1, 2)).view(O, K, Mg)  # d/d(s3 * w2)
+                # d/d(s3 * w2)
+                h = (_mm_nt(gkc.view(O * K, Cg), w1[0]) if G == 1 else
+                     torch.bmm(gkc.view(G, Og * K, Cg), w1.transpose(1, 2))).view(O, K, Mg)
                 if need[11]:
                     g[11] = _dot(h, w2)
                 if need[5]:
