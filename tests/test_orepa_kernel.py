@@ -233,19 +233,37 @@ def test_float32_generation_matches_the_float64_reference():
     kernel and gradients against the float64 generic fold of the same parameters."""
     import copy
 
-    from repcompiler.blocks.orepa_kernel import _mm_nt
+    import repcompiler.blocks.orepa_kernel as ok
 
     gen = torch.Generator().manual_seed(3)
     x, w = torch.randn(45, 17, generator=gen), torch.randn(29, 17, generator=gen)
-    assert rel_err(_mm_nt(x, w).double(), x.double() @ w.double().t()) < 1e-6
+    for big in (False, True):  # torch.mm, then oneDNN where usable
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ok, "_ONEDNN_MIN_MACS", 1 if big else 1 << 62)
+            assert rel_err(ok._mm_nt(x, w).double(), x.double() @ w.double().t()) < 1e-6
     expr = _perturbed(build_block("orepa", _geom(24, 40, (3, 3), 1, 2)))
     ref = copy.deepcopy(expr).double()
-    fast, slow = expr.fast_fold(), ref.fold()
-    assert fast.weight.dtype == torch.float32
-    assert rel_err(fast.weight.double(), slow.weight) < 1e-5
-    probe = torch.randn(slow.weight.shape, generator=gen, dtype=torch.float64)
-    for a, b in zip(_grads(fast, list(expr.parameters()), probe.float()),
-                    _grads(slow, list(ref.parameters()), probe)):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ok, "_ONEDNN_MIN_MACS", 1)  # this small block's products through oneDNN too
+        fast, slow = expr.fast_fold(), ref.fold()
+        assert fast.weight.dtype == torch.float32
+        assert rel_err(fast.weight.double(), slow.weight) < 1e-5
+        probe = torch.randn(slow.weight.shape, generator=gen, dtype=torch.float64)
+        grads = zip(_grads(fast, list(expr.parameters()), probe.float()), _grads(slow, list(ref.parameters()), probe))
+    for a, b in grads:
         assert (a is None) == (b is None)
         if a is not None:
             assert rel_err(a.double(), b) < 1e-5
+
+
+@pytest.mark.parametrize("cin,cout,ks,groups", [(5, 7, (3, 3), 1), (6, 4, (2, 3), 2), (4, 4, (3,), 4)])
+def test_blocked_depthwise_exchange_equals_generic_fold(monkeypatch, cin, cout, ks, groups):
+    """The depthwise product is added a few input channels at a time (blocks of
+    ``_CHUNK`` elements); tiny blocks with a ragged last one give the same kernel."""
+    import repcompiler.blocks.orepa_kernel as ok
+
+    import math
+
+    monkeypatch.setattr(ok, "_CHUNK", 2 * math.prod(ks) * (cout // groups))  # two input channels per block
+    expr = _perturbed(build_block("orepa", _geom(cin, cout, ks, groups, len(ks))).double())
+    _check_equal_to_generic(expr)
