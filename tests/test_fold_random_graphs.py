@@ -166,4 +166,4 @@ def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), report
     left = [r for r in find_regions(trace_model(folded)) if r.foldable]
-    assert not left, f"foldable regions left after fold: {left}\n{report}\nPROGRAM {net.program}"
+    assert not left, f"foldable regions left after fold: {left}\n{report}\nprogram: {net.program}"
