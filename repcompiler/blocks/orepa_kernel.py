@@ -23,21 +23,26 @@ memory-bound apart from the big products of the 1x1 -> kxk branch, so:
   (autograd takes them without a copy);
 * the origin, the three "1x1 times a fixed pattern" branches (one batched product
   against the ``[O, K, 3]`` pattern table) and the 1x1 -> kxk branch (one matrix
-  product per group, ``[Og*K, Mg] @ [Mg, Cg]``, accumulating into the sum) are summed in
-  that channels-last layout, and one transpose (within each output channel) takes the
-  sum to the conv's ``[O, C, K]``; the backward transposes the kernel gradient back
-  once and shares it between those branches;
+  product per group, ``[Og*K, Mg] @ [Mg, Cg]``, whose output buffer the others are
+  added into) are summed in that channels-last layout, and one transpose (within each
+  output channel) takes the sum to the conv's ``[O, C, K]``; the backward transposes the
+  kernel gradient back once and shares it between those branches; big float32 products
+  go through oneDNN's matmul where it is usable (:func:`_mm_nt`);
 * the depthwise -> pointwise products are batched over input channels with output
   channels innermost in every operand (small inner dimensions are only fast that way);
-  this is the one branch that must exchange input and output channels, once in the
-  forward (adding it to the kernel) and once in the backward (a strided read);
-* the backward (:class:`OrepaKernel`) computes only the gradients autograd asks for,
-  reuses the scaled operands of the forward and takes scale gradients as per-row dot
-  products without temporaries.
+  this is the one branch that must exchange input and output channels: in the forward
+  when adding it to the kernel (in cache-sized blocks of input channels), in the
+  backward by one copy of the kernel gradient that feeds both its products;
+* nothing kernel-sized is saved for the backward and few fresh kernel-sized buffers
+  are made (each costs page faults on every training step, more than the pass that
+  fills it): the forward makes two, the backward reuses finished buffers;
+* the backward (:class:`OrepaKernel`) computes only the gradients autograd asks for and
+  takes scale gradients as per-row dot products without temporaries.
 
-Under ``torch.compile``/``torch.export`` or without gradients, :func:`orepa_kernel`
-runs the same forward as plain differentiable ops instead (tracers see ordinary aten
-ops). The tests prove both equal to the generic fold, kernels and gradients, in float64.
+Under ``torch.compile``/``torch.export`` :func:`orepa_kernel` runs the same forward as
+plain differentiable ops (:func:`_forward`; tracers see ordinary aten ops), without
+gradients the in-place forward alone. The tests prove them equal to the generic fold,
+kernels and gradients, in float64 (and float32 against float64).
 """
 
 from __future__ import annotations
@@ -138,9 +143,8 @@ def _forward(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor
 
 def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
                      s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
-    """:func:`_forward` without autograd: two kernel-sized allocations, no temporaries
-    (every fresh buffer costs page faults on each training step, more than the pass
-    that fills it)."""
+    """:func:`_forward` without autograd: two kernel-sized allocations (the result, and a
+    buffer used for the channels-last sum and then the depthwise product)."""
     O, K, Cg = w0.shape
     G = groups
     Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
