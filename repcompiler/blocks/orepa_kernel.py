@@ -47,6 +47,7 @@ kernels and gradients, in float64 (and float32 against float64).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, NamedTuple, Sequence
 
@@ -85,25 +86,24 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 17  # elements of the depthwise product exchanged per pass (a cache-sized block)
 _ONEDNN_MIN_MACS = 1 << 28
-_ONEDNN: bool | None = None  # whether oneDNN's matmul is usable here (checked once)
 
 
+@functools.cache
 def _onednn_ok() -> bool:
     """Whether torch's oneDNN matmul (``mkldnn._linear_pointwise``, what inductor emits for
-    CPU linear layers) exists here and agrees with ``torch.mm`` on a small problem."""
-    global _ONEDNN
-    if _ONEDNN is None:
-        _ONEDNN = False
-        try:
-            if torch.backends.mkldnn.is_available():
-                gen = torch.Generator().manual_seed(0)
-                x, w = torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen)
-                got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-                _ONEDNN = bool(torch.allclose(got, x @ w.t(), rtol=1e-5, atol=1e-5))
-        except Exception as e:  # not built with oneDNN, or another signature
-            logger.debug("oneDNN matmul unavailable (%s); using torch.mm", e)
-        logger.debug("OREPA kernel products use %s", "oneDNN" if _ONEDNN else "torch.mm")
-    return _ONEDNN
+    CPU linear layers) exists here and agrees with ``torch.mm`` on a small problem
+    (checked once per process)."""
+    ok = False
+    try:
+        if torch.backends.mkldnn.is_available():
+            gen = torch.Generator().manual_seed(0)
+            x, w = torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen)
+            got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            ok = bool(torch.allclose(got, x @ w.t(), rtol=1e-5, atol=1e-5))
+    except Exception as e:  # not built with oneDNN, or another signature
+        logger.debug("oneDNN matmul unavailable (%s); using torch.mm", e)
+    logger.debug("OREPA kernel products use %s", "oneDNN" if ok else "torch.mm")
+    return ok
 
 
 def _mm_nt(x: Tensor, w: Tensor) -> Tensor:
@@ -132,7 +132,6 @@ def _forward(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor
     G = groups
     Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
     s0, s1, s2, s3, s4, s5 = s
-    w0, w2, pw = w0.contiguous(), w2.contiguous(), pw.contiguous()  # no-ops for build_orepa's layouts
     coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
     W = torch.baddbmm(w0 * s0.reshape(O, 1, 1), pats.table, coef)
     W = W + torch.bmm((w2 * s3.reshape(O, 1, 1)).view(G, Og * K, Mg), w1).view(O, K, Cg)
@@ -149,7 +148,6 @@ def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2
     G = groups
     Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
     s0, s1, s2, s3, s4, s5 = s
-    w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
     # in the "kc" layout [O, K, Cg]: 1x1 -> kxk (one product per group, [Og*K, Mg] @ [Mg, Cg]),
     # scaled, plus the origin, plus the three "1x1 times a fixed pattern" branches
     # ([O, K, 3] @ [O, 3, Cg] against the pattern table)
@@ -179,8 +177,8 @@ class OrepaKernel(torch.autograd.Function):
 
     Inputs, in the memory layouts of the online block's parameters: ``w0 [O,K,Cg]``,
     ``a, p, q [O,Cg]``, ``w1 [G,Mg,Cg]``, ``w2 [O,K,Mg]``, ``dw [G*Cg,E,K]``,
-    ``pw [G*Cg,E,Og]``, six scales ``[O]``, then the fixed patterns and the group count.
-    Output ``[O,Cg,K]``. Gradients come back in the inputs' layouts. Only the inputs are
+    ``pw [G*Cg,E,Og]`` (the kernel-sized ones contiguous), six scales ``[O]``, then the
+    fixed patterns and the group count. Output ``[O,Cg,K]``. Gradients come back in the inputs' layouts. Only the inputs are
     saved for the backward (no kernel-sized intermediates live across the step).
     """
 
@@ -189,7 +187,6 @@ class OrepaKernel(torch.autograd.Function):
                 pw: Tensor, s0: Tensor, s1: Tensor, s2: Tensor, s3: Tensor, s4: Tensor, s5: Tensor,
                 pats: OrepaPatterns, groups: int) -> Tensor:
         s = (s0, s1, s2, s3, s4, s5)
-        w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
         ctx.save_for_backward(w0, a, p, q, w1, w2, dw, pw, *s, pats.table)
         ctx.groups = groups
         return _forward_inplace(w0, a, p, q, w1, w2, dw, pw, s, pats, groups)
@@ -257,7 +254,10 @@ class OrepaKernel(torch.autograd.Function):
 def orepa_kernel(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
                  scales: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
     """The OREPA kernel ``[O, Cg, K]`` (shapes as in :class:`OrepaKernel`): through the
-    hand-written backward when eager autograd needs it, as plain ops otherwise."""
+    hand-written backward when eager autograd needs it, as plain ops otherwise. The kernel-
+    sized inputs are made contiguous here, once for every path (no-ops for the layouts
+    build_orepa gives the parameters)."""
+    w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
     inputs = (w0, a, p, q, w1, w2, dw, pw, *scales)
     if _is_compiling():
         return _forward(w0, a, p, q, w1, w2, dw, pw, scales, pats, groups)
