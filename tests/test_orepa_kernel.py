@@ -267,3 +267,84 @@ def test_blocked_depthwise_exchange_equals_generic_fold(monkeypatch, cin, cout, 
     monkeypatch.setattr(ok, "_CHUNK", 2 * math.prod(ks) * (cout // groups))  # two input channels per block
     expr = _perturbed(build_block("orepa", _geom(cin, cout, ks, groups, len(ks))).double())
     _check_equal_to_generic(expr)
+
+
+def _block_grads(expr, probe):
+    params = list(expr.parameters())
+    return [g.clone() for g in _grads(expr.fast_fold(), params, probe)], params
+
+
+def test_scratch_buffers_never_reach_a_result():
+    """The backward's temporaries live in per-thread scratch buffers reused by the next
+    call: a gradient or kernel that shared one would change when another block (bigger,
+    other dtype, other groups) runs. Gradients and kernels kept from the first call must
+    still equal their copies afterwards, and the generic fold."""
+    a = _perturbed(build_block("orepa", _geom(6, 8, (3, 3), 1, 2)).double(), seed=1)
+    b = _perturbed(build_block("orepa", _geom(8, 12, (3, 3), 2, 2)).double(), seed=2)
+    probe_a = torch.randn(8, 6, 3, 3, dtype=torch.float64)
+    kept_kernel = a.fast_fold().weight
+    kept_copy = kept_kernel.detach().clone()
+    grads_a = _grads(a.fast_fold(), list(a.parameters()), probe_a)
+    copies = [None if g is None else g.clone() for g in grads_a]
+    for expr in (b, b.float(), a):  # other shapes, another dtype, then the same block again
+        probe = torch.randn(expr.fast_fold().weight.shape, dtype=next(expr.parameters()).dtype)
+        _grads(expr.fast_fold(), list(expr.parameters()), probe)
+    assert torch.equal(kept_kernel.detach(), kept_copy)
+    for g, c in zip(grads_a, copies):
+        assert (g is None and c is None) or torch.equal(g, c)
+    _check_equal_to_generic(a)
+
+
+def test_scratch_is_per_thread_and_optional(monkeypatch):
+    """Backward passes running in two threads at once (each has its own scratch) and the
+    no-scratch path (buffers above the size limit are allocated per call) give the
+    single-threaded gradients, bit for bit."""
+    import threading
+
+    import repcompiler.blocks.orepa_kernel as ok
+
+    blocks = [_perturbed(build_block("orepa", _geom(16, 16, (3, 3), 1, 2)).double(), seed=s) for s in (3, 4)]
+    probe = torch.randn(16, 16, 3, 3, dtype=torch.float64)
+    want = [[g.clone() for g in _grads(e.fast_fold(), list(e.parameters()), probe)] for e in blocks]
+    got: dict[int, list[list[torch.Tensor]]] = {}
+
+    def work(i: int) -> None:
+        got[i] = [[g.clone() for g in _grads(blocks[i].fast_fold(), list(blocks[i].parameters()), probe)]
+                  for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        for rep in got[i]:
+            assert all(torch.equal(a, b) for a, b in zip(rep, want[i]))
+    monkeypatch.setattr(ok, "_SCRATCH_MAX_BYTES", 0)
+    for e, w in zip(blocks, want):
+        assert all(torch.equal(a, b) for a, b in zip(_grads(e.fast_fold(), list(e.parameters()), probe), w))
+
+
+def test_scratch_made_in_inference_mode_serves_training():
+    """A thread whose first generation ran under ``torch.inference_mode`` (evaluation)
+    then trains: its scratch buffers must still accept the backward's in-place writes."""
+    import threading
+
+    expr = _perturbed(build_block("orepa", _geom(8, 8, (3, 3), 1, 2)).double())
+    probe = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    want = [g.clone() for g in _grads(expr.fast_fold(), list(expr.parameters()), probe)]
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                expr.fast_fold()
+            got = _grads(expr.fast_fold(), list(expr.parameters()), probe)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors, errors

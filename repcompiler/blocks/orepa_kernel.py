@@ -33,9 +33,10 @@ memory-bound apart from the big products of the 1x1 -> kxk branch, so:
   this is the one branch that must exchange input and output channels: in the forward
   when adding it to the kernel (in cache-sized blocks of input channels), in the
   backward by one copy of the kernel gradient that feeds both its products;
-* nothing kernel-sized is saved for the backward and few fresh kernel-sized buffers
-  are made (each costs page faults on every training step, more than the pass that
-  fills it): the forward makes two, the backward reuses finished buffers;
+* nothing kernel-sized is saved for the backward and fresh kernel-sized buffers are
+  made only for results (each costs page faults on every training step, more than the
+  pass that fills it): the forward's product output is transposed in place and becomes
+  the kernel, and temporaries live in per-thread scratch buffers (:class:`_Scratch`);
 * the backward (:class:`OrepaKernel`) computes only the gradients autograd asks for and
   takes scale gradients as per-row dot products without temporaries.
 
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -86,6 +88,39 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 17  # elements of the depthwise product exchanged per pass (a cache-sized block)
 _ONEDNN_MIN_MACS = 1 << 28
+_SCRATCH_MAX_BYTES = 32 << 20  # bigger scratch buffers are allocated per call
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch buffers for the generator's kernel-sized temporaries.
+
+    A fresh kernel-sized buffer costs page faults on every training step (glibc hands
+    big blocks back to the OS and takes them again), more than the pass that fills it:
+    about 3.5 ms for a 512x512x3x3 kernel, on a ~0.5 ms pass. The buffers handed out here
+    never leave the call that asked for them (they are never returned, saved or put in a
+    gradient), so one per slot and thread is enough. CPU only, and only up to
+    ``_SCRATCH_MAX_BYTES`` each: the CUDA caching allocator reuses blocks already, and a
+    very big model should not keep its biggest kernel's worth of memory for good."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def get(self, slot: int, shape: Sequence[int], like: Tensor) -> Tensor:
+        """An uninitialised contiguous ``shape`` tensor of ``like``'s dtype and device."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        if like.device.type != "cpu" or numel * like.element_size() > _SCRATCH_MAX_BYTES:
+            return like.new_empty(shape)
+        key = (slot, like.dtype)
+        buf = self.slots.get(key)
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):  # a normal tensor works in and out of inference mode
+                buf = self.slots[key] = like.new_empty(numel)
+        return buf[:numel].view(shape)
+
+
+_scratch = _Scratch()
 
 
 @functools.cache
@@ -142,8 +177,10 @@ def _forward(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor
 
 def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
                      s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
-    """:func:`_forward` without autograd: two kernel-sized allocations (the result, and a
-    buffer used for the channels-last sum and then the depthwise product)."""
+    """:func:`_forward` without autograd. One kernel-sized allocation, the product's
+    output: it takes the channels-last sum, is transposed in place (in cache-sized blocks
+    of output channels, through scratch) and becomes the result; the depthwise product
+    goes through scratch."""
     O, K, Cg = w0.shape
     G = groups
     Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
@@ -159,12 +196,19 @@ def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2
     W.addcmul_(w0, s0.view(O, 1, 1))
     coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
     W.baddbmm_(pats.table, coef)
-    # to the conv's layout [O, Cg, K]: a transpose within each output channel
-    out = W.new_empty(O, Cg, K).copy_(W.transpose(1, 2))  # never a view of W (reused below)
+    # to the conv's layout [O, Cg, K] in place: output channel o's [K, Cg] block and its
+    # [Cg, K] transpose occupy the same memory
+    n = max(1, _CHUNK // (K * Cg))
+    tmp = _scratch.get(1, (min(n, O), K, Cg), W)
+    for o in range(0, O, n):
+        blk = W[o:o + n]
+        t = tmp[:blk.shape[0]].copy_(blk)
+        blk.view(-1, Cg, K).copy_(t.transpose(1, 2))
+    out = W.view(O, Cg, K)
     # depthwise -> pointwise, per input channel [K, E] @ [E, Og] (output channels innermost:
-    # small inner dimensions are only fast that way) into W's buffer, then added scaled,
-    # exchanging input and output channels
-    d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og), out=W.view(G * Cg, K, Og))
+    # small inner dimensions are only fast that way), then added scaled, exchanging input
+    # and output channels
+    d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og), out=_scratch.get(0, (G * Cg, K, Og), W))
     d, dst, s5v = d.view(G, Cg, K, Og).permute(0, 3, 1, 2), out.view(G, Og, Cg, K), s5.view(G, Og, 1, 1)
     step = max(1, _CHUNK // (K * Og))  # a few input channels at a time: twice as fast for big kernels
     for c in range(0, Cg, step):
@@ -205,7 +249,7 @@ class OrepaKernel(torch.autograd.Function):
         # the kernel gradient in the kc layout, shared by the origin, the pattern branches
         # and the 1x1 -> kxk products
         if any(need[i] for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12)):
-            gkc = gW.new_empty(O, K, Cg).copy_(gW.transpose(1, 2))  # never a view of gW (scaled below)
+            gkc = _scratch.get(0, (O, K, Cg), gW).copy_(gW.transpose(1, 2))  # scaled below, then reused
             if need[0]:
                 g[0] = gkc * s0.view(O, 1, 1)
             if need[8]:
@@ -233,20 +277,16 @@ class OrepaKernel(torch.autograd.Function):
             # one copy, then both products read it contiguously (faster than two strided reads);
             # into gkc's buffer when that is finished with
             src = gW.view(G, Og, Cg, K).permute(0, 2, 3, 1)
-            gWo = (src.contiguous() if gkc is None else gkc.view(G, Cg, K, Og).copy_(src)).view(G * Cg, K, Og)
+            gWo = _scratch.get(0, (G, Cg, K, Og), gW).copy_(src).view(G * Cg, K, Og)
             s5g, pwv = s5.view(G, 1, Og), pw.view(G, Cg * E, Og)
-            spare = None  # a finished pw-sized buffer the scaled pw can go into
             if need[7] or need[13]:
-                z = torch.bmm(dw, gWo).view(G, Cg * E, Og)  # d/d(s5 * pw)
+                z = torch.bmm(dw, gWo).view(G, Cg * E, Og)  # d/d(s5 * pw); becomes pw's gradient
                 if need[13]:
-                    if need[7]:
-                        g[7] = (z * s5g).view(G * Cg, E, Og)
-                    g[13] = z.mul_(pwv).sum(1).reshape(O)
-                    spare = z
-                else:
+                    g[13] = torch.mul(z, pwv, out=_scratch.get(1, z.shape, z)).sum(1).reshape(O)
+                if need[7]:
                     g[7] = z.mul_(s5g).view(G * Cg, E, Og)
             if need[6]:
-                pws = pwv * s5g if spare is None else torch.mul(pwv, s5g, out=spare)
+                pws = torch.mul(pwv, s5g, out=_scratch.get(1, pwv.shape, pwv))
                 g[6] = torch.bmm(pws.view(G * Cg, E, Og), gWo.transpose(1, 2))
         return tuple(g)
 
