@@ -15,6 +15,15 @@ the refusal of the larger one is recorded with the algebra's reason).
 Boundaries: a module called more than once in the graph, or registered at more than
 one path in the model (shared weights), is **opaque**, so a shared conv is never fused
 into one of its uses (``torch.fx.experimental.optimization.fuse`` gets that wrong).
+``nn.Identity`` has no weights, so a shared one stays linear.
+
+Identity calls are **aliases**: a chain of ``nn.Identity`` calls starting at the entry
+computes the entry's value, so it may be used outside the region too (e.g. a skip
+branch's identity that another block also reads). Such a chain is left out of the
+region's body, listed in ``Region.aliases`` and kept in the graph; the region reads it
+as its entry. The rewrite drops identity calls (:class:`passes.cleanup.Cleanup`), so
+without this the region would only become valid after folding, and one pass of
+``fold`` would not reach a fixpoint.
 
 Channel counts for parameter-free leaves (identity, average pooling, padding) come
 from ``ShapeProp`` metadata when the graph was shape-propagated, otherwise they are
@@ -87,6 +96,10 @@ class Region:
     name: str = ""
     worth: bool = True
     notes: list[str] = field(default_factory=list)
+    aliases: list[fx.Node] = field(default_factory=list)
+    """Identity calls of the entry's value that the region reads but that are used
+    outside it too: not part of the region, they stay in the graph (see the module
+    docstring)."""
 
     @property
     def exact(self) -> bool:
@@ -142,6 +155,7 @@ class _Graph:
         self.dims: dict[fx.Node, int] = {}
         self.lowered: dict[fx.Node, A.Expr] = {}
         self.sign: dict[fx.Node, float] = {}
+        self.identity_in: dict[fx.Node, fx.Node] = {}
         calls: dict[str, int] = {}
         for n in self.nodes:
             if n.op == "call_module":
@@ -185,6 +199,8 @@ class _Graph:
             data = [a for a in n.all_input_nodes if not self.constant(a)]
             self.data_in[n] = data
             self.kind[n] = self._kind(n, data)
+            if self.kind[n] == "unary" and _is_identity_call(self.gm, n):
+                self.identity_in[n] = data[0]
 
     def _kind(self, n: fx.Node, data: list[fx.Node]) -> str:
         if n.op == "call_module":
@@ -193,7 +209,7 @@ class _Graph:
                 return "opaque"
             if self.rules.lookup(m) is None:
                 return "elementwise" if isinstance(m, _ELEMENTWISE_MODULES) else "opaque"
-            if self.calls[str(n.target)] > 1 or id(m) in self.shared:
+            if (self.calls[str(n.target)] > 1 or id(m) in self.shared) and type(m) is not nn.Identity:
                 return "shared"
             return "unary"
         if n.op not in ("call_function", "call_method"):
@@ -358,6 +374,18 @@ class _Graph:
         self._set(self.dims, n, spec.dims)
         return True
 
+    def alias_chain(self, n: fx.Node, d: fx.Node) -> list[fx.Node] | None:
+        """The identity calls from ``n`` back to ``d`` (``n`` first, ``d`` excluded) if
+        ``n``'s value is ``d``'s through identity calls only, else ``None``."""
+        chain: list[fx.Node] = []
+        while n is not d:
+            src = self.identity_in.get(n)
+            if src is None:
+                return None
+            chain.append(n)
+            n = src
+        return chain
+
     def linear(self, n: fx.Node) -> bool:
         k = self.kind.get(n)
         if k == "unary":
@@ -422,21 +450,22 @@ def find_regions(
     for e in reversed(g.nodes):
         if e in assigned or not g.linear(e):
             continue
-        cands: list[tuple[fx.Node, set[fx.Node]]] = []
+        cands: list[tuple[fx.Node, set[fx.Node], list[fx.Node]]] = []
         d = idom.get(e)
         while d is not None and d != root:
-            body = _closure(g, e, d, assigned)
-            if body is None:
+            found = _closure(g, e, d, assigned)
+            if found is None:
                 break
-            cands.append((d, body))
+            if not cands or found[0] != cands[-1][1]:  # same body from further up: d is an alias
+                cands.append((d, *found))
             nd = idom.get(d)
             d = None if nd is d else nd
         if not cands:
             continue
         refused: Region | None = None
         chosen: Region | None = None
-        for idx, (d, body) in enumerate(reversed(cands)):
-            reg = _build(g, d, e, body)
+        for idx, (d, body, aliases) in enumerate(reversed(cands)):
+            reg = _build(g, d, e, body, aliases)
             if len(body) == 1:
                 chosen = reg
                 break
@@ -516,8 +545,11 @@ def _is_identity_call(gm: fx.GraphModule, n: fx.Node) -> bool:
     return n.op == "call_module" and type(_fetch_attr(gm, str(n.target))) is nn.Identity
 
 
-def _closure(g: _Graph, e: fx.Node, d: fx.Node, assigned: set[fx.Node]) -> set[fx.Node] | None:
-    """Nodes on paths from ``d`` to ``e`` (``d`` excluded) if they form a valid region."""
+def _closure(
+    g: _Graph, e: fx.Node, d: fx.Node, assigned: set[fx.Node]
+) -> tuple[set[fx.Node], list[fx.Node]] | None:
+    """Nodes on paths from ``d`` to ``e`` (``d`` excluded) if they form a valid region,
+    and the region's aliases of ``d`` (taken out of the body, see :func:`_split_aliases`)."""
     body = {e}
     stack = [e]
     while stack:
@@ -529,15 +561,29 @@ def _closure(g: _Graph, e: fx.Node, d: fx.Node, assigned: set[fx.Node]) -> set[f
                 return None
             body.add(p)
             stack.append(p)
-    for n in body:
-        if n is e:
-            continue
-        if any(u not in body for u in _users(n)):
+    leaks = [n for n in body if n is not e and any(u not in body for u in _users(n))]
+    aliases = _split_aliases(g, d, body, leaks) if leaks else []
+    if aliases is None:
+        return None
+    return body, aliases
+
+
+def _split_aliases(g: _Graph, d: fx.Node, body: set[fx.Node], leaks: list[fx.Node]) -> list[fx.Node] | None:
+    """Take the identity chains from ``d`` to each of ``leaks`` (body nodes used outside
+    the body) out of ``body`` and return them, in graph order; ``None`` if a leak's value
+    is not ``d``'s (the region would drop a value used elsewhere)."""
+    out: set[fx.Node] = set()
+    for n in leaks:
+        chain = g.alias_chain(n, d)
+        if chain is None:
             return None
-    return body
+        out.update(chain)
+    body -= out
+    return sorted(out, key=g.order.__getitem__)
 
 
-def _build(g: _Graph, d: fx.Node, e: fx.Node, body: set[fx.Node]) -> Region:
+def _build(g: _Graph, d: fx.Node, e: fx.Node, body: set[fx.Node], aliases: list[fx.Node]) -> Region:
+    same = {d, *aliases}  # values equal to the entry's
     nodes = sorted(body, key=g.order.__getitem__)
     dims = g.dims.get(e) or g.dims.get(d) or 2
     cin = g.chan.get(d)
@@ -550,7 +596,7 @@ def _build(g: _Graph, d: fx.Node, e: fx.Node, body: set[fx.Node]) -> Region:
         return A.Identity(cin, dims)
 
     def build(n: fx.Node) -> A.Expr | None:
-        if n is d:
+        if n in same:
             return None
         if n in memo:
             return memo[n]
@@ -603,6 +649,7 @@ def _build(g: _Graph, d: fx.Node, e: fx.Node, body: set[fx.Node]) -> Region:
         in_channels=cin or 0,
         has_conv=has_conv,
         name=_region_name(nodes),
+        aliases=list(aliases),
     )
 
 

@@ -96,7 +96,8 @@ def region_reference(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     x = graph.placeholder("x")
-    env[region.entry] = x
+    for a in [region.entry, *region.aliases]:
+        env[a] = x
     body = set(region.nodes)
 
     def lookup(a: fx.Node) -> fx.Node:
@@ -145,7 +146,7 @@ class RegionRunner:
         raise VerificationError(f"region {self.region.name}: cannot run node {n.format_node()}")
 
     def __call__(self, x: Tensor) -> Any:
-        env: dict = {self.region.entry: x}
+        env: dict = dict.fromkeys([self.region.entry, *self.region.aliases], x)
         for n in self.region.nodes:
             env[n] = self._call(n, env)
         return env[self.region.exit]

@@ -418,14 +418,25 @@ def _map_region(region: Any, mapping: dict[fx.Node, fx.Node]) -> Any:
     nodes = [mapping[n] for n in region.nodes]
     entry = mapping.get(region.entry)
     if entry is None:  # the entry is an input of the owner: find it through a user
-        for n in region.nodes:
-            ins = n.all_input_nodes
-            if region.entry in ins:
-                entry = mapping[n].all_input_nodes[ins.index(region.entry)]
-                break
+        entry = _owner_input(region, mapping)
     if entry is None:
         raise TraceError(f"cannot locate the input of region {region.name} in its owner's graph")
-    return dataclasses.replace(region, nodes=nodes, entry=entry, exit=mapping[region.exit])
+    aliases = [mapping[a] for a in region.aliases if a in mapping]
+    return dataclasses.replace(region, nodes=nodes, entry=entry, exit=mapping[region.exit], aliases=aliases)
+
+
+def _owner_input(region: Any, mapping: dict[fx.Node, fx.Node]) -> fx.Node | None:
+    """The owner's input through which one of the region's nodes (or of its aliases)
+    reads the entry's value, when that value comes from outside the owner."""
+    same = {region.entry, *region.aliases}
+    for n in [*region.aliases, *region.nodes]:
+        if n not in mapping:
+            continue
+        ins = n.all_input_nodes
+        for i, a in enumerate(ins):
+            if a in same and a not in mapping:
+                return mapping[n].all_input_nodes[i]
+    return None
 
 
 def _rewrite_owner(model: nn.Module, unit: TracedUnit, owner: str, group: list) -> None:

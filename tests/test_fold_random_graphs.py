@@ -170,14 +170,12 @@ def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
     assert not left, f"foldable regions left after fold: {left}\n{report}\nprogram: {net.program}"
 
 
-@pytest.mark.xfail(strict=True, reason="fold is one pass: here it folds only the inner sum (known limitation)")
 def test_nested_sums_fold_to_a_fixpoint():
     """The random test's failure, replayed: a sum whose branch is itself a sum, its
-    result unused, and the skip branch's identity module also used by the output. One
-    pass folds only the inner sum, leaving conv + identity foldable (outputs are equal).
-    Iterating fold to a fixpoint fixes it but re-traces every model (ResNet-50: ~+50%
-    compile time), too much for this dead-code shape; a targeted fix belongs in
-    find_regions."""
+    result unused, and the skip branch's identity module also used by the output. The
+    identity's outside use used to stop the outer sum's region, so one pass folded only
+    the inner sum; the rewrite then dropped the identity call and left conv + identity
+    foldable. find_regions now treats the identity as an alias of the entry."""
     bn = lambda: nn.BatchNorm2d(2)  # noqa: E731
     conv = lambda k: nn.Conv2d(2, 2, k, padding=k // 2, bias=False)  # noqa: E731
     mods = {"m0": bn(), "m1": bn(), "m2": bn(), "m3b0": conv(3), "m3b1": conv(3), "m3b1bn": bn(),
@@ -196,3 +194,46 @@ def test_nested_sums_fold_to_a_fixpoint():
         assert torch.allclose(folded(x), net(x), rtol=1e-9, atol=1e-9)
     assert not [r for r in find_regions(trace_model(folded)) if r.foldable], report
     assert len({e.name for e in report.entries}) == len(report.entries)  # no entry twice
+
+
+def _one_pass_reaches_a_fixpoint(program, mods) -> None:
+    net = DagNet(program, mods).double().eval()
+    x = torch.randn(2, 2, SIZE, SIZE, dtype=torch.float64)
+    folded, report = repcompiler.fold(net, x, return_report=True)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), rtol=1e-9, atol=1e-9)
+    assert [e.action for e in report.entries].count("folded") >= 1, report
+    assert not [r for r in find_regions(trace_model(folded)) if r.foldable], report
+
+
+_ID_CASES = {
+    # conv(y) + Id(y), the identity also read by a ReLU: entry y, Id kept as an alias
+    "alias used by a relu": (
+        [("mod", (0,), "r0"), ("mod", (1,), "id"), ("mod", (1,), "c"), ("add", (3, 2), "s"),
+         ("mod", (2,), "r1"), ("mod", (4,), "r2"), ("add", (5, 6), "o")],
+        ("r0", "r1", "r2"), ("id",)),
+    # a chain of two identities, the outer one used outside
+    "chain of identities": (
+        [("mod", (0,), "r0"), ("mod", (1,), "id"), ("mod", (2,), "id2"), ("mod", (1,), "c"), ("add", (4, 3), "s"),
+         ("mod", (3,), "r1"), ("mod", (5,), "r2"), ("add", (6, 7), "o")],
+        ("r0", "r1", "r2"), ("id", "id2")),
+    # one nn.Identity called twice (no weights: not a sharing boundary); a second sum
+    # region makes fold rewrite the forward
+    "identity called twice": (
+        [("mod", (0,), "id"), ("mod", (0,), "c"), ("add", (2, 1), "s"), ("mod", (0,), "id"),
+         ("mod", (0,), "c2"), ("mod", (0,), "bn"), ("add", (5, 6), "t"),
+         ("mod", (3,), "r1"), ("mod", (4,), "r2"), ("mod", (7,), "r3"), ("add", (8, 9), "o"), ("add", (11, 10), "o2")],
+        ("r1", "r2", "r3"), ("id",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ID_CASES))
+def test_identity_aliases_do_not_stop_a_region(case):
+    """An identity of the entry's value used outside the region too does not stop it
+    (fold drops identity calls, so it would be foldable after one pass)."""
+    program, relus, ids = _ID_CASES[case]
+    mods: dict[str, nn.Module] = {"c": nn.Conv2d(2, 2, 3, padding=1), "c2": nn.Conv2d(2, 2, 3, padding=1),
+                                  "bn": nn.BatchNorm2d(2)}
+    mods.update({r: nn.ReLU() for r in relus})
+    mods.update({i: nn.Identity() for i in ids})
+    _one_pass_reaches_a_fixpoint(program, mods)
