@@ -326,9 +326,12 @@ def test_scratch_is_per_thread_and_optional(monkeypatch):
 
 
 def test_scratch_made_in_inference_mode_serves_training():
-    """A thread whose first generation ran under ``torch.inference_mode`` (evaluation)
-    then trains: its scratch buffers must still accept the backward's in-place writes."""
+    """A thread whose scratch buffers were first handed out under
+    ``torch.inference_mode`` then trains: they must still accept the backward's in-place
+    writes (an inference tensor would refuse them outside inference mode)."""
     import threading
+
+    import repcompiler.blocks.orepa_kernel as ok
 
     expr = _perturbed(build_block("orepa", _geom(8, 8, (3, 3), 1, 2)).double())
     probe = torch.randn(8, 8, 3, 3, dtype=torch.float64)
@@ -339,6 +342,8 @@ def test_scratch_made_in_inference_mode_serves_training():
         try:
             with torch.inference_mode():
                 expr.fast_fold()
+                for slot in (0, 1):
+                    ok._scratch.get(slot, (1 << 14,), probe)  # big enough for this block
             got = _grads(expr.fast_fold(), list(expr.parameters()), probe)
             assert all(torch.equal(a, b) for a, b in zip(got, want))
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread

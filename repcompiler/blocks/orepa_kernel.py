@@ -33,10 +33,10 @@ memory-bound apart from the big products of the 1x1 -> kxk branch, so:
   this is the one branch that must exchange input and output channels: in the forward
   when adding it to the kernel (in cache-sized blocks of input channels), in the
   backward by one copy of the kernel gradient that feeds both its products;
-* nothing kernel-sized is saved for the backward and fresh kernel-sized buffers are
-  made only for results (each costs page faults on every training step, more than the
-  pass that fills it): the forward's product output is transposed in place and becomes
-  the kernel, and temporaries live in per-thread scratch buffers (:class:`_Scratch`);
+* nothing kernel-sized is saved for the backward and few fresh kernel-sized buffers
+  are made (each costs page faults on every training step, more than the pass that
+  fills it): the forward makes two, the backward's temporaries live in per-thread
+  scratch buffers (:class:`_Scratch`);
 * the backward (:class:`OrepaKernel`) computes only the gradients autograd asks for and
   takes scale gradients as per-row dot products without temporaries.
 
@@ -92,7 +92,7 @@ _SCRATCH_MAX_BYTES = 32 << 20  # bigger scratch buffers are allocated per call
 
 
 class _Scratch(threading.local):
-    """Per-thread scratch buffers for the generator's kernel-sized temporaries.
+    """Per-thread scratch buffers for the backward's kernel-sized temporaries.
 
     A fresh kernel-sized buffer costs page faults on every training step (glibc hands
     big blocks back to the OS and takes them again), more than the pass that fills it:
@@ -177,10 +177,8 @@ def _forward(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor
 
 def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
                      s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
-    """:func:`_forward` without autograd. One kernel-sized allocation, the product's
-    output: it takes the channels-last sum, is transposed in place (in cache-sized blocks
-    of output channels, through scratch) and becomes the result; the depthwise product
-    goes through scratch."""
+    """:func:`_forward` without autograd: two kernel-sized allocations (the result, and a
+    buffer used for the channels-last sum and then the depthwise product)."""
     O, K, Cg = w0.shape
     G = groups
     Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
@@ -196,19 +194,12 @@ def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2
     W.addcmul_(w0, s0.view(O, 1, 1))
     coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
     W.baddbmm_(pats.table, coef)
-    # to the conv's layout [O, Cg, K] in place: output channel o's [K, Cg] block and its
-    # [Cg, K] transpose occupy the same memory
-    n = max(1, _CHUNK // (K * Cg))
-    tmp = _scratch.get(1, (min(n, O), K, Cg), W)
-    for o in range(0, O, n):
-        blk = W[o:o + n]
-        t = tmp[:blk.shape[0]].copy_(blk)
-        blk.view(-1, Cg, K).copy_(t.transpose(1, 2))
-    out = W.view(O, Cg, K)
+    # to the conv's layout [O, Cg, K]: a transpose within each output channel
+    out = W.new_empty(O, Cg, K).copy_(W.transpose(1, 2))  # never a view of W (reused below)
     # depthwise -> pointwise, per input channel [K, E] @ [E, Og] (output channels innermost:
-    # small inner dimensions are only fast that way), then added scaled, exchanging input
-    # and output channels
-    d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og), out=_scratch.get(0, (G * Cg, K, Og), W))
+    # small inner dimensions are only fast that way) into W's buffer, then added scaled,
+    # exchanging input and output channels
+    d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og), out=W.view(G * Cg, K, Og))
     d, dst, s5v = d.view(G, Cg, K, Og).permute(0, 3, 1, 2), out.view(G, Og, Cg, K), s5.view(G, Og, 1, 1)
     step = max(1, _CHUNK // (K * Og))  # a few input channels at a time: twice as fast for big kernels
     for c in range(0, Cg, step):
