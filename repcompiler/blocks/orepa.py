@@ -226,7 +226,9 @@ def build_orepa(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vec
                 groups=C)
     pw_weight = fresh_weight(O, E * C // G, *one)
     if online and G == 1:
-        pw_weight = laid_out(pw_weight, (1, 0, *range(2, 2 + d)))
+        # input-channel-major; the size-1 kernel dims' strides are those autograd gives the
+        # gradient (DDP's buckets want the gradient's strides to equal the parameter's)
+        pw_weight = laid_out(pw_weight, (1, *range(2, 2 + d), 0))
     pw = A.Conv(pw_weight, groups=G)
     dws = A.Seq(dw, pw)
     branches = [origin, avg, prior, kxk, onebyone, dws]
