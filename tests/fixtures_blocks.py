@@ -26,6 +26,8 @@ registered here, the way a user teaches repcompiler their own layers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,8 @@ from torch import nn
 from repcompiler import algebra as A
 from repcompiler.report import count_convs  # noqa: F401  (re-exported for the tests)
 from repcompiler.rules import LowerInfo, register_rule
+
+from helpers import randomize_bn as _randomize_bn
 
 __all__ = [
     "conv_bn",
@@ -259,23 +263,26 @@ class RepVGGNet(nn.Module):
         return self.linear(torch.flatten(self.gap(self.stages(x)), 1))
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN random running stats and affine params (in place); returns ``model``."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-            elif isinstance(m, IdentityBasedConv1x1):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
-    return model
+def _randomize_id_conv(m: nn.Module, g: torch.Generator) -> None:
+    """:class:`IdentityBasedConv1x1` starts at ``weight == 0``: perturb it, so that a
+    lowering that ignored ``weight`` would be caught."""
+    if isinstance(m, IdentityBasedConv1x1):
+        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
 
 
+# helpers.randomize_bn with the ranges these fixtures have always used (narrower than
+# the helpers defaults, no sign flips, BNs without running stats left alone, float32
+# draws), plus the zero-initialised IdentityBasedConv1x1 weights.
+randomize_bn = functools.partial(
+    _randomize_bn,
+    mean_std=0.2,
+    var_range=(0.25, 1.75),
+    bias_std=0.2,
+    flip_prob=0.0,
+    skip_untracked=True,
+    draw_dtype=torch.float32,
+    extra=_randomize_id_conv,
+)
 
 
 ALL_BLOCKS = {

@@ -2,40 +2,66 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
 __all__ = ["randomize_bn", "rel_err"]
 
 
-def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
+def randomize_bn(
+    module: nn.Module,
+    seed: int = 0,
+    *,
+    mean_std: float = 0.5,
+    var_range: tuple[float, float] = (0.5, 2.0),
+    bias_std: float = 0.5,
+    flip_prob: float = 0.15,
+    skip_untracked: bool = False,
+    draw_dtype: torch.dtype = torch.float64,
+    extra: Callable[[nn.Module, torch.Generator], None] | None = None,
+) -> nn.Module:
     """Give every BatchNorm in ``module`` non-trivial statistics and affine parameters.
 
-    ``running_mean`` ~ N(0, 0.5), ``running_var`` in [0.5, 2], ``weight`` in [0.5, 1.5]
-    (random sign flips on a few channels), ``bias`` ~ N(0, 0.5). Deterministic in
-    ``seed``; keeps each tensor's dtype/device. Returns ``module``.
+    ``running_mean`` ~ N(0, ``mean_std``), ``running_var`` uniform in ``var_range``,
+    ``weight`` in [0.5, 1.5] with its sign flipped on each channel with probability
+    ``flip_prob``, ``bias`` ~ N(0, ``bias_std``). A BN with ``track_running_stats=False``
+    still gets random affine parameters, unless ``skip_untracked`` (then it is left as
+    it is). Random numbers are drawn in ``draw_dtype`` from one generator seeded with
+    ``seed`` (deterministic) and copied into each tensor's own dtype/device.
+
+    ``extra(m, generator)``, if given, is called on every other submodule, in
+    ``module.modules()`` order with the same generator, so a fixture can randomize its
+    own zero-initialised layers too (``fixtures_blocks``). The defaults are this
+    module's; ``fixtures_blocks`` and ``zoo_utils`` bind their own. Returns ``module``.
     """
     g = torch.Generator().manual_seed(seed)
+    var_lo, var_hi = var_range
+
+    def rnd(c: int) -> Tensor:
+        return torch.rand(c, generator=g, dtype=draw_dtype)
+
+    def rn(c: int) -> Tensor:
+        return torch.randn(c, generator=g, dtype=draw_dtype)
+
     with torch.no_grad():
         for m in module.modules():
             if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if extra is not None:
+                    extra(m, g)
                 continue
             c = m.num_features
-
-            def rnd(*shape: int) -> Tensor:
-                return torch.rand(*shape, generator=g, dtype=torch.float64)
-
-            def rn(*shape: int) -> Tensor:
-                return torch.randn(*shape, generator=g, dtype=torch.float64)
-
             if m.running_mean is not None:
-                m.running_mean.copy_(0.5 * rn(c))
-                m.running_var.copy_(0.5 + 1.5 * rnd(c))
+                m.running_mean.copy_(mean_std * rn(c))
+                m.running_var.copy_(var_lo + (var_hi - var_lo) * rnd(c))
+            elif skip_untracked:
+                continue
             if m.weight is not None:
-                sign = torch.where(rnd(c) < 0.15, -1.0, 1.0).to(torch.float64)
+                sign = torch.where(rnd(c) < flip_prob, -1.0, 1.0).to(draw_dtype) if flip_prob else 1.0
                 m.weight.copy_(sign * (0.5 + rnd(c)))
             if m.bias is not None:
-                m.bias.copy_(0.5 * rn(c))
+                m.bias.copy_(bias_std * rn(c))
     return module
 
 

@@ -3,11 +3,15 @@ randomize BN statistics, compare outputs, find conv->BN pairs left unfolded)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from repcompiler.tracing import trace_units
+
+from helpers import randomize_bn as _randomize_bn
 
 __all__ = [
     "build", "input_for", "randomize_bn", "unfused_conv_bn", "rel_err", "GROUPS",
@@ -138,18 +142,18 @@ def detections_rel_err(got: list[dict], want: list[dict]) -> float:
     return worst
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return model
+# helpers.randomize_bn with the narrow ranges the zoo tests use (deep float32 models
+# compared within relative 1e-5): no sign flips, BNs without running stats left
+# alone, float32 draws.
+randomize_bn = functools.partial(
+    _randomize_bn,
+    mean_std=0.1,
+    var_range=(0.5, 1.5),
+    bias_std=0.1,
+    flip_prob=0.0,
+    skip_untracked=True,
+    draw_dtype=torch.float32,
+)
 
 
 def rel_err(a, b) -> float:
