@@ -102,6 +102,11 @@ class Region:
     docstring)."""
 
     @property
+    def entry_values(self) -> list[fx.Node]:
+        """The nodes whose value is the region's input: the entry and its aliases."""
+        return [self.entry, *self.aliases]
+
+    @property
     def exact(self) -> bool:
         return self.expr is not None and not self.reasons
 

@@ -96,7 +96,7 @@ def region_reference(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     x = graph.placeholder("x")
-    for a in [region.entry, *region.aliases]:
+    for a in region.entry_values:
         env[a] = x
     body = set(region.nodes)
 
@@ -146,7 +146,7 @@ class RegionRunner:
         raise VerificationError(f"region {self.region.name}: cannot run node {n.format_node()}")
 
     def __call__(self, x: Tensor) -> Any:
-        env: dict = dict.fromkeys([self.region.entry, *self.region.aliases], x)
+        env: dict = dict.fromkeys(self.region.entry_values, x)
         for n in self.region.nodes:
             env[n] = self._call(n, env)
         return env[self.region.exit]

@@ -428,7 +428,7 @@ def _map_region(region: Any, mapping: dict[fx.Node, fx.Node]) -> Any:
 def _owner_input(region: Any, mapping: dict[fx.Node, fx.Node]) -> fx.Node | None:
     """The owner's input through which one of the region's nodes (or of its aliases)
     reads the entry's value, when that value comes from outside the owner."""
-    same = {region.entry, *region.aliases}
+    same = set(region.entry_values)
     for n in [*region.aliases, *region.nodes]:
         if n not in mapping:
             continue

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from typing import Any, NamedTuple, Sequence
 
@@ -107,9 +108,7 @@ class _Scratch(threading.local):
 
     def get(self, slot: int, shape: Sequence[int], like: Tensor) -> Tensor:
         """An uninitialised contiguous ``shape`` tensor of ``like``'s dtype and device."""
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         if like.device.type != "cpu" or numel * like.element_size() > _SCRATCH_MAX_BYTES:
             return like.new_empty(shape)
         key = (slot, like.dtype)
@@ -266,7 +265,7 @@ class OrepaKernel(torch.autograd.Function):
         # depthwise -> pointwise: the kernel gradient as [G*Cg, K, Og]
         if need[6] or need[7] or need[13]:
             # one copy, then both products read it contiguously (faster than two strided reads);
-            # into gkc's buffer when that is finished with
+            # into gkc's scratch slot, which is finished with by now
             src = gW.view(G, Og, Cg, K).permute(0, 2, 3, 1)
             gWo = _scratch.get(0, (G, Cg, K, Og), gW).copy_(src).view(G * Cg, K, Og)
             s5g, pwv = s5.view(G, 1, Og), pw.view(G, Cg * E, Og)
