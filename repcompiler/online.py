@@ -53,6 +53,17 @@ def _is_compiling() -> bool:
     return False
 
 
+def _is_transformed() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...) or a forward-mode
+    AD level (``torch.autograd.forward_ad.dual_level``) is active: both follow tensors the
+    eval-mode kernel cache cannot see (batched, wrapped or dual parameters)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:
+        return True
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 class _ReparamBlock(nn.Module):
     """What online and offline blocks share: the branches (``expr``), the post-BN, the
     block's name, and their deploy form (branches, then post-BN)."""
@@ -112,9 +123,11 @@ class OnlineConv(_ReparamBlock):
         if self.training:
             self._cache = None
             return self.generate()
-        if _is_compiling():
+        if _is_compiling() or _is_transformed():
             # torch.compile / torch.export trace the generation itself (the cache key reads
-            # data pointers, which a tracer cannot); the compiled graph is the cache.
+            # data pointers, which a tracer cannot); the compiled graph is the cache. Under
+            # torch.func or forward-mode AD the parameters may carry tangents or batch dims
+            # that a cached (detached) kernel would silently drop.
             return self.generate()
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.expr.parameters())
         if needs_grad:

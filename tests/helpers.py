@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["randomize_bn", "rel_err"]
+__all__ = ["autograd_node_names", "randomize_bn", "rel_err"]
 
 
 def randomize_bn(
@@ -74,3 +74,14 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     if scale == 0.0:
         return diff
     return diff / scale
+
+
+def autograd_node_names(t: Tensor) -> set[str]:
+    """Type names of every autograd node ``t`` was computed through."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        n = todo.pop()
+        if n is not None and n not in seen:
+            seen.add(n)
+            todo += [m for m, _ in n.next_functions]
+    return {type(n).__name__ for n in seen}

@@ -1,10 +1,13 @@
 """The OREPA kernel generator (repcompiler/blocks/orepa_kernel.py) against its
 reference, the generic fold of the same block: kernels and gradients in float64 for
 hypothesis-drawn geometries and every scaling, its hand-written backward against
-numerical differentiation (gradcheck), frozen parameters, and the plain-ops path
-(no grad / tracing) against the autograd-function path."""
+numerical differentiation (gradcheck, gradgradcheck), higher-order derivatives against
+the plain ops, frozen parameters, and the plain-ops path (no grad / tracing) against the
+autograd-function path."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from hypothesis import strategies as st
 from repcompiler.blocks import ConvGeometry, build_block
 from repcompiler.blocks.orepa_kernel import OrepaKernel, OrepaPatterns, _forward, _forward_inplace, orepa_kernel
 
-from helpers import rel_err
+from helpers import autograd_node_names, rel_err
 
 
 def _geom(cin, cout, ks, g, dims, s=1, d=1, bias=False) -> ConvGeometry:
@@ -94,33 +97,28 @@ def test_frozen_parameters_get_no_gradient_and_the_rest_are_right(frozen):
     _check_equal_to_generic(expr, frozen=frozen)
 
 
-@pytest.mark.parametrize("groups,internal", [(1, None), (2, None), (8, None), (1, 12)])
-def test_hand_written_backward_passes_gradcheck(groups, internal):
-    g = _geom(8, 8, (3, 2), groups, 2)
-    expr = _perturbed(build_block("orepa", g, internal_channels=internal).double())
-    # the inputs orepa_kernel receives, as independent leaves
-    O, G = 8, groups
-    Cg, K = 8 // G, 6
-    Mg = expr.internal // G
-    gen = torch.Generator().manual_seed(1)
+def _generator_leaves(expr, E: int, seed: int):
+    """Independent float64 leaves shaped like the inputs orepa_kernel receives for ``expr``
+    (depthwise multiplier ``E``), the block's patterns and its group count."""
+    g = expr.geom
+    O, G, K = g.out_channels, g.groups, math.prod(g.kernel_size)
+    Cg, Mg = g.in_channels // G, expr.internal // G
+    gen = torch.Generator().manual_seed(seed)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
     pats = expr._patterns(torch.zeros((), dtype=torch.float64))
     inputs = (leaf(O, K, Cg), leaf(O, Cg), leaf(O, Cg), leaf(O, Cg), leaf(G, Mg, Cg), leaf(O, K, Mg),
-              leaf(G * Cg, 3, K), leaf(G * Cg, 3, O // G), *(leaf(O) for _ in range(6)))
+              leaf(G * Cg, E, K), leaf(G * Cg, E, O // G), *(leaf(O) for _ in range(6)))
+    return inputs, pats, G
+
+
+@pytest.mark.parametrize("groups,internal", [(1, None), (2, None), (8, None), (1, 12)])
+def test_hand_written_backward_passes_gradcheck(groups, internal):
+    expr = _perturbed(build_block("orepa", _geom(8, 8, (3, 2), groups, 2), internal_channels=internal).double())
+    inputs, pats, G = _generator_leaves(expr, 3, seed=1)
     assert torch.autograd.gradcheck(lambda *t: OrepaKernel.apply(*t, pats, G), inputs, fast_mode=True)
-
-
-def _autograd_nodes(t: torch.Tensor) -> set[str]:
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        n = todo.pop()
-        if n is not None and type(n).__name__ not in seen:
-            seen.add(type(n).__name__)
-            todo += [m for m, _ in n.next_functions]
-    return seen
 
 
 def _forward_only(expr) -> torch.Tensor:
@@ -136,8 +134,8 @@ def test_plain_path_equals_function_path():
     with torch.no_grad():
         plain = expr.fast_fold().weight
     fn = expr.fast_fold()
-    assert "OrepaKernelBackward" in _autograd_nodes(fn.weight)
-    assert "OrepaKernelBackward" not in _autograd_nodes(_forward_only(expr))
+    assert "OrepaKernelBackward" in autograd_node_names(fn.weight)
+    assert "OrepaKernelBackward" not in autograd_node_names(_forward_only(expr))
     assert torch.equal(plain, fn.weight.detach())
     # the plain path is differentiable by autograd and gives the same gradients
     params = list(expr.parameters())
@@ -149,12 +147,48 @@ def test_plain_path_equals_function_path():
             assert rel_err(a, b) < 1e-12
 
 
-def test_double_backward_is_refused_clearly():
+def test_double_backward_equals_the_plain_paths():
+    """create_graph=True through the hand-written backward: gradients of gradients (a
+    Hessian-vector product in the branch parameters, and the mixed one with the kernel
+    gradient) equal those of the plain-ops path, which autograd differentiates to any order."""
+    expr = _perturbed(build_block("orepa", _geom(4, 6, (3, 2), 2, 2)).double())
+    params = list(expr.parameters())
+    gen = torch.Generator().manual_seed(3)
+    probe = torch.randn(6, 2, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    vs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+    def second_order(weight: torch.Tensor) -> list[torch.Tensor]:
+        gs = torch.autograd.grad((weight.square() * probe).sum(), params, create_graph=True, allow_unused=True)
+        gv = sum((g * v).sum() for g, v in zip(gs, vs) if g is not None)
+        return list(torch.autograd.grad(gv, [*params, probe], allow_unused=True))
+
+    fn = expr.fast_fold().weight
+    assert "OrepaKernelBackward" in autograd_node_names(fn)
+    got, want = second_order(fn), second_order(_forward_only(expr))
+    assert sum(g is not None for g in got) == len(params) + 1
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < 1e-12
+
+
+def test_hand_written_backward_passes_gradgradcheck():
+    inputs, pats, G = _generator_leaves(build_block("orepa", _geom(4, 4, (3,), 2, 1)).double(), 2, seed=2)
+    assert torch.autograd.gradgradcheck(lambda *t: OrepaKernel.apply(*t, pats, G), inputs, fast_mode=True)
+
+
+def test_first_order_backward_stays_hand_written(monkeypatch):
+    import repcompiler.blocks.orepa_kernel as ok
+
+    def refuse(*args):
+        raise AssertionError("first-order backward took the differentiable path")
+
+    monkeypatch.setattr(ok, "_differentiable_backward", refuse)
     expr = _perturbed(build_block("orepa", _geom(4, 4, (3, 3), 1, 2)).double())
-    w = expr.fast_fold().weight
-    (g,) = torch.autograd.grad(w.square().sum(), [next(expr.parameters())], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|not supported"):
-        g.sum().backward()
+    expr.fast_fold().weight.square().sum().backward()
+    assert all(p.grad is not None for p in expr.parameters())
+    with pytest.raises(AssertionError, match="differentiable path"):
+        torch.autograd.grad(expr.fast_fold().weight.square().sum(), list(expr.parameters()), create_graph=True)
 
 
 def test_patterns_are_what_the_branches_hold():
@@ -261,8 +295,6 @@ def test_blocked_depthwise_exchange_equals_generic_fold(monkeypatch, cin, cout, 
     """The depthwise product is added a few input channels at a time (blocks of
     ``_CHUNK`` elements); tiny blocks with a ragged last one give the same kernel."""
     import repcompiler.blocks.orepa_kernel as ok
-
-    import math
 
     monkeypatch.setattr(ok, "_CHUNK", 2 * math.prod(ks) * (cout // groups))  # two input channels per block
     expr = _perturbed(build_block("orepa", _geom(cin, cout, ks, groups, len(ks))).double())

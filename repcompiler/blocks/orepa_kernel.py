@@ -40,10 +40,14 @@ memory-bound apart from the big products of the 1x1 -> kxk branch, so:
 * the backward (:class:`OrepaKernel`) computes only the gradients autograd asks for and
   takes scale gradients as per-row dot products without temporaries.
 
-Under ``torch.compile``/``torch.export`` :func:`orepa_kernel` runs the same forward as
-plain differentiable ops (:func:`_forward`; tracers see ordinary aten ops), without
-gradients the in-place forward alone. The tests prove them equal to the generic fold,
-kernels and gradients, in float64 (and float32 against float64).
+Under ``torch.compile``/``torch.export``, ``torch.func`` transforms (vmap, grad, jvp,
+...) and forward-mode AD, :func:`orepa_kernel` runs the same forward as plain
+differentiable ops (:func:`_forward`; tracers and transforms see ordinary aten ops),
+without gradients the in-place forward alone. Higher-order derivatives
+(``create_graph=True``) go through the hand-written backward's differentiable fallback,
+which differentiates :func:`_forward` instead. The tests prove them equal to the generic
+fold, kernels and gradients (and gradients of gradients against the plain ops), in float64
+(and float32 against float64).
 """
 
 from __future__ import annotations
@@ -56,9 +60,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ..online import _is_compiling
+from ..online import _is_compiling, _is_transformed
 
 __all__ = ["OrepaKernel", "OrepaPatterns", "orepa_kernel"]
 
@@ -222,12 +225,13 @@ class OrepaKernel(torch.autograd.Function):
                 pats: OrepaPatterns, groups: int) -> Tensor:
         s = (s0, s1, s2, s3, s4, s5)
         ctx.save_for_backward(w0, a, p, q, w1, w2, dw, pw, *s, pats.table)
-        ctx.groups = groups
+        ctx.groups, ctx.centre = groups, pats.centre
         return _forward_inplace(w0, a, p, q, w1, w2, dw, pw, s, pats, groups)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, gW: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            return _differentiable_backward(ctx, gW)
         w0, a, p, q, w1, w2, dw, pw, s0, s1, s2, s3, s4, s5, table = ctx.saved_tensors
         need = ctx.needs_input_grad
         O, K, Cg = w0.shape
@@ -281,6 +285,23 @@ class OrepaKernel(torch.autograd.Function):
         return tuple(g)
 
 
+def _differentiable_backward(ctx: Any, gW: Tensor) -> tuple[Tensor | None, ...]:
+    """:meth:`OrepaKernel.backward` when autograd records it (``create_graph=True``: a
+    Hessian-vector product, a penalty on parameter gradients): the gradients of the
+    plain-ops forward (:func:`_forward`, re-run on the saved inputs), as differentiable
+    functions of the inputs and of ``gW``. Slower than the hand-written backward; only
+    higher-order derivatives take this path."""
+    *inputs, table = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    wanted = [i for i, t in enumerate(inputs) if need[i]]
+    W = _forward(*inputs[:8], inputs[8:], OrepaPatterns(table, ctx.centre), ctx.groups)
+    grads = torch.autograd.grad(W, [inputs[i] for i in wanted], gW, create_graph=True, allow_unused=True)
+    g: list[Tensor | None] = [None] * 16
+    for i, gi in zip(wanted, grads):
+        g[i] = gi if gi is not None else torch.zeros_like(inputs[i])
+    return tuple(g)
+
+
 def orepa_kernel(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
                  scales: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
     """The OREPA kernel ``[O, Cg, K]`` (shapes as in :class:`OrepaKernel`): through the
@@ -289,7 +310,7 @@ def orepa_kernel(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Te
     build_orepa gives the parameters)."""
     w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
     inputs = (w0, a, p, q, w1, w2, dw, pw, *scales)
-    if _is_compiling():
+    if _is_compiling() or _is_transformed():  # tracers, torch.func and forward AD need plain ops
         return _forward(w0, a, p, q, w1, w2, dw, pw, scales, pats, groups)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return OrepaKernel.apply(*inputs, pats, groups)
