@@ -49,7 +49,7 @@ import torch.fx as fx
 from torch import nn
 
 from repcompiler import algebra as A
-from repcompiler.errors import UnsupportedError
+from repcompiler.errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult, graph_meta
 
@@ -83,10 +83,8 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 def check_options(scaling: str, init: str) -> None:
     """Raise :class:`UnsupportedError` for an unknown ``scaling`` or ``init``."""
-    if scaling not in SCALINGS:
-        raise UnsupportedError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-    if init not in INITS:
-        raise UnsupportedError(f"init must be one of {INITS}, got {init!r}")
+    check_choice("scaling", scaling, SCALINGS)
+    check_choice("init", init, INITS)
 
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch import nn
 
 from repcompiler import algebra as A
-from repcompiler.errors import UnsupportedError
+from repcompiler.errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult, graph_meta
 from .bn_to_scale import INITS, META_LINEARIZE, exit_bn
@@ -64,8 +64,7 @@ def make_post_bn(
     device: torch.device | str | None = None,
 ) -> nn.Module:
     """A new post-addition BN (see the module docstring for ``init``)."""
-    if init not in INITS:
-        raise UnsupportedError(f"init must be one of {INITS}, got {init!r}")
+    check_choice("init", init, INITS)
     if dims not in _BN_FOR_DIMS:
         raise UnsupportedError(f"post-BN: dims must be 1, 2 or 3, got {dims}")
     bn = _BN_FOR_DIMS[dims](channels, dtype=dtype, device=device)
@@ -97,8 +96,7 @@ class InsertPostBN(GraphPass):
     """
 
     def __init__(self, init: str = "default", enabled: bool = True) -> None:
-        if init not in INITS:
-            raise UnsupportedError(f"init must be one of {INITS}, got {init!r}")
+        check_choice("init", init, INITS)
         self.init = init
         self.enabled = enabled
 

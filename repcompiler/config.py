@@ -69,7 +69,7 @@ from torch import Tensor, nn
 
 from . import algebra as A
 from .blocks.registry import ConvGeometry, register_block
-from .errors import RegistrationError, UnsupportedError
+from .errors import RegistrationError, UnsupportedError, check_choice
 from .rules import LowerInfo, register_rule
 
 __all__ = [
@@ -412,8 +412,7 @@ class BlockConfig:
     def scaling(self, kind: str | None) -> "BlockConfig":
         """Fix the branch scaling (``"vector"``, ``"scalar"``, ``"none"``) whatever the
         transform asks for; ``None`` (the default) follows the transform's option."""
-        if kind is not None and kind not in _SCALINGS:
-            raise RegistrationError(f"block {self.name!r}: scaling must be one of {_SCALINGS} or None, got {kind!r}")
+        check_choice("scaling", kind, _SCALINGS, owner=f"block {self.name!r}", allow_none=True, error=RegistrationError)
         self._scaling = kind
         return self
 
@@ -486,11 +485,9 @@ class BlockConfig:
 
     def build(self, geom: ConvGeometry, *, mode: str = "online", scaling: str = "vector") -> A.Expr:
         """Build the block for ``geom`` (fresh parameters)."""
-        if mode not in _MODES:
-            raise UnsupportedError(f"block {self.name!r}: mode must be one of {_MODES}, got {mode!r}")
+        check_choice("mode", mode, _MODES, owner=f"block {self.name!r}")
         scaling = self._scaling or scaling
-        if scaling not in _SCALINGS:
-            raise UnsupportedError(f"block {self.name!r}: scaling must be one of {_SCALINGS}, got {scaling!r}")
+        check_choice("scaling", scaling, _SCALINGS, owner=f"block {self.name!r}")
         if not self._branches:
             raise RegistrationError(f"block {self.name!r} has no branches")
         for pred, reason in self._requires:

@@ -2,10 +2,13 @@
 
 Every error repcompiler raises on bad input is one of these, so callers can catch
 ``RepCompilerError`` and messages always name the operand (module, expression or
-graph node) and the reason.
+graph node) and the reason. :func:`check_choice` raises one for an option that is
+not among its allowed values.
 """
 
 from __future__ import annotations
+
+from typing import Collection
 
 __all__ = [
     "RepCompilerError",
@@ -15,6 +18,7 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "RegistrationError",
+    "check_choice",
 ]
 
 
@@ -44,3 +48,27 @@ class VerificationError(RepCompilerError):
 
 class RegistrationError(RepCompilerError):
     """A rule or block registration is invalid (e.g. a duplicate name without ``override``)."""
+
+
+def check_choice(
+    name: str,
+    value: object,
+    choices: Collection[object],
+    *,
+    owner: str | None = None,
+    allow_none: bool = False,
+    error: type[RepCompilerError] = UnsupportedError,
+) -> None:
+    """Raise ``error`` unless ``value`` is one of ``choices`` (or ``None``, if ``allow_none``).
+
+    The message names the option, the allowed values and the bad value, after
+    ``owner`` when given: ``check_choice("mode", "x", ("online", "offline"),
+    owner="block 'orepa'")`` raises ``UnsupportedError("block 'orepa': mode must be
+    one of ('online', 'offline'), got 'x'")``; with ``allow_none`` the allowed values
+    read ``... ('online', 'offline') or None``.
+    """
+    if (allow_none and value is None) or value in choices:
+        return
+    where = f"{owner}: " if owner else ""
+    or_none = " or None" if allow_none else ""
+    raise error(f"{where}{name} must be one of {tuple(choices)}{or_none}, got {value!r}")

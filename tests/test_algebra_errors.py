@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 import repcompiler.algebra as A
-from repcompiler.errors import IncompatibleError, InexactFoldError, RepCompilerError, UnsupportedError
+from repcompiler.errors import (
+    IncompatibleError,
+    InexactFoldError,
+    RegistrationError,
+    RepCompilerError,
+    UnsupportedError,
+    check_choice,
+)
 
 
 def w(*shape):
@@ -136,6 +143,21 @@ def test_misaligned_branch_outputs_raise_instead_of_broadcasting():
 def test_all_errors_are_repcompiler_errors():
     for exc in (IncompatibleError, UnsupportedError, InexactFoldError):
         assert issubclass(exc, RepCompilerError)
+
+
+def test_check_choice_names_owner_option_choices_and_value():
+    modes = ("online", "offline")
+    check_choice("mode", "online", modes)  # a good value passes
+    check_choice("mode", None, modes, allow_none=True)
+    with pytest.raises(UnsupportedError) as err:
+        check_choice("mode", "eager", modes, owner="block 'orepa'")
+    assert str(err.value) == "block 'orepa': mode must be one of ('online', 'offline'), got 'eager'"
+    with pytest.raises(UnsupportedError, match=r"^mode must be one of \('online', 'offline'\), got None$"):
+        check_choice("mode", None, modes)  # None is a bad value unless allowed
+    with pytest.raises(RegistrationError) as err:
+        check_choice("scaling", "matrix", ("vector", "scalar"), allow_none=True, error=RegistrationError)
+    assert str(err.value) == "scaling must be one of ('vector', 'scalar') or None, got 'matrix'"
+    assert not isinstance(err.value, UnsupportedError)
 
 
 def test_reason_messages_are_concise():

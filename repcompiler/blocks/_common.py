@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import algebra as A
-from ..errors import UnsupportedError
+from ..errors import check_choice
 from .registry import ConvGeometry
 
 __all__ = [
@@ -33,10 +33,8 @@ _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def check_options(block: str, geom: ConvGeometry, mode: str, scaling: str) -> None:
-    if mode not in MODES:
-        raise UnsupportedError(f"block {block!r}: mode must be one of {MODES}, got {mode!r}")
-    if scaling not in SCALINGS:
-        raise UnsupportedError(f"block {block!r}: scaling must be one of {SCALINGS}, got {scaling!r}")
+    check_choice("mode", mode, MODES, owner=f"block {block!r}")
+    check_choice("scaling", scaling, SCALINGS, owner=f"block {block!r}")
 
 
 def fresh_weight(*shape: int, fan_in: int | None = None) -> nn.Parameter:
