@@ -14,8 +14,12 @@ generated kernel is cached (detached) and regenerated only when a parameter or
 buffer changed: the cache key is every tensor's ``(data_ptr, _version, dtype,
 device)``, so optimizer steps, ``load_state_dict``, ``.to()``/``.double()`` and
 in-place edits all invalidate it. With grad enabled the kernel is always regenerated,
-so caching never cuts the autograd graph. The cache is not part of ``state_dict`` and
-is dropped when pickling.
+so caching never cuts the autograd graph; under ``torch.compile``, ``torch.func`` and
+forward-mode AD it is bypassed. The cache is not part of ``state_dict`` and is dropped
+when pickling and by every ``train()``/``eval()`` call. Edits through ``param.data``
+(``p.data.mul_(2)``) bypass the version counter, as they bypass autograd's checks: call
+``model.eval()`` again after them (in-place ops on the parameter itself, or on
+``state_dict()`` tensors as EMA helpers do, are seen).
 
 Its lowering rule makes it foldable by ``deploy``/``fold`` like any conv followed by a
 BN (:meth:`OnlineConv.deploy_expr`).
@@ -179,6 +183,13 @@ class OnlineConv(_ReparamBlock):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self._cache = None
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> "OnlineConv":
+        """As :meth:`nn.Module.train`; also drops the eval-mode kernel cache, so
+        ``model.eval()`` after editing parameters through ``.data`` (which the cache key,
+        the tensors' version counters, cannot see) regenerates the kernels."""
+        self._cache = None
+        return super().train(mode)
 
 
 class OfflineBlock(_ReparamBlock):

@@ -131,6 +131,29 @@ def test_eval_cache_regenerates_only_on_change():
     assert calls["n"] == n + 3
 
 
+def test_eval_cache_sees_ema_updates_and_drops_on_mode_switch():
+    """EMA helpers update ``state_dict()`` tensors in place (detached views: the version
+    counter moves, the cache regenerates). ``param.data`` edits do not move it; calling
+    ``eval()`` again drops the cache."""
+    m, src = (randomize_bn(make("orepa", geom2d(4, 6, 3), post_bn=False)).eval() for _ in range(2))
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+
+    def reference():
+        with torch.no_grad():
+            return m.generate().apply(x)
+
+    with torch.no_grad():
+        m(x)
+        for v, w in zip(m.state_dict().values(), src.state_dict().values()):
+            v.mul_(0.5).add_(w, alpha=0.5)  # an EMA step
+        assert torch.equal(m(x), reference())
+        for p in m.parameters():
+            p.data.mul_(1.5)  # invisible to version counters
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), reference())
+
+
 def test_module_deploy_equals_eval_output():
     for name in ["orepa", "orepa_1x1", "orepa_large", "dbb", "repvgg", "acnet"]:
         k = 7 if name == "orepa_large" else (1 if name == "orepa_1x1" else 3)
