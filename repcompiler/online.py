@@ -30,6 +30,7 @@ run unfolded on the feature map (a BN inside every branch uses batch statistics)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -66,6 +67,17 @@ def _is_transformed() -> bool:
     if peek is not None and peek() is not None:
         return True
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def _autocast_off(module: nn.Module) -> contextlib.AbstractContextManager:
+    """A context disabling autocast for ``module``'s device type, if it is enabled."""
+    p = next(module.parameters(), None)
+    device = p.device.type if p is not None else "cpu"
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        enabled = False
+    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
 
 
 class _ReparamBlock(nn.Module):
@@ -110,11 +122,15 @@ class OnlineConv(_ReparamBlock):
 
     # -- kernel generation -----------------------------------------------------------
     def generate(self) -> A.Kernel:
-        """Generate the folded kernel (differentiable in the branch parameters)."""
-        fast = getattr(self.expr, "fast_fold", None)
-        if fast is not None and getattr(self.expr, "has_fast_fold", True):
-            return fast()
-        return self.expr.fold(check=False)
+        """Generate the folded kernel (differentiable in the branch parameters), in the
+        parameters' dtype: autocast is off while the branches are summed (the conv that
+        applies the kernel still runs under it), so mixed-precision training rounds the
+        finished kernel once, as it rounds a plain conv's weight."""
+        with _autocast_off(self.expr):
+            fast = getattr(self.expr, "fast_fold", None)
+            if fast is not None and getattr(self.expr, "has_fast_fold", True):
+                return fast()
+            return self.expr.fold(check=False)
 
     def _key(self) -> tuple:
         return tuple(

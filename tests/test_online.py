@@ -168,6 +168,32 @@ def test_module_deploy_equals_eval_output():
             assert rel_err(off.to_conv()(x), off(x)) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", ["orepa", "repvgg", "dbb", "acnet"])
+def test_mixed_precision_training_step(block, dtype):
+    """Under autocast the kernel is generated in the parameters' dtype (bit-equal to the
+    kernel without autocast) and only the conv that applies it runs in low precision."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.ReLU(),
+                                nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8))
+    import repcompiler as rc
+
+    m = randomize_bn(rc.orepa_transform(model, block=block)).train()
+    blocks = [b for b in m.modules() if isinstance(b, OnlineConv)]
+    x, r = torch.randn(2, 3, 12, 12), torch.randn(2, 8, 12, 12)
+    want = [b.generate().weight for b in blocks]
+    ref = m(x)
+    with torch.autocast("cpu", dtype=dtype):
+        got = [b.generate().weight for b in blocks]
+        y = m(x)
+    assert y.dtype == dtype
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert rel_err(y.float(), ref) < 3e-2
+    (y.float() * r).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype and p.grad.isfinite().all()
+               for b in blocks for p in b.expr.parameters() if p.requires_grad)
+
+
 def test_float32_deploy_relative_error():
     m = make("orepa", geom2d(16, 32, 3), double=False).eval()
     randomize_bn(m)
