@@ -21,7 +21,7 @@ from .errors import TraceError
 from .fold import _as_inputs, _compare_outputs, compile_folds
 from .report import FoldReport
 from .rules import RuleRegistry
-from .tracing import trace_model
+from .tracing import check_model, trace_model
 
 __all__ = ["deploy"]
 
@@ -51,6 +51,7 @@ def deploy(
     running means (:class:`passes.push_bias.PushBias`, exact), so DenseNet-style models
     deploy with exactly the plain parameter count. With ``example_inputs`` and ``verify``
     the whole model is checked before and after that step."""
+    check_model(model, "deploy")
     names = [n for n, m in model.named_modules() if getattr(m, "bias_from_inserted_bn", False)]
     out = compile_folds(model, example_inputs, inplace=inplace, verify=verify,
                         return_report=return_report, rules=rules, title="deploy",

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten
 from .errors import RepCompilerError, TraceError, UnsupportedError, VerificationError
 from .report import FoldReport, count_convs, count_params
 from .rules import RuleRegistry, default_rules
-from .tracing import TracedUnit, trace_model, trace_units
+from .tracing import TracedUnit, check_model, trace_model, trace_units
 
 __all__ = ["fold", "compile_folds"]
 
@@ -117,10 +117,7 @@ def compile_folds(
 ) -> nn.Module | tuple[nn.Module, FoldReport]:
     """The machinery behind :func:`fold` and :func:`repcompiler.deploy`."""
     t0 = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise UnsupportedError(f"{title} expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise UnsupportedError(f"{title}: TorchScript modules cannot be traced with torch.fx; pass the eager model")
+    check_model(model, title)
     inputs = _as_inputs(example_inputs)
     rules = rules if rules is not None else default_rules
     report = FoldReport(title=title)

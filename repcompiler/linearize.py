@@ -89,7 +89,7 @@ import operator
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -101,7 +101,7 @@ from .fold import _compare_outputs
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
 from .rules import LowerInfo, RuleRegistry, default_rules
-from .tracing import trace_model, trace_units
+from .tracing import check_model, trace_model, trace_units
 
 __all__ = [
     "linearize",
@@ -861,8 +861,7 @@ def linearize(
         The linearized model (same training/eval mode as ``model``), and the report.
     """
     t0 = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise UnsupportedError(f"linearize expects an nn.Module, got {type(model).__name__}")
+    check_model(model, "linearize")
     from passes.bn_to_scale import check_options
 
     check_options(scaling, init)

@@ -329,8 +329,6 @@ def _per_channel(value: Any, info: LowerInfo) -> Any:
 
 
 def _lower_mul(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
-    import torch
-
     if len(call.args) != 2 or call.kwargs:
         return None
     other = call.args[1] if call.args[0] is INPUT else call.args[0]
@@ -344,8 +342,6 @@ def _lower_mul(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
 
 
 def _lower_div(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
-    import torch
-
     if len(call.args) != 2 or call.kwargs or call.args[0] is not INPUT:
         return None
     v = _per_channel(call.args[1], info)

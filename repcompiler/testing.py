@@ -493,7 +493,7 @@ def _check_block_case(
     offline = OfflineBlock(expr, post, block=name)
     online.eval()
     offline.eval()
-    c, d = geom.in_channels, geom.dims
+    c = geom.in_channels
     sizes = [size, tuple(s + 1 for s in size)]
     xs = [torch.randn(2, c, *s, generator=g, dtype=torch.float64) for s in sizes]
     conv = None

@@ -57,15 +57,15 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
-import torch
 from torch import nn
 
 from .blocks import ConvGeometry, build_block, get_block
-from .errors import RepCompilerError, UnsupportedError
+from .errors import RegistrationError, RepCompilerError, UnsupportedError
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
+from .tracing import check_model
 
 __all__ = ["orepa_transform", "Policy", "default_block_for"]
 
@@ -187,21 +187,33 @@ def default_block_for(geom: ConvGeometry, *, block: str = "orepa", first: bool =
     return "orepa"
 
 
+def _checked_choice(choice: object, name: str) -> str | None:
+    """A policy's answer for conv ``name``: ``None``/``False`` (skip), ``True``/"default"
+    (the default policy) or a registered block name; anything else is the policy's
+    mistake, not the conv's, and raises (a typo must not silently leave convs plain)."""
+    if choice is None or choice is False:
+        return None
+    if choice is True or choice == "default":
+        return "default"
+    if not isinstance(choice, str):
+        raise UnsupportedError(f"policy for conv {name!r}: expected a block name, None, True or False, got {choice!r}")
+    try:
+        get_block(choice)
+    except RegistrationError as exc:
+        raise RegistrationError(f"policy for conv {name!r}: {exc}") from None
+    return choice
+
+
 def _policy_choice(policy: Policy, name: str, conv: nn.Module) -> tuple[str | None, bool]:
     """``(choice, decided)``: ``choice`` a block name, ``None`` (skip) or "default"."""
     if policy is None:
         return "default", False
     if callable(policy) and not isinstance(policy, Mapping):
-        out = policy(name, conv)
-        if out is True:
-            out = "default"
-        if out is False:
-            out = None
-        return out, True
+        return _checked_choice(policy(name, conv), name), True
     if isinstance(policy, Mapping):
         for pattern, choice in policy.items():
             if fnmatch.fnmatchcase(name, pattern):
-                return choice, True
+                return _checked_choice(choice, name), True
         return "default", False
     if isinstance(policy, (list, tuple, set, frozenset)):
         for pattern in policy:
@@ -250,6 +262,7 @@ def orepa_transform(
     Returns:
         The transformed model (and the report).
     """
+    check_model(model, "orepa_transform")
     if mode not in ("online", "offline"):
         raise UnsupportedError(f"mode must be 'online' or 'offline', got {mode!r}")
     if scaling not in ("vector", "scalar", "none"):

@@ -15,7 +15,6 @@ remainder). Properties:
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -24,7 +23,6 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import repcompiler.algebra as A
 from algebra_strategies import float_copy, trees, working_size
 from helpers import rel_err
 from repcompiler.errors import IncompatibleError, InexactFoldError

@@ -11,7 +11,7 @@ import repcompiler
 from repcompiler import algebra as A
 from repcompiler.errors import RepCompilerError, UnsupportedError, VerificationError
 from repcompiler.online import OfflineBlock, OnlineConv
-from repcompiler.rules import RuleRegistry, default_rules
+from repcompiler.rules import default_rules
 from fixtures_blocks import count_convs, randomize_bn
 
 

@@ -349,7 +349,7 @@ def test_inplace_and_copy():
     net = nn.Sequential(fb.RepVGGBlock(8, 8), nn.Flatten(), nn.LazyLinear(3) if False else nn.Identity())
     keys = set(net.state_dict())
     lin = linearize(net)
-    assert set(net.state_dict()) == keys and n_online(net) == 0
+    assert set(net.state_dict()) == keys and n_online(net) == 0 and n_online(lin) == 1
     same = linearize(net, inplace=True)
     assert same is net and n_online(net) == 1
 

@@ -7,7 +7,6 @@ import torch
 import torchvision
 from torch import nn
 
-import repcompiler
 from repcompiler.errors import TraceError
 from repcompiler.online import OnlineConv
 from repcompiler.tracing import RepTracer, trace_model, trace_units

@@ -3,9 +3,6 @@ unsupported convs, names/state_dict/pickling, training, deploy."""
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,6 +117,27 @@ def test_options_offline_scaling_post_bn():
         orepa_transform(model, mode="sideways")
     with pytest.raises(rc.RepCompilerError):
         orepa_transform(model, block="no-such-block")
+
+
+def test_policy_mistakes_raise_naming_the_conv():
+    """An unknown block name or a junk answer is the policy's mistake: it raises (a typo
+    must not silently leave a conv plain), naming the conv."""
+    model = TinyNet()
+    with pytest.raises(rc.RegistrationError, match=r"policy for conv 'body.5': no block named 'dbbb'"):
+        orepa_transform(model, policy={"body.5": "dbbb"})
+    with pytest.raises(rc.UnsupportedError, match=r"policy for conv 'stem': expected a block name.*got 3"):
+        orepa_transform(model, policy=lambda name, m: 3)
+    out = orepa_transform(model, policy=lambda name, m: name.startswith("body.0") or "repvgg")
+    assert blocks_of(out)["body.0"] == "orepa" and blocks_of(out)["body.5"] == "repvgg"
+
+
+@pytest.mark.parametrize("entry", ["orepa_transform", "deploy", "fold", "linearize"])
+def test_entry_points_refuse_what_fx_cannot_trace(entry):
+    fn = getattr(rc, entry)
+    with pytest.raises(rc.UnsupportedError, match=f"{entry} expects an nn.Module, got function"):
+        fn(lambda x: x)
+    with pytest.raises(rc.UnsupportedError, match=f"{entry}: TorchScript modules cannot be traced"):
+        fn(torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))
 
 
 def test_unsupported_and_nothing_eligible():

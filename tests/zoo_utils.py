@@ -60,7 +60,6 @@ def build(name: str, group: str) -> nn.Module:
 def input_for(name: str, group: str, batch: int = 1):
     g = torch.Generator().manual_seed(0)
     if group == "video":
-        size = 32 if name.startswith(("mvit", "s3d")) else 16
         t = 16 if name.startswith("mvit") else (8 if name == "s3d" else 4)
         hw = 224 if name.startswith(("mvit", "swin3d", "s3d")) else 32
         if name == "s3d":
