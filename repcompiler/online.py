@@ -8,12 +8,12 @@ on that conv's output. If the expression offers a ``fast_fold()`` (the built-in 
 blocks do: a specialised generator that the tests prove equal to ``fold()``), it is
 used; otherwise the generic ``fold()``.
 
-Kernel cache: in eval mode, when no gradient can flow to the branch parameters
-(``torch.no_grad()``/``inference_mode()`` or no parameter requiring grad), the
-generated kernel is cached (detached) and regenerated only when a parameter or
-buffer changed: the cache key is every tensor's ``(data_ptr, _version, dtype,
+Kernel cache: when no gradient can flow to the branch parameters
+(``torch.no_grad()``/``inference_mode()`` or no parameter requiring grad: evaluation, or
+training with the block frozen, in eval or training mode), the generated kernel is
+cached (detached) and regenerated only when a parameter or buffer changed: the cache key is every tensor's ``(data_ptr, _version, dtype,
 device)``, so optimizer steps, ``load_state_dict``, ``.to()``/``.double()`` and
-in-place edits all invalidate it. With grad enabled the kernel is always regenerated,
+in-place edits all invalidate it. When a gradient can flow the kernel is always regenerated,
 so caching never cuts the autograd graph; under ``torch.compile``, ``torch.func`` and
 forward-mode AD it is bypassed. The cache is not part of ``state_dict`` and is dropped
 when pickling and by every ``train()``/``eval()`` call. Edits through ``param.data``
@@ -139,10 +139,7 @@ class OnlineConv(_ReparamBlock):
         )
 
     def kernel(self) -> A.Kernel:
-        """The current kernel: cached in eval mode when no grad can flow (see module doc)."""
-        if self.training:
-            self._cache = None
-            return self.generate()
+        """The current kernel: cached when no grad can flow (see module doc)."""
         if _is_compiling() or _is_transformed():
             # torch.compile / torch.export trace the generation itself (the cache key reads
             # data pointers, which a tracer cannot); the compiled graph is the cache. Under
@@ -151,6 +148,7 @@ class OnlineConv(_ReparamBlock):
             return self.generate()
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.expr.parameters())
         if needs_grad:
+            self._cache = None  # a kernel-sized tensor per block, not needed while training
             return self.generate()
         try:
             key = self._key()

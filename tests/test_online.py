@@ -124,11 +124,36 @@ def test_eval_cache_regenerates_only_on_change():
     m(x).sum().backward()
     assert calls["n"] == n + 1
     assert m.expr.terms[0].terms[0].weight.grad is not None
-    # training mode never caches
+    # training mode with gradients flowing never caches
     m.train()
     m(x)
     m(x)
     assert calls["n"] == n + 3
+
+
+def test_frozen_block_in_training_mode_uses_the_cache():
+    """Fine-tuning with a frozen online backbone: the kernel is generated once, not every
+    step; the post-BN still trains (batch statistics); unfreezing regenerates."""
+    m = make("orepa", geom2d(4, 6, 3)).train()
+    ref = copy.deepcopy(m)
+    m.expr.requires_grad_(False)
+    calls = {"n": 0}
+    orig = m.generate
+
+    def counting():
+        calls["n"] += 1
+        return orig()
+
+    m.generate = counting
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for _ in range(3):
+        y = m(x)
+        assert torch.equal(y, ref(x))  # same kernel, same batch-statistics BN
+    assert calls["n"] == 1 and y.requires_grad  # the post-BN's affine still trains
+    assert torch.equal(m.post_bn.running_mean, ref.post_bn.running_mean)
+    m.expr.requires_grad_(True)
+    m(x).sum().backward()
+    assert calls["n"] == 2 and all(p.grad is not None for p in m.expr.parameters())
 
 
 def test_eval_cache_sees_ema_updates_and_drops_on_mode_switch():
