@@ -21,7 +21,8 @@ from .errors import TraceError
 from .fold import _as_inputs, _compare_outputs, compile_folds
 from .report import FoldReport
 from .rules import RuleRegistry
-from .tracing import check_model, trace_model
+from .entry import check_model
+from .tracing import trace_model
 
 __all__ = ["deploy"]
 

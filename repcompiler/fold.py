@@ -33,7 +33,6 @@ against its original modules before the model is touched.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import inspect
 import logging
@@ -49,7 +48,8 @@ from torch.utils._pytree import tree_flatten
 from .errors import RepCompilerError, TraceError, UnsupportedError, VerificationError
 from .report import FoldReport, count_convs, count_params
 from .rules import RuleRegistry, default_rules
-from .tracing import TracedUnit, check_model, trace_model, trace_units
+from .entry import check_model, copy_model
+from .tracing import TracedUnit, trace_model, trace_units
 
 __all__ = ["fold", "compile_folds"]
 
@@ -124,7 +124,7 @@ def compile_folds(
     report.convs_before = count_convs(model)
     report.params_before = count_params(model)
 
-    work = model if inplace else copy.deepcopy(model)
+    work = copy_model(model, title, inplace)
     work.eval()
     traced = trace_units(work, rules=rules)
     report.skipped = list(traced.skipped)

@@ -83,7 +83,6 @@ module a tracer leaf for ``fold`` too).
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import sys
@@ -101,7 +100,8 @@ from .fold import _compare_outputs
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
 from .rules import LowerInfo, RuleRegistry, default_rules
-from .tracing import check_model, trace_model, trace_units
+from .entry import check_model, copy_model
+from .tracing import trace_model, trace_units
 
 __all__ = [
     "linearize",
@@ -870,7 +870,7 @@ def linearize(
     want = None
     if example_inputs is not None and verify and init == "from_bn":
         want = _forward_eval(model, example_inputs)
-    work = model if inplace else copy.deepcopy(model)
+    work = copy_model(model, "linearize", inplace)
     linearize_regions(work, scaling=scaling, post_bn=post_bn, init=init, rules=rules, verify=verify, report=report)
     if example_inputs is not None and verify:
         got = _forward_eval(work, example_inputs)

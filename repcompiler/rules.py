@@ -90,6 +90,11 @@ class RuleRegistry:
         return self.lookup(module) is not None
 
     def lower_module(self, module: nn.Module, info: LowerInfo) -> A.Expr | None:
+        """The module's expression, or ``None`` (opaque): no rule, the rule declines, or the
+        module has forward hooks (they may change what it computes, and a fold would drop
+        them; hook-based ``spectral_norm``/``weight_norm`` recompute the weight in one)."""
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
         rule = self.lookup(module)
         return None if rule is None else rule(module, info)
 

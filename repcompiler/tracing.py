@@ -30,14 +30,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError, UnsupportedError
+from .errors import TraceError
 from .rules import RuleRegistry, default_rules
 
-__all__ = ["RepTracer", "TracedUnit", "TraceResult", "check_model", "trace_model", "trace_units", "count_convs"]
+__all__ = ["RepTracer", "TracedUnit", "TraceResult", "trace_model", "trace_units", "count_convs"]
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +89,6 @@ class RepTracer(fx.Tracer):
         if self.extra_leaves and isinstance(m, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
-
-
-def check_model(model: object, title: str) -> None:
-    """Raise :class:`UnsupportedError` unless ``model`` is an eager ``nn.Module`` (the
-    entry points trace it with torch.fx, which cannot trace TorchScript)."""
-    if not isinstance(model, nn.Module):
-        raise UnsupportedError(f"{title} expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise UnsupportedError(f"{title}: TorchScript modules cannot be traced with torch.fx; pass the eager model")
 
 
 def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()) -> fx.GraphModule:

@@ -51,7 +51,6 @@ with one entry per conv: action ``"transformed"`` (``details["block"]``,
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 import time
@@ -60,12 +59,13 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .blocks import ConvGeometry, build_block, get_block
 from .errors import RegistrationError, RepCompilerError, UnsupportedError
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
-from .tracing import check_model
+from .entry import check_model, copy_model
 
 __all__ = ["orepa_transform", "Policy", "default_block_for"]
 
@@ -170,6 +170,11 @@ def _unsupported_reason(m: nn.Module) -> str | None:
         return f"padding_mode={m.padding_mode!r} (only 'zeros' folds into a plain conv)"
     if type(m).forward not in _CONV_FORWARDS:
         return f"{type(m).__name__} overrides forward (its computation is not a plain conv)"
+    if parametrize.is_parametrized(m):
+        names = ", ".join(m.parametrizations.keys())  # type: ignore[union-attr]
+        return f"parametrized {names} (e.g. spectral_norm, weight_norm): a block would drop the parametrization"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return "has forward hooks (e.g. hook-based spectral_norm, weight_norm): a block would drop them"
     return None
 
 
@@ -270,7 +275,7 @@ def orepa_transform(
     if block != "orepa":
         get_block(block)  # raises for an unknown name
     t0 = time.perf_counter()
-    work = model if inplace else copy.deepcopy(model)
+    work = copy_model(model, "orepa_transform", inplace)
     report = TransformReport(title="orepa_transform", convs_before=count_convs(work), params_before=count_params(work))
 
     # Existing multi-branch blocks (RepVGG, DBB, ACNet, MobileOne, ...; issue 7): each is

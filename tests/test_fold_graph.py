@@ -239,6 +239,37 @@ def test_weight_standardized_conv_subclass_is_opaque():
     assert _eq(folded(x), m(x))
 
 
+def test_hooked_modules_are_opaque_and_parametrized_weights_fold():
+    """A forward hook may change what a module computes and a fold would drop it, so a
+    hooked conv or BN is left as it is (hook-based spectral_norm recomputes the weight in
+    a pre-hook); a parametrized weight (torch.nn.utils.parametrizations) is read through
+    the parametrization, so it folds, with its current value."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+
+    def net():
+        return randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).double()).eval()
+
+    hooked = net()
+    hooked[0].register_forward_hook(lambda mod, inp, out: 2 * out)
+    folded = repcompiler.fold(hooked)
+    assert count_convs(folded) == 1 and isinstance(folded[1], nn.BatchNorm2d)
+    assert _eq(folded(x), hooked(x))
+    pre = net()
+    pre[1].register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
+    assert _eq(repcompiler.fold(pre)(x), pre(x))
+    old_sn = net()
+    nn.utils.spectral_norm(old_sn[0])
+    want = old_sn(x)  # hook-based: the forward computes the normalised weight (a non-leaf
+    folded = repcompiler.fold(old_sn, inplace=True)  # attribute: the model cannot be copied)
+    assert isinstance(folded[1], nn.BatchNorm2d) and _eq(folded(x), want)
+    new_sn = net()
+    nn.utils.parametrizations.spectral_norm(new_sn[0])
+    with torch.no_grad():
+        want = new_sn(x)
+    folded = repcompiler.fold(new_sn)
+    assert isinstance(folded[1], nn.Identity) and _eq(folded(x), want)
+
+
 def test_report_table_lists_regions():
     from fixtures_blocks import RepVGGNet
 

@@ -3,6 +3,8 @@ unsupported convs, names/state_dict/pickling, training, deploy."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,6 +140,33 @@ def test_entry_points_refuse_what_fx_cannot_trace(entry):
         fn(lambda x: x)
     with pytest.raises(rc.UnsupportedError, match=f"{entry}: TorchScript modules cannot be traced"):
         fn(torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))
+
+
+def test_parametrized_hooked_and_uncopyable_convs():
+    """A block would drop a conv's weight parametrization or forward hooks (spectral or
+    weight norm, either API): such convs are refused with the reason. A model that cannot
+    be deep-copied (hook-based weight_norm holds a non-leaf tensor) raises, pointing at
+    inplace=True."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+
+    for wrap, reason in [(nn.utils.parametrizations.spectral_norm, "parametrized weight"),
+                         (nn.utils.parametrizations.weight_norm, "parametrized weight"),
+                         (nn.utils.spectral_norm, "forward hooks")]:
+        model = net()
+        wrap(model[0])
+        out, rep = orepa_transform(model, return_report=True)
+        refused = {e.name: e.reason for e in rep.by_action("refused")}
+        assert set(refused) == {"0"} and reason in refused["0"], refused
+        assert isinstance(out[0], nn.Conv2d) and isinstance(out[3], OnlineConv)
+    model = net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates the hook-based weight_norm
+        nn.utils.weight_norm(model[0])
+    with pytest.raises(rc.UnsupportedError, match="cannot copy Sequential.*inplace=True"):
+        orepa_transform(model)
+    same, rep = orepa_transform(model, inplace=True, return_report=True)
+    assert same is model and "forward hooks" in rep.by_action("refused")[0].reason
 
 
 def test_unsupported_and_nothing_eligible():
