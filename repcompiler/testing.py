@@ -13,7 +13,10 @@ development dependency, imported only when a check runs)::
 
 Everything runs in float64, in eval mode, with randomized parameters and non-trivial
 BatchNorm statistics (running mean/var and affine parameters), so a zero-initialised
-branch or an identity BN cannot hide a mistake.
+branch or an identity BN cannot hide a mistake. The two randomizers are public, for
+your own equivalence tests: :func:`randomize_bn` (with knobs for the ranges, e.g.
+``randomize_bn(model, mean_std=0.1, flip_prob=0.0)`` for deep float32 models) and
+:func:`randomize_module`.
 
 **check_block** properties, per generated conv geometry and per mode
 (``"online"``/``"offline"``):
@@ -143,23 +146,75 @@ class CheckResult:
 # -- randomization ------------------------------------------------------------------------
 
 
-def randomize_bn(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+def randomize_bn(
+    module: nn.Module,
+    generator: torch.Generator | None = None,
+    *,
+    mean_std: float = 0.5,
+    var_range: tuple[float, float] = (0.5, 2.0),
+    bias_std: float = 0.5,
+    flip_prob: float = 0.15,
+    skip_untracked: bool = False,
+    draw_dtype: torch.dtype = torch.float64,
+) -> nn.Module:
     """Give every BatchNorm in ``module`` non-trivial running statistics and affine
-    parameters (mean ~ N(0, 0.5), var in [0.5, 2], gamma in +-[0.5, 1.5], beta ~ N(0, 0.5))."""
+    parameters, so that an identity BN cannot hide a mistake. Returns ``module``.
+
+    Per BN (any ``_BatchNorm``, e.g. ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), in
+    ``module.modules()`` order:
+
+    * ``running_mean`` normal (mean 0, standard deviation ``mean_std``) and
+      ``running_var`` uniform in ``var_range``, when the BN tracks running statistics;
+    * ``weight`` uniform in [0.5, 1.5], its sign flipped on each channel with
+      probability ``flip_prob``;
+    * ``bias`` normal (mean 0, standard deviation ``bias_std``).
+
+    Args:
+        module: a model, or a single BatchNorm.
+        generator: where the random numbers come from (default: a new generator
+            seeded with 0, so the result is deterministic). Pass your own to chain
+            draws, e.g. after :func:`randomize_module`.
+        mean_std: standard deviation of the running means.
+        var_range: ``(low, high)``, the range of the running variances (``low > 0``).
+        bias_std: standard deviation of the BN biases (beta).
+        flip_prob: probability that a channel's weight (gamma) is negative; ``0``
+            keeps every gamma positive (and draws no signs).
+        skip_untracked: leave a BN with ``track_running_stats=False`` as it is (by
+            default it still gets random affine parameters).
+        draw_dtype: the floating dtype the numbers are drawn in; they are copied into
+            each tensor's own dtype and device. ``float32`` draws give other values
+            (same distributions) for the same generator state.
+    """
+    lo, hi = (float(v) for v in var_range)
+    if not 0.0 < lo <= hi:
+        raise UnsupportedError(f"randomize_bn: var_range must satisfy 0 < low <= high, got {var_range}")
+    if not 0.0 <= flip_prob <= 1.0:
+        raise UnsupportedError(f"randomize_bn: flip_prob must be in [0, 1], got {flip_prob}")
+    if not draw_dtype.is_floating_point:
+        raise UnsupportedError(f"randomize_bn: draw_dtype must be a floating dtype, got {draw_dtype}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def rand(c: int) -> Tensor:
+        return torch.rand(c, generator=g, dtype=draw_dtype)
+
+    def randn(c: int) -> Tensor:
+        return torch.randn(c, generator=g, dtype=draw_dtype)
+
     with torch.no_grad():
         for m in module.modules():
             if not isinstance(m, nn.modules.batchnorm._BatchNorm):
                 continue
             c = m.num_features
             if m.running_mean is not None:
-                m.running_mean.copy_(0.5 * torch.randn(c, generator=g, dtype=torch.float64))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g, dtype=torch.float64))
+                m.running_mean.copy_(mean_std * randn(c))
+                m.running_var.copy_(lo + (hi - lo) * rand(c))
+            elif skip_untracked:
+                continue
             if m.weight is not None:
-                sign = torch.where(torch.rand(c, generator=g) < 0.15, -1.0, 1.0).double()
-                m.weight.copy_(sign * (0.5 + torch.rand(c, generator=g, dtype=torch.float64)))
+                sign = torch.where(rand(c) < flip_prob, -1.0, 1.0).to(draw_dtype) if flip_prob else 1.0
+                m.weight.copy_(sign * (0.5 + rand(c)))
             if m.bias is not None:
-                m.bias.copy_(0.5 * torch.randn(c, generator=g, dtype=torch.float64))
+                m.bias.copy_(bias_std * randn(c))
     return module
 
 

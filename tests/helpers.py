@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+import repcompiler.testing as rct
 
 __all__ = ["autograd_node_names", "randomize_bn", "rel_err"]
 
@@ -14,54 +16,27 @@ def randomize_bn(
     module: nn.Module,
     seed: int = 0,
     *,
-    mean_std: float = 0.5,
-    var_range: tuple[float, float] = (0.5, 2.0),
-    bias_std: float = 0.5,
-    flip_prob: float = 0.15,
-    skip_untracked: bool = False,
-    draw_dtype: torch.dtype = torch.float64,
     extra: Callable[[nn.Module, torch.Generator], None] | None = None,
+    **settings: Any,
 ) -> nn.Module:
-    """Give every BatchNorm in ``module`` non-trivial statistics and affine parameters.
-
-    ``running_mean`` ~ N(0, ``mean_std``), ``running_var`` uniform in ``var_range``,
-    ``weight`` in [0.5, 1.5] with its sign flipped on each channel with probability
-    ``flip_prob``, ``bias`` ~ N(0, ``bias_std``). A BN with ``track_running_stats=False``
-    still gets random affine parameters, unless ``skip_untracked`` (then it is left as
-    it is). Random numbers are drawn in ``draw_dtype`` from one generator seeded with
-    ``seed`` (deterministic) and copied into each tensor's own dtype/device.
+    """:func:`repcompiler.testing.randomize_bn` (which documents the ``settings``:
+    ``mean_std``, ``var_range``, ``bias_std``, ``flip_prob``, ``skip_untracked``,
+    ``draw_dtype``) with one generator seeded with ``seed`` (deterministic).
 
     ``extra(m, generator)``, if given, is called on every other submodule, in
     ``module.modules()`` order with the same generator, so a fixture can randomize its
-    own zero-initialised layers too (``fixtures_blocks``). The defaults are this
-    module's; ``fixtures_blocks`` and ``zoo_utils`` bind their own. Returns ``module``.
+    own zero-initialised layers too (``fixtures_blocks``). The defaults are the
+    library's; ``fixtures_blocks`` and ``zoo_utils`` bind their own. Returns ``module``.
     """
     g = torch.Generator().manual_seed(seed)
-    var_lo, var_hi = var_range
-
-    def rnd(c: int) -> Tensor:
-        return torch.rand(c, generator=g, dtype=draw_dtype)
-
-    def rn(c: int) -> Tensor:
-        return torch.randn(c, generator=g, dtype=draw_dtype)
-
+    if extra is None:
+        return rct.randomize_bn(module, g, **settings)
     with torch.no_grad():
         for m in module.modules():
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if extra is not None:
-                    extra(m, g)
-                continue
-            c = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_(mean_std * rn(c))
-                m.running_var.copy_(var_lo + (var_hi - var_lo) * rnd(c))
-            elif skip_untracked:
-                continue
-            if m.weight is not None:
-                sign = torch.where(rnd(c) < flip_prob, -1.0, 1.0).to(draw_dtype) if flip_prob else 1.0
-                m.weight.copy_(sign * (0.5 + rnd(c)))
-            if m.bias is not None:
-                m.bias.copy_(bias_std * rn(c))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                rct.randomize_bn(m, g, **settings)
+            else:
+                extra(m, g)
     return module
 
 

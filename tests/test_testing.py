@@ -1,5 +1,6 @@
 """``repcompiler.testing.check_block`` / ``check_rule``: they pass on correct
-registrations and catch broken ones, naming the property and the geometry."""
+registrations and catch broken ones, naming the property and the geometry; and
+``randomize_bn``'s settings."""
 
 from __future__ import annotations
 
@@ -317,3 +318,26 @@ def test_check_rule_passes_on_builtin_rules(target, make, dims):
         target = type(_frozen_bn(1))
     res = check_rule(target, make_module=make, dims=dims, max_examples=5, derandomize=True)
     assert res.accepted == 5 and "fold(model) == model" in res.properties
+
+
+# -- randomize_bn -------------------------------------------------------------------------------
+
+
+def test_randomize_bn_settings():
+    def net():
+        return nn.Sequential(nn.BatchNorm2d(64), nn.BatchNorm1d(64, track_running_stats=False)).double()
+
+    a, b = net(), rc.testing.randomize_bn(net(), torch.Generator().manual_seed(0))  # positional generator
+    rc.testing.randomize_bn(a)  # default: a generator seeded with 0
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (a[0].weight < 0).any() and (a[1].weight < 0).any()  # signs flipped; untracked BN randomized
+
+    m = rc.testing.randomize_bn(net(), mean_std=0.0, var_range=(2.0, 3.0), bias_std=0.0, flip_prob=0.0,
+                                skip_untracked=True, draw_dtype=torch.float32)
+    assert not m[0].running_mean.any() and not m[0].bias.any()
+    assert ((m[0].running_var >= 2.0) & (m[0].running_var <= 3.0)).all()
+    assert ((m[0].weight >= 0.5) & (m[0].weight <= 1.5)).all()
+    assert torch.equal(m[1].weight, torch.ones(64, dtype=torch.float64))  # skipped
+    for bad in (dict(var_range=(0.0, 1.0)), dict(flip_prob=1.5), dict(draw_dtype=torch.int64)):
+        with pytest.raises(rc.UnsupportedError, match="randomize_bn"):
+            rc.testing.randomize_bn(net(), **bad)
