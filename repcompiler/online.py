@@ -11,15 +11,16 @@ used; otherwise the generic ``fold()``.
 Kernel cache: when no gradient can flow to the branch parameters
 (``torch.no_grad()``/``inference_mode()`` or no parameter requiring grad: evaluation, or
 training with the block frozen, in eval or training mode), the generated kernel is
-cached (detached) and regenerated only when a parameter or buffer changed: the cache key is every tensor's ``(data_ptr, _version, dtype,
-device)``, so optimizer steps, ``load_state_dict``, ``.to()``/``.double()`` and
-in-place edits all invalidate it. When a gradient can flow the kernel is always regenerated,
-so caching never cuts the autograd graph; under ``torch.compile``, ``torch.func`` and
-forward-mode AD it is bypassed. The cache is not part of ``state_dict`` and is dropped
-when pickling and by every ``train()``/``eval()`` call. Edits through ``param.data``
-(``p.data.mul_(2)``) bypass the version counter, as they bypass autograd's checks: call
-``model.eval()`` again after them (in-place ops on the parameter itself, or on
-``state_dict()`` tensors as EMA helpers do, are seen).
+cached (detached) and regenerated only when a parameter or buffer changed: the cache key
+is every tensor's ``(data_ptr, _version, dtype, device)``, so optimizer steps,
+``load_state_dict``, ``.to()``/``.double()`` and in-place edits all invalidate it. When
+a gradient can flow the kernel is always regenerated, so caching never cuts the autograd
+graph; under ``torch.compile``, ``torch.func`` and forward-mode AD it is bypassed. The
+cache is not part of ``state_dict`` and is dropped when pickling and by every
+``train()``/``eval()`` call. Edits through ``param.data`` (``p.data.mul_(2)``) bypass
+the version counter, as they bypass autograd's checks: call ``model.eval()`` again after
+them (in-place ops on the parameter itself, or on ``state_dict()`` tensors as EMA
+helpers do, are seen).
 
 Its lowering rule makes it foldable by ``deploy``/``fold`` like any conv followed by a
 BN (:meth:`OnlineConv.deploy_expr`).
@@ -61,7 +62,7 @@ def _is_compiling() -> bool:
 def _is_transformed() -> bool:
     """Whether a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...) or a forward-mode
     AD level (``torch.autograd.forward_ad.dual_level``) is active: both follow tensors the
-    eval-mode kernel cache cannot see (batched, wrapped or dual parameters)."""
+    kernel cache cannot see (batched, wrapped or dual parameters)."""
     functorch = getattr(torch._C, "_functorch", None)
     peek = getattr(functorch, "peek_interpreter_stack", None)
     if peek is not None and peek() is not None:
@@ -75,7 +76,9 @@ def _autocast_off(module: nn.Module) -> contextlib.AbstractContextManager:
     device = p.device.type if p is not None else "cpu"
     try:
         enabled = torch.is_autocast_enabled(device)
-    except (TypeError, RuntimeError):  # a device type autocast does not know
+    except TypeError:  # torch < 2.4: no per-device query
+        enabled = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know
         enabled = False
     return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
 
@@ -199,7 +202,7 @@ class OnlineConv(_ReparamBlock):
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> "OnlineConv":
-        """As :meth:`nn.Module.train`; also drops the eval-mode kernel cache, so
+        """As :meth:`nn.Module.train`; also drops the kernel cache, so
         ``model.eval()`` after editing parameters through ``.data`` (which the cache key,
         the tensors' version counters, cannot see) regenerates the kernels."""
         self._cache = None

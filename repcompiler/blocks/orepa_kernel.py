@@ -293,7 +293,7 @@ def _differentiable_backward(ctx: Any, gW: Tensor) -> tuple[Tensor | None, ...]:
     higher-order derivatives take this path."""
     *inputs, table = ctx.saved_tensors
     need = ctx.needs_input_grad
-    wanted = [i for i, t in enumerate(inputs) if need[i]]
+    wanted = [i for i in range(len(inputs)) if need[i]]
     W = _forward(*inputs[:8], inputs[8:], OrepaPatterns(table, ctx.centre), ctx.groups)
     grads = torch.autograd.grad(W, [inputs[i] for i in wanted], gW, create_graph=True, allow_unused=True)
     g: list[Tensor | None] = [None] * 16
