@@ -49,6 +49,7 @@ import torch.fx as fx
 from torch import nn
 
 from repcompiler import algebra as A
+from repcompiler.blocks import SCALINGS as _SCALINGS
 from repcompiler.errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult, graph_meta
@@ -70,7 +71,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCALINGS = ("vector", "scalar", "none")
+SCALINGS = _SCALINGS  # the blocks' options (re-exported for the passes)
 INITS = ("default", "from_bn")
 
 META_LINEARIZE = "repcompiler.linearize.regions"

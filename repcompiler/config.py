@@ -68,6 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra as A
+from .blocks import MODES, SCALINGS
 from .blocks.registry import ConvGeometry, register_block
 from .errors import RegistrationError, UnsupportedError, check_choice
 from .rules import LowerInfo, register_rule
@@ -86,8 +87,6 @@ log = logging.getLogger(__name__)
 IntOrTuple = Union[int, Sequence[int]]
 GeomFn = Callable[[ConvGeometry], Any]
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_MODES = ("online", "offline")
-_SCALINGS = ("vector", "scalar", "none")
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -165,8 +164,7 @@ class Branch:
         another branch (``pointwise(...) >> conv()``) a channel mixer ``in ->
         out_channels`` (default: the conv's input width) with stride 1 and no padding;
         ``init="identity"`` starts it as the identity (needs ``out_channels == in``)."""
-        if init not in ("random", "identity"):
-            raise RegistrationError(f"Branch.pointwise: init must be 'random' or 'identity', got {init!r}")
+        check_choice("init", init, ("random", "identity"), owner="Branch.pointwise", error=RegistrationError)
         return _PointwiseBranch(out_channels, init)
 
     @staticmethod
@@ -412,7 +410,7 @@ class BlockConfig:
     def scaling(self, kind: str | None) -> "BlockConfig":
         """Fix the branch scaling (``"vector"``, ``"scalar"``, ``"none"``) whatever the
         transform asks for; ``None`` (the default) follows the transform's option."""
-        check_choice("scaling", kind, _SCALINGS, owner=f"block {self.name!r}", allow_none=True, error=RegistrationError)
+        check_choice("scaling", kind, SCALINGS, owner=f"block {self.name!r}", allow_none=True, error=RegistrationError)
         self._scaling = kind
         return self
 
@@ -485,9 +483,9 @@ class BlockConfig:
 
     def build(self, geom: ConvGeometry, *, mode: str = "online", scaling: str = "vector") -> A.Expr:
         """Build the block for ``geom`` (fresh parameters)."""
-        check_choice("mode", mode, _MODES, owner=f"block {self.name!r}")
+        check_choice("mode", mode, MODES, owner=f"block {self.name!r}")
         scaling = self._scaling or scaling
-        check_choice("scaling", scaling, _SCALINGS, owner=f"block {self.name!r}")
+        check_choice("scaling", scaling, SCALINGS, owner=f"block {self.name!r}")
         if not self._branches:
             raise RegistrationError(f"block {self.name!r} has no branches")
         for pred, reason in self._requires:
@@ -541,7 +539,7 @@ class BlockConfig:
         samples = [g(4, 4, 3, 2), g(4, 8, 1, 2), g(4, 8, 3, 2, s=2), g(4, 8, 3, 2, groups=2), g(2, 2, 5, 1),
                    g(2, 2, 3, 3)]
         for geom in samples:
-            for mode in _MODES:
+            for mode in MODES:
                 try:
                     expr = self.build(geom, mode=mode)
                     check_geometry(expr, geom, f"block {self.name!r}")

@@ -95,7 +95,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from . import algebra as A
-from .errors import RepCompilerError, UnsupportedError, VerificationError
+from .blocks import MODES
+from .errors import RepCompilerError, VerificationError, check_choice
 from .fold import _compare_outputs
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
@@ -763,8 +764,7 @@ def linearize_regions(
     from passes.bn_to_scale import check_options
 
     check_options(scaling, init)
-    if mode not in ("online", "offline"):
-        raise UnsupportedError(f"mode must be 'online' or 'offline', got {mode!r}")
+    check_choice("mode", mode, MODES, owner="linearize")
     rules = linearize_rules(rules)
     modules = list(model.modules())
     flags = [m.training for m in modules]

@@ -75,8 +75,9 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra as A
+from .blocks import MODES
 from .blocks.registry import ConvGeometry, _accepted, build_block, get_block
-from .errors import IncompatibleError, RegistrationError, RepCompilerError, UnsupportedError, VerificationError
+from .errors import IncompatibleError, RegistrationError, RepCompilerError, UnsupportedError, VerificationError, check_choice
 from .online import OfflineBlock, OnlineConv
 from .rules import INPUT, FunctionCall, LowerInfo, lookup_rule
 
@@ -457,8 +458,7 @@ def check_block(
     """
     get_block(name)  # RegistrationError for an unknown name
     for m in modes:
-        if m not in ("online", "offline"):
-            raise UnsupportedError(f"check_block: modes must be 'online'/'offline', got {m!r}")
+        check_choice("modes", m, MODES, owner="check_block")
     subject = f"block {name!r}"
     result = CheckResult(subject)
     strategy = geometries if geometries is not None else conv_geometries(dims, kernel_size=kernel_size)

@@ -61,8 +61,8 @@ from typing import Callable, Mapping, Sequence, Union
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .blocks import ConvGeometry, build_block, get_block
-from .errors import RegistrationError, RepCompilerError, UnsupportedError
+from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
+from .errors import RegistrationError, RepCompilerError, UnsupportedError, check_choice
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
 from .entry import check_model, copy_model
@@ -268,10 +268,8 @@ def orepa_transform(
         The transformed model (and the report).
     """
     check_model(model, "orepa_transform")
-    if mode not in ("online", "offline"):
-        raise UnsupportedError(f"mode must be 'online' or 'offline', got {mode!r}")
-    if scaling not in ("vector", "scalar", "none"):
-        raise UnsupportedError(f"scaling must be 'vector', 'scalar' or 'none', got {scaling!r}")
+    check_choice("mode", mode, MODES, owner="orepa_transform")
+    check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")
     if block != "orepa":
         get_block(block)  # raises for an unknown name
     t0 = time.perf_counter()

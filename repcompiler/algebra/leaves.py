@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import IncompatibleError, UnsupportedError
+from ..errors import IncompatibleError, UnsupportedError, check_choice
 from .expr import Expr
 from .geometry import ConvSpec, normalize_padding
 from .kernel import Kernel, pad_input
@@ -277,8 +277,7 @@ class Affine(_Buffered):
 
 def Scale(channels: int, dims: int = 2, init: float = 1.0, kind: str = "vector", name: str = "") -> Affine:
     """A learnable per-channel (``kind="vector"``) or single (``"scalar"``) scale."""
-    if kind not in ("vector", "scalar"):
-        raise UnsupportedError(f"scale kind must be 'vector' or 'scalar', got {kind!r}")
+    check_choice("scale kind", kind, ("vector", "scalar"))
     shape = (channels,) if kind == "vector" else ()
     return Affine(channels, dims, scale=nn.Parameter(torch.full(shape, float(init))), name=name or "Scale")
 

@@ -6,6 +6,7 @@ Built in: ``orepa``, ``orepa_1x1``, ``orepa_large`` (:mod:`.orepa`), ``repvgg``,
 
 from __future__ import annotations
 
+from ._common import MODES, SCALINGS
 from .classic import build_acnet, build_dbb, build_repvgg
 from .orepa import OrepaExpr, Orepa1x1Expr, OrepaLargeExpr, build_orepa, build_orepa_1x1, build_orepa_large
 from .prior import dct_basis, frequency_prior
@@ -38,6 +39,8 @@ __all__ = [
     "OrepaLargeExpr",
     "dct_basis",
     "frequency_prior",
+    "MODES",
+    "SCALINGS",
 ]
 
 for _name, _build in (

@@ -32,7 +32,9 @@ SCALINGS = ("vector", "scalar", "none")
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-def check_options(block: str, geom: ConvGeometry, mode: str, scaling: str) -> None:
+def check_options(block: str, mode: str, scaling: str) -> None:
+    """Raise :class:`~repcompiler.errors.UnsupportedError` for an unknown ``mode`` or
+    ``scaling`` of ``block``."""
     check_choice("mode", mode, MODES, owner=f"block {block!r}")
     check_choice("scaling", scaling, SCALINGS, owner=f"block {block!r}")
 

@@ -53,7 +53,7 @@ def _sum(branches: list[A.Expr]) -> A.Expr:
 
 def build_repvgg(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vector") -> A.Expr:
     """RepVGG: kxk + 1x1 (+ identity)."""
-    check_options("repvgg", geom, mode, scaling)
+    check_options("repvgg", mode, scaling)
     _need_kxk("repvgg", geom)
     O, C, G, d = geom.out_channels, geom.in_channels, geom.groups, geom.dims
     one = (1,) * d
@@ -69,7 +69,7 @@ def build_repvgg(geom: ConvGeometry, *, mode: str = "online", scaling: str = "ve
 
 def build_dbb(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vector") -> A.Expr:
     """DBB: kxk, 1x1, 1x1 -> avg, 1x1 -> kxk."""
-    check_options("dbb", geom, mode, scaling)
+    check_options("dbb", mode, scaling)
     _need_kxk("dbb", geom)
     O, C, G, d = geom.out_channels, geom.in_channels, geom.groups, geom.dims
     one = (1,) * d
@@ -108,7 +108,7 @@ def build_dbb(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vecto
 
 def build_acnet(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vector") -> A.Expr:
     """ACNet: kxk + one centred line kernel per spatial dim."""
-    check_options("acnet", geom, mode, scaling)
+    check_options("acnet", mode, scaling)
     if geom.dims < 2 or any(k < 2 for k in geom.kernel_size):
         raise UnsupportedError(f"acnet needs a 2-d/3-d conv with every kernel dim > 1, got {geom.describe()}")
     O, C, G, d = geom.out_channels, geom.in_channels, geom.groups, geom.dims

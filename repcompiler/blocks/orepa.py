@@ -183,7 +183,7 @@ def build_orepa(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vec
                 expand_ratio: int = EXPAND_RATIO, internal_channels: int | None = None,
                 scale_init: tuple[float, ...] = OREPA_SCALE_INIT) -> OrepaExpr:
     """The six-branch OREPA block for a kxk conv (see the module docstring)."""
-    check_options("orepa", geom, mode, scaling)
+    check_options("orepa", mode, scaling)
     if geom.is_pointwise_kernel:
         raise UnsupportedError(f"orepa needs a kernel larger than 1 in some dim ({geom.describe()}); use orepa_1x1")
     O, C, G, d = geom.out_channels, geom.in_channels, geom.groups, geom.dims
@@ -276,7 +276,7 @@ class Orepa1x1Expr(A.Sum):
 def build_orepa_1x1(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vector",
                     scale_init: tuple[float, float] = ORIGIN_1X1_SCALE_INIT) -> Orepa1x1Expr:
     """OREPA's block for 1x1 convs (any stride/groups/dims)."""
-    check_options("orepa_1x1", geom, mode, scaling)
+    check_options("orepa_1x1", mode, scaling)
     if not geom.is_pointwise_kernel:
         raise UnsupportedError(f"orepa_1x1 needs a 1x1 kernel, got {geom.describe()}")
     O, C, G, d = geom.out_channels, geom.in_channels, geom.groups, geom.dims
@@ -315,7 +315,7 @@ def build_orepa_large(geom: ConvGeometry, *, mode: str = "online", scaling: str 
     """The linear deep stem for a large odd kernel (e.g. a 7x7 stem conv):
     ``(k-1)/2`` stacked 3x3 OREPA blocks (per dim: 3 while that dim still grows, else
     1), padding in the first, stride in the last."""
-    check_options("orepa_large", geom, mode, scaling)
+    check_options("orepa_large", mode, scaling)
     ks = geom.kernel_size
     if any(k % 2 == 0 for k in ks) or max(ks) < 5:
         raise UnsupportedError(f"orepa_large needs odd kernel sizes with some k >= 5, got {geom.describe()}")
