@@ -70,6 +70,13 @@ def _is_transformed() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
+def _plain_ops_required() -> bool:
+    """Whether kernels must be generated as plain differentiable ops, uncached: while
+    torch.compile/torch.export trace (:func:`_is_compiling`) or under torch.func and
+    forward-mode AD (:func:`_is_transformed`)."""
+    return _is_compiling() or _is_transformed()
+
+
 def _autocast_off(module: nn.Module) -> contextlib.AbstractContextManager:
     """A context disabling autocast for ``module``'s device type, if it is enabled."""
     p = next(module.parameters(), None)
@@ -143,7 +150,7 @@ class OnlineConv(_ReparamBlock):
 
     def kernel(self) -> A.Kernel:
         """The current kernel: cached when no grad can flow (see module doc)."""
-        if _is_compiling() or _is_transformed():
+        if _plain_ops_required():
             # torch.compile / torch.export trace the generation itself (the cache key reads
             # data pointers, which a tracer cannot); the compiled graph is the cache. Under
             # torch.func or forward-mode AD the parameters may carry tangents or batch dims

@@ -26,6 +26,7 @@ from . import algebra as A
 from .errors import RegistrationError
 
 __all__ = [
+    "has_forward_hooks",
     "LowerInfo",
     "ModuleRule",
     "RuleRegistry",
@@ -48,6 +49,12 @@ class LowerInfo:
 
 
 ModuleRule = Callable[[nn.Module, LowerInfo], Optional[A.Expr]]
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or forward-pre hooks of its own: they may change
+    what it computes, so a fold or a block replacing it would drop them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class RuleRegistry:
@@ -93,7 +100,7 @@ class RuleRegistry:
         """The module's expression, or ``None`` (opaque): no rule, the rule declines, or the
         module has forward hooks (they may change what it computes, and a fold would drop
         them; hook-based ``spectral_norm``/``weight_norm`` recompute the weight in one)."""
-        if module._forward_hooks or module._forward_pre_hooks:
+        if has_forward_hooks(module):
             return None
         rule = self.lookup(module)
         return None if rule is None else rule(module, info)

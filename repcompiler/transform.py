@@ -65,6 +65,7 @@ from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
 from .errors import RegistrationError, RepCompilerError, UnsupportedError, check_choice
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
+from .rules import has_forward_hooks
 from .entry import check_model, copy_model
 
 __all__ = ["orepa_transform", "Policy", "default_block_for"]
@@ -173,7 +174,7 @@ def _unsupported_reason(m: nn.Module) -> str | None:
     if parametrize.is_parametrized(m):
         names = ", ".join(m.parametrizations.keys())  # type: ignore[union-attr]
         return f"parametrized {names} (e.g. spectral_norm, weight_norm): a block would drop the parametrization"
-    if m._forward_hooks or m._forward_pre_hooks:
+    if has_forward_hooks(m):
         return "has forward hooks (e.g. hook-based spectral_norm, weight_norm): a block would drop them"
     return None
 
