@@ -5,7 +5,7 @@ A pass is a small object with ``call(gm) -> PassResult``: it takes a
 ``PassResult(graph_module, modified)``, saying honestly whether it changed anything.
 This is ``torch.fx.passes.infra``'s interface (``PassBase``/``PassResult``/
 ``PassManager``); we wrap it here because that module is marked unstable, so passes
-import only from :mod:`passes.base` and a change upstream is absorbed in one place.
+import only from :mod:`repcompiler.passes.base` and a change upstream is absorbed in one place.
 
 Shared state between passes (regions found, the report being written) lives in the
 graph module's ``meta`` dict under keys starting with ``"repcompiler."`` (see
@@ -14,7 +14,7 @@ writes.
 
 Writing a pass::
 
-    from passes.base import GraphPass, PassResult
+    from repcompiler.passes.base import GraphPass, PassResult
 
     class DropIdentity(GraphPass):
         '''Remove calls to nn.Identity.'''

@@ -48,9 +48,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from repcompiler import algebra as A
-from repcompiler.blocks import SCALINGS as _SCALINGS
-from repcompiler.errors import UnsupportedError, check_choice
+from .. import algebra as A
+from ..blocks import SCALINGS as _SCALINGS
+from ..errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult, graph_meta
 

@@ -53,8 +53,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from repcompiler import algebra as A
-from repcompiler.rules import INPUT, FunctionCall, LowerInfo, RuleRegistry, default_rules
+from .. import algebra as A
+from ..rules import INPUT, FunctionCall, LowerInfo, RuleRegistry, default_rules
 
 from .base import META_REGIONS, GraphPass, PassResult, graph_meta
 

@@ -1,6 +1,6 @@
 """Post-BN insertion: the second half of OREPA's block linearization.
 
-After the branch BNs became scales (:mod:`passes.bn_to_scale`), the block is linear
+After the branch BNs became scales (:mod:`repcompiler.passes.bn_to_scale`), the block is linear
 and one BatchNorm after the branches' sum stabilizes training (the paper's ablation:
 without it training diverges). This pass gives every region listed in
 ``gm.meta[META_LINEARIZE]`` such a **post-BN**:
@@ -38,8 +38,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from repcompiler import algebra as A
-from repcompiler.errors import UnsupportedError, check_choice
+from .. import algebra as A
+from ..errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult, graph_meta
 from .bn_to_scale import INITS, META_LINEARIZE, exit_bn

@@ -1,6 +1,6 @@
 """Squeeze regions into single convolutions.
 
-For each foldable region (exact, holds a conv; see :mod:`passes.find_regions`):
+For each foldable region (exact, holds a conv; see :mod:`repcompiler.passes.find_regions`):
 
 1. :func:`fold_region` evaluates its algebra expression once under ``no_grad`` into
    a plain ``nn.ConvNd`` (BN, scales, pads, pools and branches folded in);
@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from repcompiler.errors import VerificationError
+from ..errors import VerificationError
 
 from .base import META_REGIONS, META_REPORT, GraphPass, PassResult, graph_meta
 from .find_regions import Region

@@ -33,11 +33,21 @@ from .online import OfflineBlock, OnlineConv
 from .transform import orepa_transform
 from .linearize import linearize, linearize_regions
 from .config import BlockConfig, Branch, RuleConfig
-from . import config, testing
+from . import config
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``repcompiler.testing`` (hypothesis strategies and checkers) is imported on first
+    # use only, so ``import repcompiler`` stays light
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "algebra",

@@ -23,6 +23,7 @@ from .report import FoldReport
 from .rules import RuleRegistry
 from .entry import check_model
 from .tracing import trace_model
+from .passes.push_bias import PushBias
 
 __all__ = ["deploy"]
 
@@ -63,7 +64,6 @@ def deploy(
 
 
 def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs: Any, verify: bool) -> None:
-    from passes.push_bias import PushBias
 
     try:
         gm = trace_model(deployed)

@@ -50,6 +50,9 @@ from .report import FoldReport, count_convs, count_params
 from .rules import RuleRegistry, default_rules
 from .entry import check_model, copy_model
 from .tracing import TracedUnit, trace_model, trace_units
+from .passes.cleanup import Cleanup
+from .passes.find_regions import _region_name, find_regions, node_owner
+from .passes.squeeze import RegionRunner, fold_region, region_params, relative_error, set_submodule, squeeze_region, tolerance_for, verify_region
 
 __all__ = ["fold", "compile_folds"]
 
@@ -244,7 +247,6 @@ def _shared_modules(model: nn.Module) -> list[nn.Module]:
 def _compare_outputs(want: Any, got: Any, name: str, what: str = "folded model") -> None:
     """Raise :class:`VerificationError` naming ``name`` unless ``got`` (the ``what``'s
     output) equals ``want`` in structure, shapes and values (10x the dtype's tolerance)."""
-    from passes.squeeze import relative_error, tolerance_for
 
     wl, ws = tree_flatten(want)
     gl, gs = tree_flatten(got)
@@ -274,7 +276,6 @@ def _common_prefix(chains: list[list[str]]) -> str:
 
 
 def _region_owner(region: Any) -> str:
-    from passes.find_regions import node_owner
 
     return _common_prefix([node_owner(n) for n in region.nodes])
 
@@ -293,8 +294,6 @@ def _fold_unit(
     args: tuple | None,
     merge_convs: bool = False,
 ) -> None:
-    from passes.find_regions import _region_name, find_regions
-    from passes.squeeze import RegionRunner, fold_region, region_params, verify_region
 
     gm = unit.gm
     prefix = unit.path + "." if unit.path else ""
@@ -360,7 +359,6 @@ def _fold_unit(
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    from passes.squeeze import set_submodule
 
     set_submodule(root, path, module)
 
@@ -437,8 +435,6 @@ def _owner_input(region: Any, mapping: dict[fx.Node, fx.Node]) -> fx.Node | None
 
 
 def _rewrite_owner(model: nn.Module, unit: TracedUnit, owner: str, group: list) -> None:
-    from passes.cleanup import Cleanup
-    from passes.squeeze import squeeze_region
 
     if owner == "":
         module = unit.module

@@ -103,6 +103,11 @@ from .report import TransformReport, count_convs, count_params
 from .rules import LowerInfo, RuleRegistry, default_rules
 from .entry import check_model, copy_model
 from .tracing import trace_model, trace_units
+from .passes.base import run_passes
+from .passes.bn_to_scale import BnToScale, META_LINEARIZE, branch_bns, check_options, iter_leaves
+from .passes.find_regions import _ELEMENTWISE_FUNCS, _ELEMENTWISE_MODULES, find_regions, node_owner
+from .passes.insert_post_bn import InsertPostBN, META_POST_BN
+from .passes.squeeze import region_reference, relative_error, squeeze_region, tolerance_for
 
 __all__ = [
     "linearize",
@@ -178,7 +183,6 @@ def _get(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _owner_chain(node: fx.Node) -> list[str]:
-    from passes.find_regions import node_owner
 
     return node_owner(node)
 
@@ -269,7 +273,6 @@ def _has_block_node(gm: fx.GraphModule, region) -> bool:
 def _classify(gm: fx.GraphModule, region) -> str | None:
     """``None``: not a multi-branch BN block (ignored); ``""``: linearizable; else the
     reason it is refused."""
-    from passes.bn_to_scale import branch_bns
 
     if region.kind not in ("branches", "concat") or _has_block_node(gm, region):
         return None
@@ -288,7 +291,6 @@ def _classify(gm: fx.GraphModule, region) -> str | None:
 
 def _snapshot_leaves(expr: A.Expr) -> list[str]:
     """Leaves holding tensors derived from parameters (a rule's snapshot), by label."""
-    from passes.bn_to_scale import iter_leaves
 
     out = []
     for leaf in iter_leaves(expr):
@@ -305,10 +307,6 @@ _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp"
 
 
 def _is_activation(gm: fx.GraphModule, n: fx.Node) -> bool:
-    try:
-        from passes.find_regions import _ELEMENTWISE_FUNCS, _ELEMENTWISE_MODULES
-    except ImportError:  # pragma: no cover
-        _ELEMENTWISE_FUNCS, _ELEMENTWISE_MODULES = set(), ()
     if n.op == "call_module":
         return isinstance(_get(gm, str(n.target)), _ELEMENTWISE_MODULES)
     if n.op == "call_function":
@@ -354,8 +352,6 @@ def find_linearizable(
 ) -> tuple[list[LinearizeCandidate], list[tuple[str, str]]]:
     """Analyse ``model`` without changing it: the multi-branch BN blocks (linearizable
     or refused with the reason) and the parts that did not trace ``(path, reason)``."""
-    from passes.bn_to_scale import branch_bns
-    from passes.find_regions import find_regions
 
     rules = linearize_rules(rules)
     res = trace_units(model, rules=rules)
@@ -548,7 +544,6 @@ class _EvalMode:
 def _verify(name: str, online: OnlineConv, ref: nn.Module | None) -> float:
     """Eval-mode check: the online block equals ``ref`` (the original region, for
     ``from_bn``) or its own unfolded branches (``default``)."""
-    from passes.squeeze import relative_error, tolerance_for
 
     spec = online.expr.spec
     p = next(iter(online.parameters()))
@@ -657,11 +652,6 @@ def _process_owner(
     verify: bool,
     expect: set[frozenset] | None = None,
 ) -> tuple[list[_Done], list[tuple[str, str]]]:
-    from passes.base import run_passes
-    from passes.bn_to_scale import META_LINEARIZE, BnToScale, branch_bns
-    from passes.find_regions import find_regions
-    from passes.insert_post_bn import META_POST_BN, InsertPostBN
-    from passes.squeeze import region_reference, squeeze_region
 
     owner = model.get_submodule(path) if path else model
     training = owner.training
@@ -761,7 +751,6 @@ def linearize_regions(
     they are (they already are the offline, BN-per-branch form). Either way the caller
     should not wrap those convs. ``report`` (if given) gets one entry per block.
     """
-    from passes.bn_to_scale import check_options
 
     check_options(scaling, init)
     check_choice("mode", mode, MODES, owner="linearize")
@@ -862,7 +851,6 @@ def linearize(
     """
     t0 = time.perf_counter()
     check_model(model, "linearize")
-    from passes.bn_to_scale import check_options
 
     check_options(scaling, init)
     report = TransformReport(title="linearize")

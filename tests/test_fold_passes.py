@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from fixtures_blocks import RepVGGBlock, count_convs, randomize_bn
-from passes.base import META_REGIONS, META_REPORT, GraphPass, PassResult, graph_meta, run_passes
-from passes.cleanup import Cleanup
-from passes.find_regions import FindRegions
-from passes.squeeze import SqueezeRegions
+from repcompiler.passes.base import META_REGIONS, META_REPORT, GraphPass, PassResult, graph_meta, run_passes
+from repcompiler.passes.cleanup import Cleanup
+from repcompiler.passes.find_regions import FindRegions
+from repcompiler.passes.squeeze import SqueezeRegions
 from repcompiler.report import FoldReport
 from repcompiler.tracing import trace_model
 

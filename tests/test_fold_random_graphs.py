@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import repcompiler
-from passes.find_regions import find_regions
+from repcompiler.passes.find_regions import find_regions
 from repcompiler.tracing import trace_model
 
 SIZE = 10

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from passes.base import META_REGIONS, run_passes
-from passes.bn_to_scale import META_LINEARIZE, META_SCALED, BnToScale, branch_bns, scale_for_bn
-from passes.find_regions import FindRegions
-from passes.insert_post_bn import META_POST_BN, InsertPostBN, make_post_bn
+from repcompiler.passes.base import META_REGIONS, run_passes
+from repcompiler.passes.bn_to_scale import META_LINEARIZE, META_SCALED, BnToScale, branch_bns, scale_for_bn
+from repcompiler.passes.find_regions import FindRegions
+from repcompiler.passes.insert_post_bn import META_POST_BN, InsertPostBN, make_post_bn
 from repcompiler import algebra as A
 from repcompiler.errors import UnsupportedError
 from repcompiler.tracing import trace_model

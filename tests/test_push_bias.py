@@ -10,7 +10,7 @@ from torch import nn
 import repcompiler as rc
 from repcompiler.report import count_params
 from repcompiler.tracing import trace_model
-from passes.push_bias import PushBias
+from repcompiler.passes.push_bias import PushBias
 
 from helpers import randomize_bn, rel_err
 
