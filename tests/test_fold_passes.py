@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from fixtures_blocks import RepVGGBlock, count_convs, randomize_bn
-from repcompiler.passes.base import META_REGIONS, META_REPORT, GraphPass, PassResult, graph_meta, run_passes
+from repcompiler.passes.base import GraphPass, PassResult, run_passes
+from repcompiler.passes.state import PipelineState, pipeline_state
 from repcompiler.passes.cleanup import Cleanup
 from repcompiler.passes.find_regions import FindRegions
 from repcompiler.passes.squeeze import SqueezeRegions
@@ -18,14 +19,16 @@ def test_find_squeeze_cleanup_on_a_graph_module():
     block = randomize_bn(RepVGGBlock(4, 4).double()).eval()
     x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
     gm = trace_model(block)
-    graph_meta(gm)[META_REPORT] = FoldReport()
+    state = pipeline_state(gm)
+    state.report = FoldReport()
     res = FindRegions()(gm)
     assert isinstance(res, PassResult) and res.modified is False
-    assert len(gm.meta[META_REGIONS]) == 1 and gm.meta[META_REGIONS][0].foldable
+    assert len(state.regions) == 1 and state.regions[0].foldable
     gm, modified = run_passes(gm, [SqueezeRegions(), Cleanup(delete_unused_submodules=True)])
     assert modified
     assert count_convs(gm) == 1 and torch.allclose(gm(x), block(x), rtol=1e-10, atol=1e-10)
-    assert gm.meta[META_REPORT].counts() == {"folded": 1}
+    assert pipeline_state(gm) is state and state.report.counts() == {"folded": 1}
+    assert state.completed == ["FindRegions", "SqueezeRegions", "Cleanup"]
     assert count_convs(block) == 2  # the traced module's containers were not edited
     again = run_passes(gm, [FindRegions(), SqueezeRegions(), Cleanup()])
     assert again.modified is False
