@@ -53,6 +53,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# node targets the analysis recognises without a rule: convs called as functions (for
+# channel inference), parallel sums (value: the sign of the second term), channel
+# concats, methods looked up as their torch functions, the algebra's per-channel leaves
+# (no conv weight), and elementwise ops a region stops at (no lowering, but channels
+# and dims flow through them)
 CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
 SUM_FUNCS = {operator.add: 1.0, torch.add: 1.0, operator.iadd: 1.0, operator.sub: -1.0, torch.sub: -1.0,
              operator.isub: -1.0}
