@@ -1,0 +1,58 @@
+"""``repcompiler.passes``: the graph passes of the compiler, one per module.
+
+Every pass is a :class:`~repcompiler.passes.base.GraphPass` run by the one pass
+manager (:func:`~repcompiler.passes.base.run_passes`, built on
+``torch.fx.passes.infra``); passes share one typed
+:class:`~repcompiler.passes.state.PipelineState` (see :mod:`.base` for the contract
+and :mod:`.state` for the records).
+
+==========================  ==============================================================
+pass                        what it does
+==========================  ==============================================================
+``FindRegions``             analysis: linear single-entry single-exit regions and their
+                            kernel-algebra expressions (:mod:`.find_regions`, steps in
+                            :mod:`.regions`) -> ``state.regions``
+``SqueezeRegions``          fold + verify each foldable region into one conv and rewrite
+                            the graph (or leave ``state.plans``), report (:mod:`.squeeze`)
+``BnToScale``               OREPA linearization: branch BNs of ``state.selected`` ->
+                            learnable scales (:mod:`.bn_to_scale`) -> ``state.scaled``
+``InsertPostBN``            one BN after each linearized region's sum
+                            (:mod:`.insert_post_bn`) -> ``state.post_bns``
+``PushBias``                a conv's bias into the eval BNs its output reaches
+                            (:mod:`.push_bias`)
+``Cleanup``                 drop identity calls and dead constants (:mod:`.cleanup`)
+==========================  ==============================================================
+
+:func:`~repcompiler.passes.squeeze.fold_passes` is ``FindRegions -> SqueezeRegions ->
+Cleanup`` with :func:`repcompiler.fold`'s options (rules, shared modules,
+``merge_convs``, ``verify``, a name prefix, a report sink).
+
+Writing a pass: subclass ``GraphPass``, implement ``call`` (return
+``PassResult(gm, modified)``, honestly), and state its contract::
+
+    from torch import nn
+    from repcompiler.passes.base import GraphPass, PassResult, run_passes
+    from repcompiler.passes.find_regions import FindRegions
+    from repcompiler.passes.state import pipeline_state
+
+    class CountFoldable(GraphPass):
+        '''Log how many regions would fold (reads state.regions, edits nothing).'''
+
+        runs_after = (FindRegions,)          # a schedule putting it earlier is refused
+
+        def requires(self, gm):
+            if pipeline_state(gm).regions is None:
+                self.fail("run FindRegions first")   # raises PassContractError
+
+        def call(self, gm):
+            self.count = sum(r.foldable for r in pipeline_state(gm).regions)
+            return PassResult(gm, False)
+
+    gm, modified = run_passes(traced, [FindRegions(), CountFoldable()])
+
+Modules of this package import each other and :mod:`repcompiler`'s leaf modules
+(algebra, rules, errors, report, the blocks' option names) only, so ``import repcompiler.passes.<module>``
+works in a fresh interpreter and ``import repcompiler`` has no cycle through here.
+"""
+
+__all__: list[str] = []

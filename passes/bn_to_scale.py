@@ -29,20 +29,22 @@ Which BNs are branch-level is decided by the caller (:mod:`repcompiler.linearize
 selects the regions); in a selected region every BN except the one producing the
 region's output (that one is the block's post-addition BN and stays a BN) is replaced.
 
-Graph level: :class:`BnToScale` reads the regions listed in
-``gm.meta[META_LINEARIZE]`` (:class:`passes.find_regions.Region` objects), replaces
+Graph level: :class:`BnToScale` reads the regions selected for linearization,
+``pipeline_state(gm).selected`` (:class:`~repcompiler.passes.find_regions.Region`
+objects; see :mod:`repcompiler.passes.state`), replaces
 each branch BN leaf of the region's algebra expression by its affine leaf (so a later
 squeeze folds the scales) and, where the BN is a module the graph calls, swaps the
 module of ``gm`` for the leaf at the **same qualified name** (the graph's
 ``call_module`` nodes are unchanged, so the graph still runs). BNs inside another
 leaf module's lowering (e.g. DBB's BN-and-pad layer) are replaced in the expression. It records
-``(qualified name, bn, leaf)`` triples in ``gm.meta[META_SCALED]``.
+a :class:`~repcompiler.passes.state.ScaledBN` per BN in ``pipeline_state(gm).scaled``
+and ensures no selected region keeps a branch BN.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -52,13 +54,14 @@ from .. import algebra as A
 from ..blocks import SCALINGS as _SCALINGS
 from ..errors import UnsupportedError, check_choice
 
-from .base import GraphPass, PassResult, graph_meta
+from .base import GraphPass, PassResult
+from .squeeze import set_submodule
+from .state import LEGACY_META_SELECTED, ScaledBN, live_regions, pipeline_state
 
 __all__ = [
     "SCALINGS",
     "INITS",
     "META_LINEARIZE",
-    "META_SCALED",
     "scale_for_bn",
     "branch_bn_nodes",
     "branch_bns",
@@ -74,10 +77,9 @@ log = logging.getLogger(__name__)
 SCALINGS = _SCALINGS  # the blocks' options (re-exported for the passes)
 INITS = ("default", "from_bn")
 
-META_LINEARIZE = "repcompiler.linearize.regions"
-"""``gm.meta`` key: the regions selected for linearization (read by the linearize passes)."""
-META_SCALED = "repcompiler.linearize.scaled"
-"""``gm.meta`` key: ``[(target, bn_module, affine_leaf), ...]`` written by :class:`BnToScale`."""
+META_LINEARIZE = LEGACY_META_SELECTED
+"""Transition only (see :data:`repcompiler.passes.state.LEGACY_META_SELECTED`): set
+``PipelineState.selected`` instead."""
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -204,27 +206,24 @@ def replace_leaves(expr: A.Expr, replace: Callable[[A.Expr], A.Expr | None]) -> 
     return expr
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    *prefix, last = path.split(".")
-    parent = root.get_submodule(".".join(prefix)) if prefix else root
-    setattr(parent, last, module)
-
-
 class BnToScale(GraphPass):
-    """Replace the branch BNs of the regions in ``gm.meta[META_LINEARIZE]`` by affine
-    leaves (see the module docstring). ``modified`` is true when a BN was replaced."""
+    """Replace the branch BNs of the regions in ``pipeline_state(gm).selected`` by
+    affine leaves (see the module docstring). ``modified`` is true when a BN was
+    replaced. Requires the selected regions to be regions of this graph."""
 
     def __init__(self, scaling: str = "vector", init: str = "default") -> None:
         check_options(scaling, init)
         self.scaling = scaling
         self.init = init
 
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if not live_regions(graph_module, pipeline_state(graph_module).selected):
+            self.fail("the selected regions are not regions of this graph (found on an earlier version?)")
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        meta = graph_meta(graph_module)
-        regions: Iterable = meta.get(META_LINEARIZE) or []
-        scaled: list = meta.setdefault(META_SCALED, [])
+        state = pipeline_state(graph_module)
         modified = False
-        for region in regions:
+        for region in state.selected:
             swaps: dict[int, A.Expr] = {}
             targets = {id(graph_module.get_submodule(str(n.target))): str(n.target)
                        for n in branch_bn_nodes(graph_module, region)}
@@ -233,9 +232,9 @@ class BnToScale(GraphPass):
                 leaf = scale_for_bn(bn, region.dims, scaling=self.scaling, init=self.init, name=target or name)
                 leaf.train(bn.training)
                 if target is not None:  # a BN module called by the graph: swap it under its name
-                    _set_submodule(graph_module, target, leaf)
+                    set_submodule(graph_module, target, leaf)
                 swaps[id(bn)] = leaf
-                scaled.append((target or name, bn, leaf))
+                state.scaled.append(ScaledBN(target or name, bn, leaf))
                 modified = True
             if swaps:
                 region.expr = replace_leaves(
@@ -244,3 +243,9 @@ class BnToScale(GraphPass):
                 )
                 log.debug("region %s: %d branch BN(s) -> scale", region.name, len(swaps))
         return PassResult(graph_module, modified)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        for region in pipeline_state(graph_module).selected:
+            left = branch_bns(graph_module, region)
+            if left:
+                self.fail(f"region {region.name} still has branch BN(s) {[n for n, _ in left]}")

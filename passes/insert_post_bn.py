@@ -2,8 +2,9 @@
 
 After the branch BNs became scales (:mod:`repcompiler.passes.bn_to_scale`), the block is linear
 and one BatchNorm after the branches' sum stabilizes training (the paper's ablation:
-without it training diverges). This pass gives every region listed in
-``gm.meta[META_LINEARIZE]`` such a **post-BN**:
+without it training diverges). This pass gives every region selected for
+linearization (``pipeline_state(gm).selected``, after :class:`BnToScale` ran on it)
+such a **post-BN**:
 
 * if the region's output is already produced by a BN (a BN after the add, as some
   ACNet variants have), that BN is the post-BN and nothing is inserted;
@@ -24,16 +25,14 @@ for any fine-tuning. To keep the original's eval map longer, set the BN's moment
 low or freeze it.
 
 The inserted module is added at the top level of the graph module under a fresh name
-(``post_bn``, ``post_bn_1``, ...) and recorded in ``gm.meta[META_POST_BN]`` as
-``(region, target, inserted: bool)``; the squeeze into an online conv moves it inside
-the online block.
+(``post_bn``, ``post_bn_1``, ...) and recorded as a
+:class:`~repcompiler.passes.state.PostBN` in ``pipeline_state(gm).post_bns``; the
+squeeze into an online conv moves it inside the online block.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
-
 import torch
 import torch.fx as fx
 from torch import nn
@@ -42,14 +41,16 @@ from .. import algebra as A
 from ..errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult, graph_meta
-from .bn_to_scale import INITS, META_LINEARIZE, exit_bn
+from .bn_to_scale import INITS, BnToScale, exit_bn
+from .state import LEGACY_META_POST_BN, PostBN, live_regions, pipeline_state
 
 __all__ = ["META_POST_BN", "make_post_bn", "exit_bn", "InsertPostBN"]
 
 log = logging.getLogger(__name__)
 
-META_POST_BN = "repcompiler.linearize.post_bn"
-"""``gm.meta`` key: ``[(region, target or None, inserted), ...]`` written by :class:`InsertPostBN`."""
+META_POST_BN = LEGACY_META_POST_BN
+"""Transition only (see :data:`repcompiler.passes.state.LEGACY_META_POST_BN`): read
+``PipelineState.post_bns`` instead."""
 
 _BN = nn.modules.batchnorm._BatchNorm
 _BN_FOR_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -89,28 +90,41 @@ def _ref_tensor(gm: fx.GraphModule, region) -> torch.Tensor | None:
 
 
 class InsertPostBN(GraphPass):
-    """Give each region in ``gm.meta[META_LINEARIZE]`` a post-BN (module docstring).
+    """Give each selected region a post-BN (module docstring).
 
     ``enabled=False`` (the paper's ablation) inserts nothing; a BN that is already the
-    region's output is kept either way (it is the user's layer, not ours).
+    region's output is kept either way (it is the user's layer, not ours). Requires
+    :class:`BnToScale` to have run (a post-BN stabilizes the sum of *scaled* branches);
+    ensures every recorded post-BN is the BN its region's exit calls.
     """
+
+    runs_after = (BnToScale,)
 
     def __init__(self, init: str = "default", enabled: bool = True) -> None:
         check_choice("init", init, INITS)
         self.init = init
         self.enabled = enabled
+        self._first = 0
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        state = pipeline_state(graph_module)
+        if not state.ran(BnToScale):
+            self.fail("the branch BNs must become scales first: run BnToScale before it")
+        if not live_regions(graph_module, state.selected):
+            self.fail("the selected regions are not regions of this graph (found on an earlier version?)")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        meta = graph_meta(graph_module)
-        regions: Iterable = meta.get(META_LINEARIZE) or []
-        record: list = meta.setdefault(META_POST_BN, [])
+        state = pipeline_state(graph_module)
+        record = state.post_bns
+        self._first = len(record)
+        graph_meta(graph_module)[LEGACY_META_POST_BN] = record  # transition, see state.py
         modified = False
-        for region in regions:
+        for region in state.selected:
             if exit_bn(graph_module, region) is not None:
-                record.append((region, str(region.exit.target), False))
+                record.append(PostBN(region, str(region.exit.target), False))
                 continue
             if not self.enabled or region.expr is None:
-                record.append((region, None, False))
+                record.append(PostBN(region, None, False))
                 continue
             spec = region.expr.spec
             ref = _ref_tensor(graph_module, region)
@@ -132,9 +146,15 @@ class InsertPostBN(GraphPass):
             region.nodes.append(node)
             region.exit = node
             region.expr = A.Seq(region.expr, A.BatchNorm(bn, dims=spec.dims, name=target))
-            record.append((region, target, True))
+            record.append(PostBN(region, target, True))
             modified = True
             log.debug("region %s: post-BN %s inserted", region.name, target)
-        if modified:
-            graph_module.graph.lint()
         return PassResult(graph_module, modified)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        for post in pipeline_state(graph_module).post_bns[self._first:]:
+            if post.target is None:
+                continue
+            e = post.region.exit
+            if e.op != "call_module" or str(e.target) != post.target or exit_bn(graph_module, post.region) is None:
+                self.fail(f"region {post.region.name}: its exit is not the post-BN {post.target}")

@@ -49,6 +49,7 @@ class PushBias(GraphPass):
         self.pushed: list[str] = []
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        self.pushed = []
         uses = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
         channels: dict[fx.Node, int | None] = {}
         for node in list(graph_module.graph.nodes):
@@ -67,6 +68,11 @@ class PushBias(GraphPass):
             conv.bias = None
             self.pushed.append(str(node.target))
         return PassResult(graph_module, bool(self.pushed))
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        for target in self.pushed:
+            if graph_module.get_submodule(target).bias is not None:
+                self.fail(f"{target} still has a bias after it was pushed")
 
 
 def _reach_bns(gm: fx.GraphModule, node: fx.Node, offset: int, edits: list, uses: Counter,

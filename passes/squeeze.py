@@ -15,7 +15,11 @@ For each foldable region (exact, holds a conv; see :mod:`repcompiler.passes.find
    were); the region's other modules are replaced by ``nn.Identity`` (not deleted, so
    containers and user code that refer to them by name keep working).
 
-:class:`SqueezeRegions` is the pass: it reads ``gm.meta[META_REGIONS]``.
+:class:`SqueezeRegions` is the pass: it reads the regions
+:class:`~repcompiler.passes.find_regions.FindRegions` stored in the graph's
+:class:`~repcompiler.passes.state.PipelineState` and does for one traced graph what
+:func:`repcompiler.fold` does for each traced unit (fold, verify, report, squeeze);
+:func:`fold_passes` is that pipeline as a list of passes.
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ from torch import Tensor, nn
 
 from ..errors import VerificationError
 
-from .base import META_REGIONS, META_REPORT, GraphPass, PassResult, graph_meta
-from .find_regions import Region
+from ..report import TransformReport
+from ..rules import RuleRegistry
+from .base import GraphPass, PassResult
+from .cleanup import Cleanup
+from .find_regions import FindRegions, Region, region_name
+from .state import FoldPlan, live_regions, pipeline_state
 
 __all__ = [
     "fold_region",
@@ -40,6 +48,7 @@ __all__ = [
     "squeeze_region",
     "set_submodule",
     "SqueezeRegions",
+    "fold_passes",
     "relative_error",
     "tolerance_for",
     "region_params",
@@ -255,47 +264,103 @@ def squeeze_region(
 
 
 class SqueezeRegions(GraphPass):
-    """Fold every foldable region of ``gm.meta[META_REGIONS]`` into one conv.
+    """Fold every foldable region found by ``FindRegions`` into one conv.
 
-    With ``verify`` each region is checked against its original nodes first. If a
-    :class:`~repcompiler.report.TransformReport` is in ``gm.meta[META_REPORT]``,
-    an entry per region is added.
+    Options (those :func:`repcompiler.fold` needs for one traced unit):
+
+    * ``verify``: check each folded conv against the region's original nodes first
+      (:func:`verify_region`; a mismatch raises ``VerificationError`` naming it);
+    * ``prefix``: put in front of module paths in region names (the unit's path + ``.``);
+    * ``report``: a :class:`~repcompiler.report.TransformReport` to add an entry per
+      region to (default: ``pipeline_state(gm).report``, if set);
+    * ``rewrite``: squeeze the regions into the graph (default). With ``False`` the
+      pass only folds, verifies and reports refusals: the verified
+      :class:`~repcompiler.passes.state.FoldPlan` s are left in
+      ``pipeline_state(gm).plans`` for an owner-module rewrite to apply (and report).
+
+    Requires regions found on this version of the graph; after a rewrite the state's
+    regions are cleared (they describe the old graph) and each folded conv is the
+    module its new node calls.
     """
 
-    def __init__(self, verify: bool = True) -> None:
+    runs_after = (FindRegions,)
+
+    def __init__(self, verify: bool = True, *, prefix: str = "", report: TransformReport | None = None,
+                 rewrite: bool = True) -> None:
         self.verify = verify
+        self.prefix = prefix
+        self.report = report
+        self.rewrite = rewrite
+        self._squeezed: list[tuple[str, nn.Module]] = []
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        regions = pipeline_state(graph_module).regions
+        if regions is None:
+            self.fail("no regions in the pipeline state: run FindRegions on this graph first")
+        if not live_regions(graph_module, regions):
+            self.fail("the regions were found on an earlier version of the graph: run FindRegions again")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        meta = graph_meta(graph_module)
-        regions: list[Region] = meta.get(META_REGIONS) or []
-        report = meta.get(META_REPORT)
-        modified = False
-        plans = []
-        for r in regions:
+        state = pipeline_state(graph_module)
+        report = self.report if self.report is not None else state.report
+        plans: list[FoldPlan] = []
+        for r in state.regions or []:
+            if self.prefix:
+                r.name = region_name(r.nodes, self.prefix)
             if not r.foldable:
                 if report is not None:
-                    report.add_region(r, "refused" if not r.exact else "kept")
+                    report.add_region(r, "refused" if not r.exact else "kept")  # reason from the region
                 continue
             folded = fold_region(r)
             if self.verify:
                 verify_region(r, RegionRunner(graph_module, r), folded)
-            plans.append((r, folded))
+            plans.append(FoldPlan(r, folded, sum(p.numel() for p in region_params(graph_module, r))))
+        state.plans = plans
+        self._squeezed = []
+        if not self.rewrite or not plans:
+            return PassResult(graph_module, False)
         replaced: dict[fx.Node, fx.Node] = {}
-        for r, folded in plans:
-            before = sum(p.numel() for p in region_params(graph_module, r))
-            squeeze_region(graph_module, r, folded, replaced=replaced)
-            modified = True
+        for plan in plans:
+            target = squeeze_region(graph_module, plan.region, plan.folded, replaced=replaced)
+            self._squeezed.append((target, plan.folded))
             if report is not None:
-                report.add_region(r, "folded", params_before=before,
-                                  params_after=sum(p.numel() for p in folded.parameters()))
-        if modified:
-            graph_module.graph.lint()
-            graph_module.recompile()
-            meta[META_REGIONS] = []
-        return PassResult(graph_module, modified)
+                report.add_region(plan.region, "folded", params_before=plan.params_before,
+                                  params_after=plan.params_after)
+        graph_module.recompile()
+        state.regions = None
+        state.plans = []
+        return PassResult(graph_module, True)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        called = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_module"}
+        for target, folded in self._squeezed:
+            if target not in called or graph_module.get_submodule(target) is not folded:
+                self.fail(f"the folded conv of {target} is not what the graph calls there")
+
+
+def fold_passes(
+    rules: RuleRegistry | None = None,
+    *,
+    shared_modules: Any = (),
+    merge_convs: bool = False,
+    verify: bool = True,
+    prefix: str = "",
+    report: TransformReport | None = None,
+    rewrite: bool = True,
+) -> list[GraphPass]:
+    """The passes that fold one traced graph as :func:`repcompiler.fold` folds a unit:
+    ``FindRegions -> SqueezeRegions (-> Cleanup when rewriting)``."""
+    passes: list[GraphPass] = [
+        FindRegions(rules, shared_modules, merge_convs=merge_convs, prefix=prefix),
+        SqueezeRegions(verify, prefix=prefix, report=report, rewrite=rewrite),
+    ]
+    if rewrite:
+        passes.append(Cleanup())
+    return passes
 
 
 def region_params(gm: fx.GraphModule, region: Region) -> list[Tensor]:
+    """The distinct parameters the region's nodes use (modules called and ``get_attr``)."""
     seen: dict[int, Tensor] = {}
     for n in region.nodes:
         if n.op == "call_module":

@@ -16,6 +16,7 @@ from torch import nn
 import repcompiler
 from repcompiler.passes.find_regions import find_regions
 from repcompiler.tracing import trace_model
+from test_fold_passes import assert_pipeline_matches_fold
 
 SIZE = 10
 
@@ -168,6 +169,15 @@ def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), report
     left = [r for r in find_regions(trace_model(folded)) if r.foldable]
     assert not left, f"foldable regions left after fold: {left}\n{report}\nprogram: {net.program}"
+
+
+@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(dag_nets(), st.booleans())
+def test_pass_pipeline_folds_random_dags_like_fold(case, merge_convs):
+    """FindRegions + SqueezeRegions + Cleanup on the trace give fold()'s outputs, conv
+    count and report entries (the pipeline fold is to switch to)."""
+    net, c0 = case
+    assert_pipeline_matches_fold(net, torch.randn(2, c0, SIZE, SIZE, dtype=torch.float64), merge_convs=merge_convs)
 
 
 def test_nested_sums_fold_to_a_fixpoint():

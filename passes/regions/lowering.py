@@ -1,0 +1,350 @@
+"""Lowering of fx nodes into the kernel algebra, for the region analysis.
+
+:class:`LoweredGraph` owns the per-graph facts the region finder needs about each
+node: whether it is a constant (computed from parameters and buffers only), its
+**kind** (``unary`` - a module/function with a lowering rule; ``sum``/``cat`` - a
+parallel sum or channel concat of branches; ``elementwise`` - an activation the
+region stops at; ``shared`` - a module called or registered more than once;
+``opaque`` - anything else), its channel count and dimensionality, and for ``unary``
+nodes the algebra expression its rule lowers it to.
+
+Lowering:
+
+* ``call_module``: the module rule (``lower(module, LowerInfo) -> Expr | None``);
+* ``call_function`` / ``call_method`` with one data input: the function rule, see
+  :mod:`repcompiler.rules` (``lower(FunctionCall, LowerInfo) -> Expr | None``;
+  ``x.add(y)`` is looked up as ``torch.add``);
+* ``a + b`` / ``torch.add`` / ``a - b`` of two data values: parallel sum;
+  ``torch.cat([...], dim=1)``: channel concat.
+
+Channel counts for parameter-free leaves (identity, average pooling, padding) come
+from ``ShapeProp`` metadata when the graph was shape-propagated, otherwise they are
+inferred from neighbouring convs and BNs (forward and backward through linear ops,
+sums, concats and elementwise activations). No input shape is required.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ... import algebra as A
+from ...rules import INPUT, FunctionCall, LowerInfo, RuleRegistry
+
+__all__ = [
+    "LoweredGraph",
+    "CONV_FUNCTIONS",
+    "SUM_FUNCS",
+    "CAT_FUNCS",
+    "PLAIN_LEAVES",
+    "ELEMENTWISE_MODULES",
+    "ELEMENTWISE_FUNCS",
+    "ELEMENTWISE_METHODS",
+    "METHODS",
+    "fetch_attr",
+    "is_identity_call",
+]
+
+log = logging.getLogger(__name__)
+
+# node targets the analysis recognises without a rule: convs called as functions (for
+# channel inference), parallel sums (value: the sign of the second term), channel
+# concats, methods looked up as their torch functions, the algebra's per-channel leaves
+# (no conv weight), and elementwise ops a region stops at (no lowering, but channels
+# and dims flow through them)
+CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+SUM_FUNCS = {operator.add: 1.0, torch.add: 1.0, operator.iadd: 1.0, operator.sub: -1.0, torch.sub: -1.0,
+             operator.isub: -1.0}
+CAT_FUNCS = (torch.cat, torch.concat)
+METHODS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
+PLAIN_LEAVES = (A.Affine, A.BatchNorm, A.Identity, A.AvgPool, A.ZeroPad)
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.PReLU, nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus,
+)
+ELEMENTWISE_FUNCS = {
+    F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid,
+    torch.tanh, F.leaky_relu, F.elu, F.dropout, F.mish, F.hardtanh,
+}
+ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_"}
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    """The attribute at dotted path ``target`` under ``gm``."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class LoweredGraph:
+    """Per-graph analysis state: constants, node kinds, channels/dims and lowerings
+    (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, rules: RuleRegistry, shared: frozenset[int]) -> None:
+        self.gm = gm
+        self.rules = rules
+        self.nodes = [n for n in gm.graph.nodes]
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.const: dict[fx.Node, Any] = {}
+        self.is_const: dict[fx.Node, bool] = {}
+        self.kind: dict[fx.Node, str] = {}
+        self.data_in: dict[fx.Node, list[fx.Node]] = {}
+        self.chan: dict[fx.Node, int] = {}
+        self.dims: dict[fx.Node, int] = {}
+        self.lowered: dict[fx.Node, A.Expr] = {}
+        self.sign: dict[fx.Node, float] = {}
+        self.identity_in: dict[fx.Node, fx.Node] = {}
+        calls: dict[str, int] = {}
+        for n in self.nodes:
+            if n.op == "call_module":
+                calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+        self.calls = calls
+        self.shared = shared
+
+    # -- constants ---------------------------------------------------------------
+    def constant(self, n: fx.Node) -> bool:
+        if n in self.is_const:
+            return self.is_const[n]
+        if n.op == "get_attr":
+            res = True
+        elif n.op in ("call_function", "call_method") and n.all_input_nodes:
+            res = all(self.constant(a) for a in n.all_input_nodes)
+        else:
+            res = False
+        self.is_const[n] = res
+        return res
+
+    def value(self, n: fx.Node) -> Any:
+        if n not in self.const:
+            if n.op == "get_attr":
+                v = fetch_attr(self.gm, str(n.target))
+            else:
+                args = fx.node.map_arg(n.args, self.value)
+                kwargs = fx.node.map_arg(n.kwargs, self.value)
+                with torch.no_grad():
+                    if n.op == "call_function":
+                        v = n.target(*args, **kwargs)  # type: ignore[operator]
+                    else:
+                        v = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+            self.const[n] = v
+        return self.const[n]
+
+    # -- classification -------------------------------------------------------------
+    def classify(self) -> None:
+        for n in self.nodes:
+            if n.op in ("output", "placeholder") or self.constant(n):
+                continue
+            data = [a for a in n.all_input_nodes if not self.constant(a)]
+            self.data_in[n] = data
+            self.kind[n] = self._kind(n, data)
+            if self.kind[n] == "unary" and is_identity_call(self.gm, n):
+                self.identity_in[n] = data[0]
+
+    def _kind(self, n: fx.Node, data: list[fx.Node]) -> str:
+        if n.op == "call_module":
+            m = fetch_attr(self.gm, str(n.target))
+            if len(data) != 1 or n.kwargs or len(n.args) != 1:
+                return "opaque"
+            if self.rules.lookup(m) is None:
+                return "elementwise" if isinstance(m, ELEMENTWISE_MODULES) else "opaque"
+            if (self.calls[str(n.target)] > 1 or id(m) in self.shared) and type(m) is not nn.Identity:
+                return "shared"
+            return "unary"
+        if n.op not in ("call_function", "call_method"):
+            return "opaque"
+        target = n.target
+        if n.op == "call_method":
+            if target in ELEMENTWISE_METHODS and len(data) == 1:
+                return "elementwise"
+            target = METHODS.get(str(target))
+            if target is None:
+                return "opaque"
+        if target in SUM_FUNCS and len(data) == 2 and len(n.args) == 2 and not n.kwargs:
+            if all(isinstance(a, fx.Node) for a in n.args):
+                self.sign[n] = SUM_FUNCS[target]
+                return "sum"
+        if target in CAT_FUNCS:
+            seq = n.args[0] if n.args else n.kwargs.get("tensors")
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            if isinstance(seq, (list, tuple)) and all(isinstance(a, fx.Node) and not self.constant(a) for a in seq):
+                if len(seq) >= 1 and isinstance(dim, int):
+                    self.sign[n] = float(dim)
+                    return "cat"
+            return "opaque"
+        if target in ELEMENTWISE_FUNCS and len(data) == 1:
+            return "elementwise"
+        if len(data) == 1 and self.rules.lookup(target) is not None:
+            return "unary"
+        return "opaque"
+
+    # -- channels and dims -------------------------------------------------------
+    def _set(self, table: dict[fx.Node, int], n: fx.Node, v: int | None) -> bool:
+        if v is None or n in table:
+            return False
+        table[n] = int(v)
+        return True
+
+    def infer_shapes(self) -> None:
+        for n in self.nodes:
+            tm = n.meta.get("tensor_meta")
+            shape = getattr(tm, "shape", None)
+            if shape is not None and len(shape) >= 3:
+                self.chan[n] = int(shape[1])
+                self.dims[n] = len(shape) - 2
+        for n, k in self.kind.items():
+            if n.op == "call_module" and k in ("unary", "shared"):
+                m = fetch_attr(self.gm, str(n.target))
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    self._set(self.chan, self.data_in[n][0], m.in_channels)
+                    self._set(self.chan, n, m.out_channels)
+                elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    self._set(self.chan, self.data_in[n][0], m.num_features)
+                    self._set(self.chan, n, m.num_features)
+                try:
+                    d = A.dims_of(m)
+                except Exception:
+                    d = None
+                if d is not None:
+                    self._set(self.dims, self.data_in[n][0], d)
+                    self._set(self.dims, n, d)
+            elif n.op == "call_function" and k == "unary" and n.target in CONV_FUNCTIONS:
+                w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+                if isinstance(w, fx.Node) and self.constant(w):
+                    wv = self.value(w)
+                    if isinstance(wv, torch.Tensor) and wv.dim() in (3, 4, 5):
+                        g = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
+                        self._set(self.chan, self.data_in[n][0], wv.shape[1] * int(g))
+                        self._set(self.chan, n, wv.shape[0])
+                        self._set(self.dims, self.data_in[n][0], wv.dim() - 2)
+                        self._set(self.dims, n, wv.dim() - 2)
+        for _ in range(20):
+            changed = False
+            for n in self.nodes:
+                k = self.kind.get(n)
+                if k is None:
+                    continue
+                data = self.data_in[n]
+                if k in ("unary", "elementwise", "sum", "cat"):
+                    for a in data:  # dims flow along every linear/elementwise edge
+                        if a in self.dims:
+                            changed |= self._set(self.dims, n, self.dims[a])
+                        if n in self.dims:
+                            changed |= self._set(self.dims, a, self.dims[n])
+                if k == "unary" and n not in self.lowered:
+                    changed |= self._try_lower(n)
+                elif k in ("elementwise", "sum"):
+                    group = [n] + data
+                    known = [self.chan[x] for x in group if x in self.chan]
+                    if known:
+                        for x in group:
+                            changed |= self._set(self.chan, x, known[0])
+                elif k == "cat" and self.sign.get(n) == 1.0:
+                    ins = list(n.args[0] if n.args else n.kwargs["tensors"])  # type: ignore[arg-type]
+                    unknown = [x for x in ins if x not in self.chan]
+                    if not unknown:
+                        changed |= self._set(self.chan, n, sum(self.chan[x] for x in ins))
+                    elif len(unknown) == 1 and n in self.chan and len(set(ins)) == len(ins):
+                        rest = self.chan[n] - sum(self.chan[x] for x in ins if x in self.chan)
+                        if rest > 0:
+                            changed |= self._set(self.chan, unknown[0], rest)
+            if not changed:
+                break
+        for n, k in self.kind.items():
+            if k == "unary" and n not in self.lowered:
+                self._try_lower(n, final=True)
+
+    def _try_lower(self, n: fx.Node, final: bool = False) -> bool:
+        inp = self.data_in[n][0]
+        cin = self.chan.get(inp)
+        dims = self.dims.get(n) or self.dims.get(inp)
+        if n.op == "call_module":
+            m = fetch_attr(self.gm, str(n.target))
+            if cin is None:
+                cin = getattr(m, "in_channels", None) or getattr(m, "num_features", None)
+            if dims is None:
+                try:
+                    dims = A.dims_of(m)
+                except Exception:
+                    dims = None
+            if cin is None or dims is None:
+                # probe: a rule that does not need the input's channels (a conv-like
+                # block) lowers with a meaningless channel count; parameter-free
+                # leaves refuse it (they need a positive count)
+                try:
+                    probe = self.rules.lower_module(m, LowerInfo(-1, dims or 2, str(n.target)))
+                    pspec = None if probe is None else probe.plan()[0]
+                except Exception:
+                    pspec = None
+                if pspec is not None and pspec.in_channels > 0:
+                    cin = cin if cin is not None else pspec.in_channels
+                    dims = dims if dims is not None else pspec.dims
+        guessed = False
+        if cin is None and n in self.chan and dims is not None:
+            # a parameter-free op whose output channels are known: try "same channels"
+            cin, guessed = self.chan[n], True
+        if cin is None or dims is None:
+            return False
+        info = LowerInfo(int(cin), int(dims), str(n.target) if n.op == "call_module" else n.name)
+        try:
+            if n.op == "call_module":
+                expr = self.rules.lower_module(fetch_attr(self.gm, str(n.target)), info)
+            else:
+                target = n.target if n.op == "call_function" else METHODS[str(n.target)]
+                rule = self.rules.lookup(target)
+                args = fx.node.map_arg(n.args, lambda a: INPUT if a is inp else self.value(a))
+                kwargs = fx.node.map_arg(n.kwargs, lambda a: INPUT if a is inp else self.value(a))
+                expr = None if rule is None else rule(FunctionCall(target, tuple(args), dict(kwargs)), info)
+            spec = None if expr is None else expr.plan()[0]
+        except Exception as exc:  # a rule that cannot lower this instance: opaque
+            log.debug("lowering %s failed: %s", n, exc)
+            expr, spec = None, None
+        if guessed and (spec is None or spec.out_channels != cin):
+            return False
+        if expr is None or spec is None or spec.in_channels != cin or spec.dims != dims:
+            if final or expr is not None:
+                self.kind[n] = "opaque"
+            return False
+        self.lowered[n] = expr
+        if guessed:
+            self._set(self.chan, inp, cin)
+        self._set(self.chan, n, spec.out_channels)
+        self._set(self.chan, inp, spec.in_channels)  # e.g. an online block whose cin came from its rule
+        self._set(self.dims, n, spec.dims)
+        return True
+
+    def alias_chain(self, n: fx.Node, d: fx.Node) -> list[fx.Node] | None:
+        """The identity calls from ``n`` back to ``d`` (``n`` first, ``d`` excluded) if
+        ``n``'s value is ``d``'s through identity calls only, else ``None``."""
+        chain: list[fx.Node] = []
+        while n is not d:
+            src = self.identity_in.get(n)
+            if src is None:
+                return None
+            chain.append(n)
+            n = src
+        return chain
+
+    def linear(self, n: fx.Node) -> bool:
+        k = self.kind.get(n)
+        if k == "unary":
+            return n in self.lowered
+        if k == "sum":
+            return n in self.chan and n in self.dims
+        if k == "cat":
+            dim = self.sign.get(n)
+            return (n in self.chan and n in self.dims
+                    and (dim == 1.0 or dim == -(self.dims[n] + 1.0)))
+        return False
+
+
+def is_identity_call(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` calls an ``nn.Identity`` (exactly that type) of ``gm``."""
+    return n.op == "call_module" and type(fetch_attr(gm, str(n.target))) is nn.Identity
