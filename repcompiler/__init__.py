@@ -44,9 +44,9 @@ def __getattr__(name: str):
     # ``repcompiler.testing`` (hypothesis strategies and checkers) is imported on first
     # use only, so ``import repcompiler`` stays light
     if name == "testing":
-        import importlib
+        from . import testing
 
-        return importlib.import_module(".testing", __name__)
+        return testing
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
