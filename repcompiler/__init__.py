@@ -23,7 +23,7 @@ from .errors import (
 
 from .deploy import deploy
 from .fold import fold
-from .export import ExportResult, export
+from .exporting import ExportResult, export
 from .report import FoldReport, ReportEntry, TransformReport
 from .tracing import trace_model, trace_units
 from .rules import register_rule, lookup_rule, unregister_rule
