@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..deploy import deploy as deploy_model
 from ..entry import check_model
-from ..errors import TraceError, UnsupportedError, VerificationError
+from ..errors import TraceError, UnsupportedError, VerificationError, first_line
 from ..inputs import as_inputs, check_tolerances, check_weights, run_example
 from ..io import atomic_dir, check_output_path
 from ..online import OfflineBlock, OnlineConv
@@ -61,7 +61,7 @@ from .formats import (
     require_packages,
     resolve_format,
 )
-from .writers import first_line, load_artifact, onnx_op_counts, onnx_opset, run_flat, write_artifact
+from .writers import load_artifact, onnx_op_counts, onnx_opset, run_flat, write_artifact
 
 __all__ = [
     "FORMATS",

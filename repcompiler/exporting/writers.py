@@ -21,21 +21,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import TraceError, UnsupportedError
+from ..errors import TraceError, UnsupportedError, first_line
 from .formats import MIN_DYNAMO_OPSET
 
-__all__ = ["write_artifact", "load_artifact", "onnx_opset", "onnx_op_counts", "run_flat", "first_line"]
+__all__ = ["write_artifact", "load_artifact", "onnx_opset", "onnx_op_counts", "run_flat"]
 
 log = logging.getLogger(__name__)
 
 # weights above this go to an ONNX external data file (protobuf's hard limit is 2 GiB)
 _ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none)."""
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:500]
 
 
 def run_flat(model: Callable[..., Any], args: Sequence[Tensor]) -> list[Tensor]:
