@@ -323,3 +323,23 @@ def test_cli_interrupt_exits_130(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert main(["deploy", TINY, "-o", os.fspath(tmp_path / "x.pt"), "-q"]) == EXIT_INTERRUPT
     assert capsys.readouterr().err == "repcompiler: interrupted\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_only_on_a_terminal_and_bench_is_never_silent(capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    """stderr captured (not a terminal): no bar; ``bench --quick`` prints a line per form
+    instead, and its header states the options used."""
+    assert main(["deploy", TINY, "-o", os.fspath(tmp_path / "x.pt")]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "\r" not in err and "%|" not in err and "stage" not in err
+    argv = ["bench", "--quick", "--model", TINY, "--batch-size", "2", "--image-size", "16", "--steps", "1",
+            "--warmup", "0", "--seed", "5"]
+    assert main(argv) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert [ln.split(" (")[0] for ln in err.splitlines()] == ["bench: plain", "bench: orepa online",
+                                                             "bench: orepa offline"]
+    assert "\r" not in err
+    head = out.splitlines()[0]
+    for part in [TINY, "block orepa", "batch 2", "16x16", "median of 1 after 0 warm-up", "seed 5"]:
+        assert part in head, head
+    assert main(argv + ["-q"]) == EXIT_OK and capsys.readouterr().err == ""
