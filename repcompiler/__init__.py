@@ -23,7 +23,7 @@ from .errors import (
 
 from .deploy import deploy
 from .fold import fold
-from .export import ExportResult, export
+from .exporting import ExportResult, export
 from .report import FoldReport, ReportEntry, TransformReport
 from .tracing import trace_model, trace_units
 from .rules import register_rule, lookup_rule, unregister_rule
@@ -44,9 +44,9 @@ def __getattr__(name: str):
     # ``repcompiler.testing`` (hypothesis strategies and checkers) is imported on first
     # use only, so ``import repcompiler`` stays light
     if name == "testing":
-        import importlib
+        from . import testing
 
-        return importlib.import_module(".testing", __name__)
+        return testing
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [

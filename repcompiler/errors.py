@@ -3,7 +3,8 @@
 Every error repcompiler raises on bad input is one of these, so callers can catch
 ``RepCompilerError`` and messages always name the operand (module, expression or
 graph node) and the reason. :func:`check_choice` raises one for an option that is
-not among its allowed values.
+not among its allowed values; :func:`first_line` is how a foreign exception is quoted
+inside one of these messages.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "VerificationError",
     "RegistrationError",
     "check_choice",
+    "first_line",
 ]
 
 
@@ -72,3 +74,10 @@ def check_choice(
     where = f"{owner}: " if owner else ""
     or_none = " or None" if allow_none else ""
     raise error(f"{where}{name} must be one of {tuple(choices)}{or_none}, got {value!r}")
+
+
+def first_line(exc: BaseException, limit: int = 500) -> str:
+    """The first line of ``exc``'s message (its type name if it has none), at most
+    ``limit`` characters: how a torch/third-party error is quoted in our messages."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

@@ -49,6 +49,8 @@ from .errors import RepCompilerError, TraceError, UnsupportedError, Verification
 from .report import FoldReport, count_convs, count_params
 from .rules import RuleRegistry, default_rules
 from .entry import check_model, copy_model
+from .inputs import check_weights
+from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_model, trace_units
 from .passes.cleanup import Cleanup
 from .passes.find_regions import _region_name, find_regions, node_owner
@@ -121,6 +123,7 @@ def compile_folds(
     """The machinery behind :func:`fold` and :func:`repcompiler.deploy`."""
     t0 = time.perf_counter()
     check_model(model, title)
+    check_weights(model, title)
     inputs = _as_inputs(example_inputs)
     rules = rules if rules is not None else default_rules
     report = FoldReport(title=title)
@@ -168,6 +171,8 @@ def compile_folds(
                 warnings.warn(msg, stacklevel=2)
                 report.notes.append(msg)
 
+    for path, reason in opaque_reasons(work, rules):
+        report.add(path, type(dict(work.named_modules())[path]).__name__, "opaque", reason)
     report.convs_after = count_convs(work)
     report.params_after = count_params(work)
     report.seconds = time.perf_counter() - t0

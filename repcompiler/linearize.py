@@ -98,6 +98,7 @@ from . import algebra as A
 from .blocks import MODES
 from .errors import RepCompilerError, VerificationError, check_choice
 from .fold import _compare_outputs
+from .inputs import as_inputs, run_example
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
 from .rules import LowerInfo, RuleRegistry, default_rules
@@ -812,9 +813,8 @@ def _sync_new_modules(model: nn.Module, old: set[int]) -> None:
 
 
 def _forward_eval(model: nn.Module, example_inputs: Any) -> Any:
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    with torch.no_grad(), _EvalMode(model):
-        return model(*args)
+    with _EvalMode(model):
+        return run_example(model, as_inputs(example_inputs, "linearize"), "linearize")
 
 
 def linearize(

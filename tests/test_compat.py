@@ -58,7 +58,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _assert_plain(m: nn.Module) -> None:
-    from repcompiler.export import has_online_blocks
+    from repcompiler.exporting import has_online_blocks
 
     assert not has_online_blocks(m)
     assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())

@@ -41,6 +41,7 @@ __all__ = [
     "available_blocks",
     "build_block",
     "check_geometry",
+    "accepted_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ def available_blocks() -> list[str]:
     return sorted(_BLOCKS)
 
 
-def _accepted(build: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+def accepted_options(build: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that ``build`` accepts as keywords (all, if it takes ``**kwargs``)."""
     try:
         params = inspect.signature(build).parameters.values()
     except (TypeError, ValueError):
@@ -201,7 +203,7 @@ def build_block(name: str, geom: ConvGeometry, **options: Any) -> A.Expr:
     """Build block ``name`` for ``geom`` (passing only the options its builder
     accepts) and check the result has the conv's geometry."""
     build = get_block(name)
-    expr = build(geom, **_accepted(build, options))
+    expr = build(geom, **accepted_options(build, options))
     if not isinstance(expr, A.Expr):
         raise RegistrationError(f"block {name!r} returned {type(expr).__name__}, not an algebra Expr")
     check_geometry(expr, geom, f"block {name!r}")
