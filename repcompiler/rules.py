@@ -17,18 +17,23 @@ them (:mod:`passes.find_regions`).
 from __future__ import annotations
 
 import logging
+import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import algebra as A
 from .errors import RegistrationError
+from .third_party import register_third_party_rules
 
 __all__ = [
     "has_forward_hooks",
     "LowerInfo",
-    "ModuleRule",
     "RuleRegistry",
     "default_rules",
     "register_rule",
@@ -48,9 +53,6 @@ class LowerInfo:
     name: str = ""
 
 
-ModuleRule = Callable[[nn.Module, LowerInfo], Optional[A.Expr]]
-
-
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or forward-pre hooks of its own: they may change
     what it computes, so a fold or a block replacing it would drop them."""
@@ -62,6 +64,26 @@ class RuleRegistry:
 
     def __init__(self) -> None:
         self._rules: dict[Any, Callable[..., Any]] = {}
+        self._pending: dict[tuple[str, str], Callable[..., Any]] = {}
+
+    def register_third_party(self, module: str, qualname: str, lower: Callable[..., Any]) -> None:
+        """Register ``lower`` for the class ``module.qualname`` of a package that may not
+        be installed: the rule takes effect once that module has been imported (by the
+        user's code; this never imports it), and an explicit :meth:`register` of the
+        class wins."""
+        if not callable(lower):
+            raise RegistrationError(f"rule for {module}.{qualname} must be callable, got {type(lower).__name__}")
+        self._pending[(module, qualname)] = lower
+
+    def _resolve_pending(self) -> None:
+        for key in [k for k in self._pending if k[0] in sys.modules]:
+            lower = self._pending.pop(key)
+            cls: Any = sys.modules[key[0]]
+            for part in key[1].split("."):
+                cls = getattr(cls, part, None)
+            if isinstance(cls, type) and issubclass(cls, nn.Module) and cls not in self._rules:
+                self._rules[cls] = lower
+                log.debug("registered third-party rule for %s.%s", *key)
 
     def register(self, target: Any, lower: Callable[..., Any], *, override: bool = False) -> None:
         """Register ``lower`` for ``target`` (a module type or a function)."""
@@ -81,6 +103,8 @@ class RuleRegistry:
 
     def lookup(self, target: Any) -> Callable[..., Any] | None:
         """The rule for a module instance (MRO walk), a module type, or a function."""
+        if self._pending:
+            self._resolve_pending()
         if isinstance(target, nn.Module):
             target = type(target)
         if isinstance(target, type):
@@ -93,9 +117,6 @@ class RuleRegistry:
         except TypeError:  # unhashable callables
             return None
 
-    def has_module_rule(self, module: nn.Module) -> bool:
-        return self.lookup(module) is not None
-
     def lower_module(self, module: nn.Module, info: LowerInfo) -> A.Expr | None:
         """The module's expression, or ``None`` (opaque): no rule, the rule declines, or the
         module has forward hooks (they may change what it computes, and a fold would drop
@@ -105,13 +126,42 @@ class RuleRegistry:
         rule = self.lookup(module)
         return None if rule is None else rule(module, info)
 
+    def declines(self, module: nn.Module) -> bool:
+        """True when ``module``'s type has a rule that returns ``None`` for this
+        instance (e.g. timm's ``BatchNormAct2d`` with a ReLU, a conv with
+        ``padding_mode="reflect"``): the tracer then traces into its ``forward``, so the
+        linear ops inside (``F.batch_norm``) can still fold. The rule is asked with the
+        channel count and spatial dims the module declares (a guess: the graph is not
+        known yet); a rule that raises is taken as accepting (the module stays a
+        leaf, as it always was)."""
+        rule = self.lookup(module)
+        if rule is None:
+            return False
+        channels = getattr(module, "in_channels", None) or getattr(module, "num_features", None) or 1
+        try:
+            return rule(module, LowerInfo(int(channels), _dims_hint(module))) is None
+        except Exception:  # a rule may need real graph information: keep the leaf
+            return False
+
     def copy(self) -> "RuleRegistry":
         new = RuleRegistry()
         new._rules = dict(self._rules)
+        new._pending = dict(self._pending)
         return new
 
     def __contains__(self, target: Any) -> bool:
         return self.lookup(target) is not None
+
+
+def _dims_hint(module: nn.Module) -> int:
+    """Spatial dims a module declares (``kernel_size`` length, ``BatchNorm<d>d``), else 2."""
+    ks = getattr(module, "kernel_size", None)
+    if isinstance(ks, tuple):
+        return len(ks)
+    for d in (1, 3):
+        if f"{d}d" in type(module).__name__:
+            return d
+    return 2
 
 
 def _name(target: Any) -> str:
@@ -251,8 +301,6 @@ def _is_input(value: Any) -> bool:
 
 
 def _lower_fconv(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
-    import torch
-
     if not _is_input(call.arg(0, "input")):
         return None
     weight, bias = call.arg(1, "weight"), call.arg(2, "bias")
@@ -270,8 +318,6 @@ def _lower_fconv(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
 
 
 def _lower_fbatch_norm(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
-    import torch
-
     if not _is_input(call.arg(0, "input")) or call.arg(5, "training", False):
         return None
     mean, var = call.arg(1, "running_mean"), call.arg(2, "running_var")
@@ -324,8 +370,6 @@ def _lower_favgpool(dims: int) -> FunctionRule:
 def _per_channel(value: Any, info: LowerInfo) -> Any:
     """A scalar (python number or 0-d/1-element tensor) or a per-channel tensor of shape
     ``[C]+[1]*dims`` / ``[1, C]+[1]*dims``, as a float or a ``[C]`` tensor; else ``None``."""
-    import torch
-
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -368,8 +412,6 @@ def _lower_add(sign: float) -> FunctionRule:
     """``a + sign*alpha*b`` with one of ``a``/``b`` the input and the other a constant."""
 
     def lower(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
-        import torch
-
         alpha = call.kwargs.get("alpha", 1)
         if len(call.args) != 2 or set(call.kwargs) - {"alpha"} or not isinstance(alpha, (int, float)):
             return None
@@ -394,11 +436,6 @@ def _lower_add(sign: float) -> FunctionRule:
 
 
 def _register_function_rules(reg: RuleRegistry) -> None:
-    import operator
-
-    import torch
-    import torch.nn.functional as F
-
     for f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
         reg.register(f, _lower_fconv, override=True)
     reg.register(F.batch_norm, _lower_fbatch_norm, override=True)
@@ -416,8 +453,6 @@ def _register_function_rules(reg: RuleRegistry) -> None:
 
 
 def _lower_frozen_bn(m: nn.Module, info: LowerInfo) -> A.Expr | None:
-    import torch
-
     scale = m.weight * torch.rsqrt(m.running_var + m.eps)
     shift = m.bias - m.running_mean * scale
     return A.Affine(scale.shape[0], info.dims, scale=scale.detach(), shift=shift.detach(),
@@ -425,11 +460,7 @@ def _lower_frozen_bn(m: nn.Module, info: LowerInfo) -> A.Expr | None:
 
 
 _register_function_rules(default_rules)
-try:  # torchvision is a dependency, but keep rules importable without it
-    from torchvision.ops.misc import FrozenBatchNorm2d as _FrozenBN
-
-    default_rules.register(_FrozenBN, _lower_frozen_bn, override=True)
-except ImportError:  # pragma: no cover
-    pass
+default_rules.register(FrozenBatchNorm2d, _lower_frozen_bn, override=True)
+register_third_party_rules(default_rules)
 
 __all__ += ["INPUT", "FunctionCall", "FunctionRule"]
