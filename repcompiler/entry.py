@@ -1,17 +1,19 @@
 """What every entry point (``orepa_transform``, ``fold``, ``deploy``, ``linearize``) does
-with the model it is given before any work: check that it is an eager ``nn.Module``
-torch.fx can trace, and copy it unless the caller asked for ``inplace``."""
+with the model and inputs it is given before any work: check that it is an eager
+``nn.Module`` torch.fx can trace, copy it unless the caller asked for ``inplace``, and
+normalize ``example_inputs`` to a tuple of positional inputs."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import UnsupportedError
 
-__all__ = ["check_model", "copy_model"]
+__all__ = ["check_model", "copy_model", "as_inputs"]
 
 
 def check_model(model: object, title: str) -> None:
@@ -35,3 +37,17 @@ def copy_model(model: nn.Module, title: str, inplace: bool) -> nn.Module:
         raise UnsupportedError(
             f"{title}: cannot copy {type(model).__name__} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             f"pass inplace=True to work on the model itself") from exc
+
+
+def as_inputs(example_inputs: Any) -> tuple | None:
+    """``example_inputs`` as a tuple of positional inputs (``None`` stays ``None``); a
+    value that is neither a tensor nor a tuple/list raises :class:`UnsupportedError`."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise UnsupportedError(
+        f"example_inputs must be a tensor or a tuple of positional inputs, got {type(example_inputs).__name__}"
+    )

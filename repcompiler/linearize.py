@@ -97,7 +97,7 @@ from torch import Tensor, nn
 from . import algebra as A
 from .blocks import MODES
 from .errors import RepCompilerError, VerificationError, check_choice
-from .fold import _compare_outputs
+from .verify import compare_outputs as _compare_outputs
 from .online import OfflineBlock, OnlineConv
 from .report import TransformReport, count_convs, count_params
 from .rules import LowerInfo, RuleRegistry, default_rules
