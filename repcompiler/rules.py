@@ -128,18 +128,19 @@ class RuleRegistry:
 
     def declines(self, module: nn.Module) -> bool:
         """True when ``module``'s type has a rule that returns ``None`` for this
-        instance (e.g. timm's ``BatchNormAct2d`` with a ReLU, a conv with
-        ``padding_mode="reflect"``): the tracer then traces into its ``forward``, so the
-        linear ops inside (``F.batch_norm``) can still fold. The rule is asked with the
-        channel count and spatial dims the module declares (a guess: the graph is not
-        known yet); a rule that raises is taken as accepting (the module stays a
-        leaf, as it always was)."""
+        instance (e.g. timm's ``BatchNormAct2d`` with a ReLU): the tracer then traces
+        into its ``forward``, so the linear ops inside (``F.batch_norm``) can still
+        fold. The rule is asked with the geometry the module declares (``in_channels``
+        or ``num_features``; dims from ``kernel_size`` or a ``...1d/2d/3d`` class
+        name): a module that declares none, or a rule that raises, counts as not
+        declining (it stays a leaf, as it always was), since a rule may decline
+        only because the guessed geometry is wrong."""
         rule = self.lookup(module)
-        if rule is None:
+        geometry = _declared_geometry(module)
+        if rule is None or geometry is None:
             return False
-        channels = getattr(module, "in_channels", None) or getattr(module, "num_features", None) or 1
         try:
-            return rule(module, LowerInfo(int(channels), _dims_hint(module))) is None
+            return rule(module, LowerInfo(*geometry)) is None
         except Exception:  # a rule may need real graph information: keep the leaf
             return False
 
@@ -153,15 +154,15 @@ class RuleRegistry:
         return self.lookup(target) is not None
 
 
-def _dims_hint(module: nn.Module) -> int:
-    """Spatial dims a module declares (``kernel_size`` length, ``BatchNorm<d>d``), else 2."""
+def _declared_geometry(module: nn.Module) -> tuple[int, int] | None:
+    """``(channels, dims)`` a module declares of its input, or ``None`` if it does not."""
+    channels = getattr(module, "in_channels", None) or getattr(module, "num_features", None)
     ks = getattr(module, "kernel_size", None)
-    if isinstance(ks, tuple):
-        return len(ks)
-    for d in (1, 3):
-        if f"{d}d" in type(module).__name__:
-            return d
-    return 2
+    dims = len(ks) if isinstance(ks, tuple) else next(
+        (int(c.__name__[-2]) for c in type(module).__mro__ if c.__name__[-2:] in ("1d", "2d", "3d")), None)
+    if not isinstance(channels, int) or dims is None:
+        return None
+    return channels, dims
 
 
 def _name(target: Any) -> str:

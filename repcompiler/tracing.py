@@ -7,8 +7,10 @@
   **unless the rule declines that instance** (:meth:`RuleRegistry.declines
   <repcompiler.rules.RuleRegistry.declines>`, asked once per module): then its
   ``forward`` is traced, so e.g. timm's ``BatchNormAct2d`` with a ReLU becomes
-  ``F.batch_norm`` (which folds) followed by the ReLU. A module with forward hooks of
-  its own stays a leaf (tracing into it would run the hooks on proxies);
+  ``F.batch_norm`` (which folds) followed by the ReLU. A module in training mode stays
+  a leaf (its traced ``forward`` would bake the training branch, batch statistics and
+  all, into a rewritten owner's code), and so does one with forward hooks of its own
+  (tracing into it would run the hooks on proxies);
 * the usual ``torch.nn`` leaves (activations, pooling, linear, ... but not containers);
 * torchvision's op modules that do not trace (RoI ops, deformable conv, ...),
 
@@ -85,7 +87,7 @@ class RepTracer(fx.Tracer):
         """Whether ``m``'s rule declines it (cached per module; asked before tracing,
         since fx patches parameter access while it traces)."""
         if id(m) not in self._declined:
-            self._declined[id(m)] = not has_forward_hooks(m) and self.rules.declines(m)
+            self._declined[id(m)] = not m.training and not has_forward_hooks(m) and self.rules.declines(m)
         return self._declined[id(m)]
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
