@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import VerificationError
+from ..verify import relative_error, tolerance_for
 
 from ..report import TransformReport
 from ..rules import RuleRegistry
@@ -169,23 +170,6 @@ def _probe_input(region: Region, ref: Tensor, batch: int = 1) -> Tensor:
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(batch, region.in_channels, *size, generator=gen, dtype=torch.float64)
     return x.to(dtype=ref.dtype, device=ref.device)
-
-
-def relative_error(a: Tensor, b: Tensor) -> float:
-    """``max|a - b| / max|b|`` (``max|a-b|`` when ``b`` is all zero)."""
-    a, b = a.detach().double(), b.detach().double()
-    scale = b.abs().max().item() if b.numel() else 0.0
-    err = (a - b).abs().max().item() if b.numel() else 0.0
-    return err / scale if scale > 0 else err
-
-
-def tolerance_for(dtype: torch.dtype) -> float:
-    """Relative tolerance used when verifying a fold in ``dtype``."""
-    if dtype == torch.float64:
-        return 1e-9
-    if dtype in (torch.float16, torch.bfloat16):
-        return 2e-2
-    return 1e-4
 
 
 def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn.Module) -> float:

@@ -15,15 +15,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from . import online as _online  # noqa: F401  (registers the online blocks' rules)
+from .entry import check_model
+from .inputs import as_inputs
 from .errors import TraceError
-from .fold import _as_inputs, _compare_outputs, compile_folds
+from .fold import compile_folds
+from .passes.push_bias import PushBias
 from .report import FoldReport
 from .rules import RuleRegistry
-from .entry import check_model
 from .tracing import trace_model
-from .passes.push_bias import PushBias
+from .verify import compare_outputs
 
 __all__ = ["deploy"]
 
@@ -70,11 +73,9 @@ def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs:
     except TraceError as exc:
         log.info("deploy: inserted post-BN biases kept (%s)", exc)
         return
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, "deploy")
     want = None
     if inputs is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
         with torch.no_grad():  # channel counts for concatenations, and the reference output
             want = ShapeProp(gm).propagate(*inputs)
     push = PushBias(names)
@@ -82,5 +83,5 @@ def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs:
     log.info("deploy: moved %d inserted post-BN biases into downstream BatchNorms", len(push.pushed))
     if verify and want is not None and push.pushed:
         with torch.no_grad():
-            _compare_outputs(want, deployed(*inputs), type(deployed).__name__,
+            compare_outputs(want, deployed(*inputs), type(deployed).__name__,
                              "deployed model after moving inserted post-BN biases into BatchNorms")

@@ -1,13 +1,15 @@
 """What every entry point (``orepa_transform``, ``fold``, ``deploy``, ``linearize``) does
-with the model it is given before any work: check that it is an eager ``nn.Module``
-torch.fx can trace, and copy it unless the caller asked for ``inplace``."""
+with the model and inputs it is given before any work: check that it is an eager
+``nn.Module`` torch.fx can trace, copy it unless the caller asked for ``inplace``, and
+normalize ``example_inputs`` to a tuple of positional inputs."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import UnsupportedError
 
@@ -35,3 +37,4 @@ def copy_model(model: nn.Module, title: str, inplace: bool) -> nn.Module:
         raise UnsupportedError(
             f"{title}: cannot copy {type(model).__name__} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             f"pass inplace=True to work on the model itself") from exc
+

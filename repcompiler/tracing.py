@@ -3,7 +3,14 @@
 :class:`RepTracer` is an ``fx.Tracer`` whose leaf modules are
 
 * every module with a lowering rule in the rule registry (MRO lookup, so subclasses of
-  ``nn.Conv2d`` and ``OnlineConv`` blocks are leaves: the compiler lowers them whole);
+  ``nn.Conv2d`` and ``OnlineConv`` blocks are leaves: the compiler lowers them whole),
+  **unless the rule declines that instance** (:meth:`RuleRegistry.declines
+  <repcompiler.rules.RuleRegistry.declines>`, asked once per module): then its
+  ``forward`` is traced, so e.g. timm's ``BatchNormAct2d`` with a ReLU becomes
+  ``F.batch_norm`` (which folds) followed by the ReLU. A module in training mode stays
+  a leaf (its traced ``forward`` would bake the training branch, batch statistics and
+  all, into a rewritten owner's code), and so does one with forward hooks of its own
+  (tracing into it would run the hooks on proxies);
 * the usual ``torch.nn`` leaves (activations, pooling, linear, ... but not containers);
 * torchvision's op modules that do not trace (RoI ops, deformable conv, ...),
 
@@ -31,12 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch.fx as fx
+import torchvision.ops as tvops
 from torch import nn
 
 from .errors import TraceError
-from .rules import RuleRegistry, default_rules
+from .rules import RuleRegistry, default_rules, has_forward_hooks
 
-__all__ = ["RepTracer", "TracedUnit", "TraceResult", "trace_model", "trace_units", "count_convs"]
+__all__ = ["RepTracer", "TracedUnit", "TraceResult", "trace_model", "trace_units"]
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +61,7 @@ _TV_OPAQUE_OPS = (
 )
 
 
-def _torchvision_leaves() -> tuple[type, ...]:
-    try:
-        import torchvision.ops as tvops
-    except ImportError:  # pragma: no cover
-        return ()
-    return tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n))
-
-
-def _autowrap_modules() -> tuple[Any, ...]:
-    mods: list[Any] = [math]
-    try:
-        import torchvision.ops as tvops
-
-        mods.append(tvops)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(mods)
+_TV_LEAVES = tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n))
 
 
 class RepTracer(fx.Tracer):
@@ -77,18 +69,33 @@ class RepTracer(fx.Tracer):
     leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
 
     def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()) -> None:
-        super().__init__(autowrap_modules=_autowrap_modules())
+        super().__init__(autowrap_modules=(math, tvops))
         self.rules = rules if rules is not None else default_rules
-        self.extra_leaves = tuple(extra_leaves) + _torchvision_leaves()
+        self.extra_leaves = tuple(extra_leaves) + _TV_LEAVES
+        self._declined: dict[int, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, fx.GraphModule):
             return False
-        if self.rules.lookup(m) is not None:
+        if self.rules.lookup(m) is not None and not self._declines(m):
             return True
         if self.extra_leaves and isinstance(m, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def _declines(self, m: nn.Module) -> bool:
+        """Whether ``m``'s rule declines it (cached per module; asked before tracing,
+        since fx patches parameter access while it traces)."""
+        if id(m) not in self._declined:
+            self._declined[id(m)] = not m.training and not has_forward_hooks(m) and self.rules.declines(m)
+        return self._declined[id(m)]
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        if isinstance(root, nn.Module):
+            for m in root.modules():
+                if self.rules.lookup(m) is not None:
+                    self._declines(m)
+        return super().trace(root, concrete_args)
 
 
 def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()) -> fx.GraphModule:
@@ -196,7 +203,3 @@ def trace_units(
     visit("", model)
     return result
 
-
-def count_convs(model: nn.Module) -> int:
-    """Number of ``nn.Conv1d/2d/3d`` modules (subclasses included) in ``model``."""
-    return sum(1 for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)))

@@ -522,7 +522,7 @@ def test_1d_and_3d_blocks(dims):
 
 @pytest.mark.parametrize("kind", KINDS + ["mobileone_dw", "repvgg_grouped"])
 def test_fast_fold_equals_generic_fold_with_gradients(kind):
-    from repcompiler.linearize import LinearizedSum
+    from repcompiler.algebra import LinearizedSum
 
     torch.manual_seed(11)
     if kind == "mobileone_dw":
@@ -604,3 +604,17 @@ def test_orepa_transform_linearizes_existing_blocks_instead_of_wrapping_their_co
     with pytest.warns(UserWarning, match="no eligible conv"):
         out, report = rc.orepa_transform(net, mode="offline", return_report=True)
     assert n_online(out) == 0 and len(report.by_action("kept")) == net.num_blocks
+
+
+def test_linearize_then_fold_the_root_subclasses_the_users_class_once():
+    """One rewrite engine, one marker: folding a root that linearize already rewrote
+    subclasses the user's class again, never the generated class."""
+    block = fb.randomize_bn(fb.ACBlock(8, 8), seed=7)
+    lin = linearize(block, init="from_bn")
+    assert type(lin).__mro__[1] is fb.ACBlock
+    folded = rc.fold(lin)
+    assert type(folded).__mro__[1] is fb.ACBlock and isinstance(folded, fb.ACBlock)
+    x = torch.randn(2, 8, 9, 9)
+    assert n_convs(folded) == 1 and rel_err(eval_out(folded, x), eval_out(block, x)) < 1e-5
+    clone = copy.deepcopy(folded)
+    assert type(clone) is type(folded) and rel_err(eval_out(clone, x), eval_out(folded, x)) == 0.0

@@ -51,3 +51,41 @@ def test_zero_pad_rule_matches_module():
     x = torch.randn(1, 3, 5, 6)
     assert torch.equal(expr(x), pad(x))
     assert torch.allclose(expr.fold().apply(x), pad(x))
+
+
+def test_third_party_rule_takes_effect_once_its_module_is_imported():
+    import sys
+    import types
+
+    reg = RuleRegistry()
+    rule = lambda m, info: None  # noqa: E731
+    reg.register_third_party("rc_test_fake_pkg.layers", "FakeNorm", rule)
+    assert reg.lookup(nn.BatchNorm2d) is None  # nothing imported yet, nothing registered
+    mod = types.ModuleType("rc_test_fake_pkg.layers")
+
+    class FakeNorm(nn.BatchNorm2d):
+        pass
+
+    mod.FakeNorm = FakeNorm
+    sys.modules[mod.__name__] = mod
+    try:
+        assert reg.lookup(FakeNorm(3)) is rule and reg.copy().lookup(FakeNorm) is rule
+    finally:
+        del sys.modules[mod.__name__]
+
+
+def test_timm_bn_act_rule_is_in_the_global_registry():
+    timm_norm_act = pytest.importorskip("timm.layers.norm_act")
+    from repcompiler.third_party import lower_timm_bn_act
+
+    plain = timm_norm_act.BatchNormAct2d(4, apply_act=False)
+    with_act = timm_norm_act.BatchNormAct2d(4)
+    assert default_rules.lookup(plain) is lower_timm_bn_act
+    assert isinstance(default_rules.lower_module(plain, LowerInfo(4, 2, "bn")), A.BatchNorm)
+    assert not default_rules.declines(plain) and default_rules.declines(with_act)
+
+
+def test_declines_asks_the_rule_for_the_instance():
+    reg = default_rules.copy()
+    assert not reg.declines(nn.Conv2d(2, 3, 3)) and reg.declines(nn.Conv2d(2, 3, 3, padding_mode="reflect"))
+    assert not reg.declines(nn.ReLU())  # no rule: nothing to decline

@@ -70,3 +70,42 @@ def test_detection_model_falls_back_to_backbone_and_heads():
 def test_whole_model_traces():
     res = trace_units(torchvision.models.resnet18())
     assert res.whole and res.units[0].path == ""
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm-style BN + activation in one module (its own forward)."""
+
+    def __init__(self, c, act=True):
+        super().__init__(c)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps))
+
+
+def _bn_act_rule(m, info):
+    return A.BatchNorm(m, dims=info.dims) if isinstance(m.act, nn.Identity) else None
+
+
+def test_a_leaf_whose_rule_declines_is_traced_into_and_its_linear_part_folds():
+    import repcompiler
+    from repcompiler.rules import default_rules
+    from helpers import randomize_bn
+
+    rules = default_rules.copy()
+    rules.register(BNAct, _bn_act_rule)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4, act=True), nn.Conv2d(4, 4, 1), BNAct(4, act=False)))
+    m = m.double().eval()
+    gm = trace_model(m, rules=rules)
+    mods = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert mods == ["0", "1.act", "2", "3"]  # declined: traced into; accepted: a leaf
+    assert any(n.target is torch.nn.functional.batch_norm for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    folded = repcompiler.fold(m, rules=rules)
+    assert sum(isinstance(c, nn.Conv2d) for c in folded.modules()) == 2
+    assert torch.allclose(folded(x), m(x), rtol=1e-10, atol=1e-10)
+    # in training mode it stays a leaf: tracing its forward would bake the training
+    # branch (batch statistics) into a rewritten forward
+    m.train()
+    assert RepTracer(rules).is_leaf_module(m[1], "1")

@@ -124,3 +124,42 @@ def _all():
 @pytest.mark.parametrize("name,group", _all(), ids=[f"{g}-{n}" for n, g in _all()])
 def test_zoo_full(name, group):
     _check(name, group)
+
+
+# -- timm: fold / linearize -> deploy through the one rule registry ----------------------------
+
+TIMM = [("repvgg_a0", "RepVggBlock", 22), ("mobileone_s0", "MobileOneBlock", 43)]
+
+
+def _timm_model(name: str):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return randomize_bn(timm.create_model(name, pretrained=False, num_classes=5)).eval()
+
+
+def _n_blocks(model, cls_name: str) -> int:
+    return sum(type(m).__name__ == cls_name for m in model.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,block,n", TIMM, ids=[t[0] for t in TIMM])
+def test_timm_training_form_folds_to_one_conv_per_block(name, block, n):
+    """timm's BatchNormAct2d (identity act/drop) has its rule in the global registry, so
+    fold folds every training-form block (it folded nothing when only linearize knew it);
+    the stem/head BNAct with a ReLU is traced into and its F.batch_norm folds too."""
+    model = _timm_model(name)
+    assert _n_blocks(model, block) == n
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(x)
+    folded, report = repcompiler.fold(model, return_report=True)
+    assert count_convs(folded) == n, report
+    assert all(sum(isinstance(c, torch.nn.Conv2d) for c in m.modules()) == 1
+               for m in folded.modules() if type(m).__name__ == block)
+    with torch.no_grad():
+        assert rel_err(folded(x), want) <= 1e-5
+    lin = repcompiler.linearize(model, init="from_bn")
+    plain = repcompiler.deploy(lin)
+    assert count_convs(plain) == n
+    with torch.no_grad():
+        assert rel_err(plain(x), want) <= 1e-5

@@ -50,7 +50,7 @@ from ..inputs import as_inputs, check_tolerances, check_weights, run_example
 from ..io import atomic_dir, check_output_path
 from ..online import OfflineBlock, OnlineConv
 from ..progress import Stages
-from ..verify_shim import compare_outputs
+from ..verify import compare_outputs
 from .formats import (
     FORMATS,
     check_dtypes,

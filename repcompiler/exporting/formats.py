@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedError, check_choice
-from ..verify_shim import tolerance_for
+from ..verify import tolerance_for
 
 __all__ = [
     "FORMATS",

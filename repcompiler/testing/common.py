@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..blocks.registry import ConvGeometry
 from ..errors import VerificationError
-from ..verify_shim import relative_error
+from ..verify import relative_error
 
 __all__ = ["CheckFailure", "CheckResult", "assert_close", "case_text"]
 

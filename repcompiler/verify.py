@@ -1,27 +1,30 @@
-"""TEMPORARY SHIM for :mod:`repcompiler.verify` (owned by the "engine" branch).
+"""Verify: the one output-comparison helper of the pipeline.
 
-The lead replaces every ``from .verify_shim import`` / ``from ..verify_shim import``
-by the same import from ``verify`` at merge and deletes this file. The signatures are
-engine's (``compare_outputs(want, got, name, what, *, factor)``, ``relative_error``,
-``tolerance_for``) plus two keywords this branch needs in ``compare_outputs``:
+Every entry point compares a transformed model (or part of it) with the original the
+same way: same output structure (pytree), same shapes, and a **relative** error
+``max|got - want| / max|want|`` within a tolerance scaled to the dtype
+(:func:`tolerance_for`). One message format names what differs::
 
-* ``rtol``/``atol``: a caller-given tolerance instead of ``factor * tolerance_for(dtype)``
-  (export's ``--rtol/--atol``); an output passes when ``max|got - want| <= atol + rtol *
-  max|want|``, i.e. relative error ``<= rtol + atol / max|want|``;
-* the message states the relative figure first, then the absolute one.
+    <name>: output <i> of the <what> differs from the original by relative <X> (tolerance <T>; max |diff| <D>, max |output| <M>)
+
+This module owns :func:`relative_error`, :func:`tolerance_for`, :func:`compare_outputs`
+and :func:`eval_mode` (run modules in eval mode, their flags restored). ``fold``,
+``deploy`` and ``linearize`` use it; the per-region check of
+:mod:`repcompiler.passes.squeeze` uses its tolerance.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import VerificationError
 
-__all__ = ["relative_error", "tolerance_for", "compare_outputs"]
+__all__ = ["relative_error", "tolerance_for", "compare_outputs", "eval_mode"]
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
@@ -80,3 +83,17 @@ def compare_outputs(
             )
         worst = max(worst, err)
     return worst
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put every module under ``modules`` in eval mode; restore each flag on exit."""
+    mods = [m for root in modules for m in root.modules()]
+    flags = [m.training for m in mods]
+    for m in mods:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, flags):
+            m.training = f
