@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import RepCompilerError, TraceError, UnsupportedError, VerificationError
 from .report import FoldReport, count_convs, count_params
@@ -204,7 +204,7 @@ def _run_capturing(
     for u in units:
         def out_hook(mod: nn.Module, args: tuple, output: Any, _path: str = u.path) -> None:
             if _path not in outputs:
-                outputs[_path] = output
+                outputs[_path] = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
 
         handles.append(u.module.register_forward_hook(out_hook))
 

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
+from .capture import CaptureTracerMixin  # hook (issue 15): capture what plain fx rejects
 from .errors import TraceError
 from .rules import RuleRegistry, default_rules
 
@@ -72,7 +73,7 @@ def _autowrap_modules() -> tuple[Any, ...]:
     return tuple(mods)
 
 
-class RepTracer(fx.Tracer):
+class RepTracer(CaptureTracerMixin, fx.Tracer):
     """``fx.Tracer`` whose leaves are rule-registered modules plus the usual ``torch.nn``
     leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
 
