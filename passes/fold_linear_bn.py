@@ -103,8 +103,27 @@ def _flattened_from_1(n: Any) -> bool:
     return start == 1 and end == -1
 
 
-def _is_2d(n: Any) -> bool:
-    return isinstance(n, fx.Node) and (_rank(n) == 2 or (_rank(n) is None and _flattened_from_1(n)))
+_SAME_RANK_MODULES = (nn.Linear, nn.BatchNorm1d, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout)
+_SAME_RANK_FUNCS = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "dropout"}
+
+
+def _is_2d(n: Any, gm: fx.GraphModule, depth: int = 0) -> bool:
+    """``n``'s value is 2-d: by shape metadata, or it is ``flatten(x, 1)`` reached
+    back through rank-preserving ops (Linear, BN1d, activations, dropout)."""
+    if not isinstance(n, fx.Node) or depth > 32:
+        return False
+    if _rank(n) is not None:
+        return _rank(n) == 2
+    if _flattened_from_1(n):
+        return True
+    if len(n.args) < 1 or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_module":
+        same = isinstance(gm.get_submodule(str(n.target)), _SAME_RANK_MODULES)
+    else:
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        same = n.op in ("call_function", "call_method") and name in _SAME_RANK_FUNCS
+    return same and _is_2d(n.args[0], gm, depth + 1)
 
 
 def _shape_only_use(u: fx.Node, n: fx.Node) -> bool:
@@ -135,7 +154,7 @@ def _bn_after(gm: fx.GraphModule, lin: fx.Node) -> tuple[fx.Node, list[fx.Node]]
             return None
         path.append(u)
         n = u
-    if not _is_2d(n):
+    if not _is_2d(n, gm):
         return None
     return u, path
 
@@ -162,7 +181,7 @@ class FoldLinearBN(GraphPass):
                 continue
             prev = n.args[0]
             if (_plain_bn1d(_module(gm, prev)) and len(prev.users) == 1 and len(prev.args) == 1
-                    and _is_2d(prev.args[0])):
+                    and _is_2d(prev.args[0], gm)):
                 modified |= self._apply(gm, n, prev, bn_first=True)
         return PassResult(gm, modified)
 
