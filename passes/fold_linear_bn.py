@@ -7,7 +7,8 @@ kernel algebra is 1-, 2- and 3-d only (:class:`repcompiler.algebra.ConvSpec` rej
 Linear -> BN token layers (LeViT's ``LinearNorm``) - are folded here directly:
 
 * ``Linear -> BN``:  ``W' = s[:, None] * W``, ``b' = s * b + t``;
-* ``BN -> Linear``:  ``W' = W * s[None, :]``, ``b' = b + W @ t``;
+* ``BN -> Linear``:  ``W' = W * s[None, :]``, ``b' = b + W @ t`` (eval-mode dropout
+  or identity calls in between are allowed: timm's ``NormLinear``);
 
 with ``(s, t)`` the BN's eval-mode affine. Both are exact for every input (there is
 no border), *provided the BN normalises the Linear's feature axis*: ``BatchNorm1d``
@@ -180,6 +181,9 @@ class FoldLinearBN(GraphPass):
                 modified |= self._apply(gm, n, pair[0], bn_first=False)
                 continue
             prev = n.args[0]
+            while (isinstance(_module(gm, prev), (nn.Dropout, nn.Identity)) and not _module(gm, prev).training
+                   and len(prev.users) == 1 and len(prev.args) == 1):
+                prev = prev.args[0]  # eval-mode dropout between (timm's NormLinear)
             if (_plain_bn1d(_module(gm, prev)) and len(prev.users) == 1 and len(prev.args) == 1
                     and _is_2d(prev.args[0], gm)):
                 modified |= self._apply(gm, n, prev, bn_first=True)
