@@ -27,6 +27,7 @@ from .exporting import ExportResult, export
 from .report import FoldReport, ReportEntry, TransformReport
 from .tracing import trace_model, trace_units
 from .rules import register_rule, lookup_rule, unregister_rule
+from . import rules_extra  # noqa: F401  hook (issue 15): SyncBatchNorm, crops, signed F.pad
 from .blocks import available_blocks, get_block, register_block, unregister_block
 from .blocks import ConvGeometry
 from .online import OfflineBlock, OnlineConv

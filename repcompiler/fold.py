@@ -27,18 +27,19 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
 from .entry import check_model, copy_model
-from .inputs import as_inputs
 from .errors import RepCompilerError, UnsupportedError, VerificationError
 from .passes.find_regions import Region, find_regions
+from .passes.fold_linear_bn import fold_linear_bn
 from .passes.squeeze import RegionRunner, fold_region, region_params, set_submodule, squeeze_region, verify_region
 from .report import FoldReport, count_convs, count_params
 from .rewrite import conv_target, group_by_owner, owner_graph, qualify, region_label
 from .rules import RuleRegistry, default_rules
-from .inputs import check_weights
+from .inputs import as_inputs, check_weights
 from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_units
 from .verify import compare_outputs
@@ -124,6 +125,10 @@ def compile_folds(
     with _few_threads():
         for unit in traced.units:
             _fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path), merge_convs)
+        # Linear/BN1d pairs: the kernel algebra has no 0-d convs, a dedicated pass folds them
+        _, pairs = fold_linear_bn(work, inputs if traced.whole else None, inplace=True)
+    for linear, bn in pairs:
+        report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
     if ref_out is not None and verify:
         # every traced part on the inputs it saw: strict, names the part
@@ -184,7 +189,7 @@ def _run_capturing(
     for u in units:
         def out_hook(mod: nn.Module, args: tuple, output: Any, _path: str = u.path) -> None:
             if _path not in outputs:
-                outputs[_path] = output
+                outputs[_path] = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
 
         handles.append(u.module.register_forward_hook(out_hook))
 

@@ -41,6 +41,7 @@ import torch.fx as fx
 import torchvision.ops as tvops
 from torch import nn
 
+from .capture import CaptureTracerMixin  # hook (issue 15): capture what plain fx rejects
 from .errors import TraceError
 from .rules import RuleRegistry, default_rules, has_forward_hooks
 
@@ -64,7 +65,7 @@ _TV_OPAQUE_OPS = (
 _TV_LEAVES = tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n))
 
 
-class RepTracer(fx.Tracer):
+class RepTracer(CaptureTracerMixin, fx.Tracer):
     """``fx.Tracer`` whose leaves are rule-registered modules plus the usual ``torch.nn``
     leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
 

@@ -1,0 +1,241 @@
+"""Fold ``nn.BatchNorm1d`` into the ``nn.Linear`` next to it, on ``(N, C)`` features.
+
+This module owns :class:`FoldLinearBN` (a graph pass) and :func:`fold_linear_bn` (the
+same on a whole model). A Linear is a convolution with no spatial dimension, but the
+kernel algebra is 1-, 2- and 3-d only (:class:`repcompiler.algebra.ConvSpec` rejects
+``dims=0``), so these pairs - BN -> Linear classifier heads (timm's ``NormLinear``),
+Linear -> BN token layers (LeViT's ``LinearNorm``) - are folded here directly:
+
+* ``Linear -> BN``:  ``W' = s[:, None] * W``, ``b' = s * b + t``;
+* ``BN -> Linear``:  ``W' = W * s[None, :]``, ``b' = b + W @ t`` (eval-mode dropout
+  or identity calls in between are allowed: timm's ``NormLinear``);
+
+with ``(s, t)`` the BN's eval-mode affine. Both are exact for every input (there is
+no border), *provided the BN normalises the Linear's feature axis*: ``BatchNorm1d``
+normalises dim 1, a Linear acts on the last dim, so the BN's input must be 2-d.
+That is known from shape metadata (``ShapeProp``: pass ``example_inputs``) or, without
+it, from the value being produced by ``flatten(x, 1)`` (``x.flatten(1)``,
+``torch.flatten(x, 1)``) directly. Between a Linear and its BN, ops that only merge
+leading dims (``flatten``, ``reshape``, ``view``; LeViT's
+``bn(x.flatten(0, 1)).reshape_as(x)``) are allowed when the metadata shows the last
+dim unchanged; the Linear's output may also be read for its shape only.
+
+The folded Linear is installed at the Linear's qualified name and the BN's becomes
+``nn.Identity`` (as :func:`repcompiler.fold` does for module-only regions), both in the
+graph module and, when given, in the module the graph was traced from; every fold is
+checked numerically before anything is replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
+
+from .. import algebra as A
+from ..tracing import trace_units
+from .base import GraphPass, PassResult
+
+__all__ = ["FoldLinearBN", "fold_linear_bn", "fuse_linear_bn"]
+
+log = logging.getLogger(__name__)
+
+_LEADING = {"flatten", "reshape", "view"}
+_AS_TEMPLATE = {"reshape_as", "view_as", "expand_as"}
+
+
+@torch.no_grad()
+def fuse_linear_bn(linear: nn.Linear, bn: nn.Module, bn_first: bool) -> nn.Linear:
+    """A new ``nn.Linear`` equal to ``bn(linear(x))`` (or ``linear(bn(x))`` when
+    ``bn_first``) on ``(N, C)`` inputs, eval-mode BN."""
+    s, t = A.BatchNorm(bn, dims=1).affine()
+    w = linear.weight
+    b = linear.bias if linear.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if bn_first:
+        w2, b2 = w * s[None, :], b + w @ t
+    else:
+        w2, b2 = w * s[:, None], b * s + t
+    out = nn.Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=w.dtype)
+    out.weight.copy_(w2)
+    out.bias.copy_(b2)
+    return out
+
+
+def _module(gm: fx.GraphModule, n: Any) -> nn.Module | None:
+    if isinstance(n, fx.Node) and n.op == "call_module":
+        return gm.get_submodule(str(n.target))
+    return None
+
+
+def _plain_linear(m: Any) -> bool:
+    return (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+            and not (m._forward_hooks or m._forward_pre_hooks))
+
+
+def _plain_bn1d(m: Any) -> bool:
+    return (isinstance(m, nn.BatchNorm1d) and not m.training and m.running_mean is not None
+            and type(m).forward is nn.BatchNorm1d.forward and not (m._forward_hooks or m._forward_pre_hooks))
+
+
+def _rank(n: fx.Node) -> int | None:
+    tm = n.meta.get("tensor_meta")
+    shape = getattr(tm, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _last_dim(n: fx.Node) -> int | None:
+    tm = n.meta.get("tensor_meta")
+    shape = getattr(tm, "shape", None)
+    return int(shape[-1]) if shape is not None and len(shape) else None
+
+
+def _flattened_from_1(n: Any) -> bool:
+    """``n`` is ``flatten(x, 1)`` (2-d output whatever ``x`` is)."""
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return False
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    if name != "flatten":
+        return False
+    start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
+    end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+    return start == 1 and end == -1
+
+
+_SAME_RANK_MODULES = (nn.Linear, nn.BatchNorm1d, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout)
+_SAME_RANK_FUNCS = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "dropout"}
+
+
+def _is_2d(n: Any, gm: fx.GraphModule, depth: int = 0) -> bool:
+    """``n``'s value is 2-d: by shape metadata, or it is ``flatten(x, 1)`` reached
+    back through rank-preserving ops (Linear, BN1d, activations, dropout)."""
+    if not isinstance(n, fx.Node) or depth > 32:
+        return False
+    if _rank(n) is not None:
+        return _rank(n) == 2
+    if _flattened_from_1(n):
+        return True
+    if len(n.args) < 1 or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_module":
+        same = isinstance(gm.get_submodule(str(n.target)), _SAME_RANK_MODULES)
+    else:
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        same = n.op in ("call_function", "call_method") and name in _SAME_RANK_FUNCS
+    return same and _is_2d(n.args[0], gm, depth + 1)
+
+
+def _shape_only_use(u: fx.Node, n: fx.Node) -> bool:
+    """``u`` reads only ``n``'s shape (``y.reshape_as(n)``, ``n.size()``, ``n.shape``)."""
+    if u.op == "call_method" and u.target in _AS_TEMPLATE:
+        return len(u.args) > 1 and u.args[0] is not n
+    if u.op == "call_method" and u.target in ("size", "dim"):
+        return True
+    return u.op == "call_function" and getattr(u.target, "__name__", "") == "getattr" and u.args[1:2] == ("shape",)
+
+
+def _bn_after(gm: fx.GraphModule, lin: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The BN1d that reads ``lin``'s value (directly or through leading-dim merges)
+    and the merge nodes in between, when nothing else reads the value."""
+    path: list[fx.Node] = []
+    n = lin
+    while True:
+        data_users = [u for u in n.users if not _shape_only_use(u, n)]
+        if len(data_users) != 1:
+            return None
+        u = data_users[0]
+        if _plain_bn1d(_module(gm, u)):
+            break
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if u.op not in ("call_function", "call_method") or name not in _LEADING or u.args[0] is not n:
+            return None
+        if _last_dim(u) is None or _last_dim(u) != _last_dim(lin):
+            return None
+        path.append(u)
+        n = u
+    if not _is_2d(n, gm):
+        return None
+    return u, path
+
+
+class FoldLinearBN(GraphPass):
+    """Fold ``Linear -> BatchNorm1d`` and ``BatchNorm1d -> Linear`` pairs on ``(N, C)``
+    features (see the module docstring). ``root``: the module ``gm`` was traced from
+    (its submodules are replaced too). ``folded`` lists ``(linear, bn)`` paths."""
+
+    def __init__(self, root: nn.Module | None = None) -> None:
+        self.root = root
+        self.folded: list[tuple[str, str]] = []
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        modified = False
+        for n in list(gm.graph.nodes):
+            lin = _module(gm, n)
+            if not _plain_linear(lin) or len(n.args) != 1 or n.kwargs:
+                continue
+            pair = _bn_after(gm, n)
+            if pair is not None:
+                modified |= self._apply(gm, n, pair[0], bn_first=False)
+                continue
+            prev = n.args[0]
+            while (isinstance(_module(gm, prev), (nn.Dropout, nn.Identity)) and not _module(gm, prev).training
+                   and len(prev.users) == 1 and len(prev.args) == 1):
+                prev = prev.args[0]  # eval-mode dropout between (timm's NormLinear)
+            if (_plain_bn1d(_module(gm, prev)) and len(prev.users) == 1 and len(prev.args) == 1
+                    and _is_2d(prev.args[0], gm)):
+                modified |= self._apply(gm, n, prev, bn_first=True)
+        return PassResult(gm, modified)
+
+    def _apply(self, gm: fx.GraphModule, lin_node: fx.Node, bn_node: fx.Node, bn_first: bool) -> bool:
+        lin, bn = gm.get_submodule(str(lin_node.target)), gm.get_submodule(str(bn_node.target))
+        fused = fuse_linear_bn(lin, bn, bn_first)  # type: ignore[arg-type]
+        x = torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(0)).to(lin.weight)
+        with torch.no_grad():
+            want = lin(bn(x)) if bn_first else bn(lin(x))
+            got = fused(x)
+        err = float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
+        if not err <= 100 * torch.finfo(want.dtype).eps:
+            log.warning("not folding %s/%s: check failed (relative %.3g)", lin_node.target, bn_node.target, err)
+            return False
+        for target, module in ((str(lin_node.target), fused), (str(bn_node.target), nn.Identity())):
+            for owner in (gm, self.root):
+                if owner is not None:
+                    _set(owner, target, module)
+        self.folded.append((str(lin_node.target), str(bn_node.target)))
+        return True
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    *prefix, last = path.split(".")
+    parent = root.get_submodule(".".join(prefix)) if prefix else root
+    setattr(parent, last, module)
+
+
+def fold_linear_bn(model: nn.Module, example_inputs: Any = None, *,
+                   inplace: bool = False) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """Fold every Linear/BN1d pair of ``model`` (see the module docstring).
+
+    Traces the largest traceable parts (:func:`repcompiler.tracing.trace_units`); with
+    ``example_inputs`` (whole model traced) shapes are propagated. Returns the model
+    (a deep copy unless ``inplace``; in eval mode) and the folded ``(linear, bn)``
+    qualified names."""
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    done: list[tuple[str, str]] = []
+    for unit in trace_units(work).units:
+        if example_inputs is not None and unit.path == "":
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            try:
+                ShapeProp(unit.gm).propagate(*args)
+            except Exception as exc:  # shapes are only a hint
+                log.debug("shape propagation failed: %s", exc)
+        p = FoldLinearBN(unit.module)
+        p(unit.gm)
+        pre = unit.path + "." if unit.path else ""
+        done += [(pre + a, pre + b) for a, b in p.folded]
+    return work, done
