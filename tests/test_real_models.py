@@ -7,9 +7,9 @@ timm's ``reparameterize_model``). Counts are of ops **executed** in one forward
 (``F.conv*d`` and ``F.batch_norm`` calls), so a generated-kernel block such as the
 official OREPA one counts as the one conv it runs.
 
-Families that cannot pass until the one-engine work (issue 14/15 item 1) lands are
-``xfail(strict=True)`` naming the missing piece, so they turn into failures (and get
-unmarked) when it is there.
+Every family folds as far as its author's conversion: leaves whose rule declines
+(DBB's identity-based 1x1, timm's ``BatchNormAct2d``) are traced into, and BN1d heads
+are folded by :mod:`repcompiler.passes.fold_linear_bn`, which ``fold`` runs.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 _CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _BNS = {F.batch_norm, torch.batch_norm}
 
-NEEDS_TRACE_INTO_DECLINED_LEAF = (
-    "needs engine (issue 15 item 1): a leaf whose rule declines (Conv2d subclass with its own forward, "
-    "timm BatchNormAct2d) must be traced into instead of staying opaque"
-)
-NEEDS_LINEAR_BN_IN_FOLD = "needs the lead to run passes/fold_linear_bn inside fold (BatchNorm1d heads)"
 
 
 class _CountOps(TorchFunctionMode):
@@ -112,7 +107,7 @@ def _author_yolo_fuse(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 FIXTURES: dict[str, tuple[Callable[[], nn.Module], int, Callable[..., tuple[int, int]], Any]] = {
     "dbb": (lambda: nn.Sequential(DBBBlock(8, 8), nn.ReLU(), DBBBlock(8, 16, stride=2)), 8,
-            _author_one_conv_per_block(2), pytest.mark.xfail(strict=True, reason=NEEDS_TRACE_INTO_DECLINED_LEAF)),
+            _author_one_conv_per_block(2), None),
     "dbb_depthwise": (lambda: nn.Sequential(DBBBlock(8, 8, groups=8), nn.ReLU(), DBBBlock(8, 8, groups=8)), 8,
                       _author_one_conv_per_block(2), None),
     "acnet": (lambda: nn.Sequential(ACNetBlock(8, 8), nn.ReLU(), ACNetBlock(8, 8, k=5, padding=2)), 8,
@@ -176,16 +171,16 @@ def _timm(name: str) -> tuple[nn.Module, nn.Module]:
 
 
 TIMM = {
-    "repvgg_a0": (64, pytest.mark.xfail(strict=True, reason=NEEDS_TRACE_INTO_DECLINED_LEAF)),
-    "mobileone_s0": (64, pytest.mark.xfail(strict=True, reason=NEEDS_TRACE_INTO_DECLINED_LEAF)),
-    "fastvit_t8": (64, pytest.mark.xfail(strict=True, reason=NEEDS_TRACE_INTO_DECLINED_LEAF)),
-    "repvit_m1": (64, pytest.mark.xfail(strict=True, reason=NEEDS_LINEAR_BN_IN_FOLD)),
-    "levit_128s": (224, pytest.mark.xfail(strict=True, reason=NEEDS_LINEAR_BN_IN_FOLD)),
+    "repvgg_a0": (64, None),
+    "mobileone_s0": (64, None),
+    "fastvit_t8": (64, None),
+    "repvit_m1": (64, None),
+    "levit_128s": (224, None),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=spec[1]) for n, spec in TIMM.items()])
+@pytest.mark.parametrize("name", list(TIMM))
 def test_timm_family_folds_like_reparameterize_model(name):
     model, author = _timm(name)
     x = torch.randn(1, 3, TIMM[name][0], TIMM[name][0])
@@ -195,14 +190,14 @@ def test_timm_family_folds_like_reparameterize_model(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["repvit_m1", "levit_128s"])
-def test_timm_family_with_linear_bn_pass(name):
-    """What fold + :mod:`repcompiler.passes.fold_linear_bn` reach today (the pass is
-    not yet run by fold itself)."""
-    model, author = _timm(name)
+def test_fold_reports_its_linear_bn_folds(name):
+    """fold runs :mod:`repcompiler.passes.fold_linear_bn` (BN1d heads and token layers),
+    lists each pair in its report, and nothing is left for a second run."""
+    model, _ = _timm(name)
     x = torch.randn(1, 3, TIMM[name][0], TIMM[name][0])
-    folded, pairs = fold_linear_bn(rc.fold(model, x), x, inplace=True)
-    assert pairs
-    _check(model, x, folded, executed(author, x))
+    folded, report = rc.fold(model, x, return_report=True)
+    assert [e for e in report.entries if e.kind == "linear" and e.action == "folded"]
+    assert fold_linear_bn(folded, x)[1] == []
 
 
 # -- ultralytics (built from the YAML shipped in the package, random weights) ------------------
