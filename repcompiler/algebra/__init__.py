@@ -2,7 +2,7 @@
 
 Pure tensor code (no ``torch.fx``). See :mod:`.geometry` for the exactness rules,
 :mod:`.kernel` for the folded form and the tensor operations, :mod:`.expr` for the
-expression base class and combinators, :mod:`.leaves` for the leaves.
+expression base class and combinators, :mod:`.leaves` and :mod:`.leaves_fixed` for the leaves.
 
 Example::
 
@@ -16,7 +16,8 @@ Example::
 from .expr import Concat, Exactness, Expr, Seq, Sum
 from .geometry import ConvSpec, ParPlan, SeqPlan, normalize_padding, parallel, sequence
 from .kernel import Kernel, add, compose, concat, expand_groups, spread
-from .leaves import AvgPool, Affine, BatchNorm, Bias, Constant, Conv, Identity, Scale, ZeroPad, dims_of
+from .leaves import Affine, Bias, Constant, Conv, Scale, dims_of
+from .leaves_fixed import AvgPool, BatchNorm, Identity, ZeroPad
 
 __all__ = [
     "Expr", "Seq", "Sum", "Concat", "Exactness",
