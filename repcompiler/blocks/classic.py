@@ -74,7 +74,7 @@ def build_dbb(geom: ConvGeometry, *, mode: str = "online", scaling: str = "vecto
     O, C, G, d = geom.out_channels, geom.in_channels, geom.groups, geom.dims
     one = (1,) * d
     offline = mode == "offline"
-    nopad = replace(geom, padding=((0, 0),) * d, bias=False)
+    nopad = replace(geom, padding=((0, 0),) * d, has_bias=False)
     branches: list[A.Expr] = [_origin(geom)]
     if G < O:
         branches.append(placed_conv(fresh_weight(O, C // G, *one), geom, center_offsets(geom.kernel_size, one), G))
