@@ -125,7 +125,7 @@ def _forward_only(expr) -> torch.Tensor:
     """The kernel through the plain-ops path (as under torch.compile), still differentiable."""
     from unittest import mock
 
-    with mock.patch("repcompiler.blocks.orepa_kernel._plain_ops_required", return_value=True):
+    with mock.patch("repcompiler.blocks.orepa_kernel.plain_ops_required", return_value=True):
         return expr.fast_fold().weight
 
 
