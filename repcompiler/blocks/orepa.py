@@ -196,8 +196,9 @@ class OrepaAccelerator(KernelAccelerator):
     """:func:`~repcompiler.blocks.orepa_kernel.orepa_kernel` for a block with OREPA's
     six branches, found by name and checked by shape (any declaration order)."""
 
-    def _frame(self, expr: A.Expr) -> tuple[ConvSpec, int, int] | None:
-        """The block's frame, internal width and depthwise multiplier, or None."""
+    def structure(self, expr: A.Expr) -> tuple[ConvSpec, int, int] | None:
+        """``(frame, internal width, depthwise multiplier)`` if ``expr`` has OREPA's
+        structure (branches by name, parts by kind and shape), else ``None``."""
         if not isinstance(expr, BlockExpr) or set(expr.branches) != set(OREPA_BRANCHES):
             return None
         b = expr.branches
@@ -233,7 +234,7 @@ class OrepaAccelerator(KernelAccelerator):
         return (frame, M, E) if ok else None
 
     def matches(self, expr: A.Expr) -> bool:
-        return self._frame(expr) is not None
+        return self.structure(expr) is not None
 
     def prepare(self, expr: A.Expr) -> None:
         """Lay the kxk weights out channels-last and the pointwise weight input-channel-major
@@ -253,8 +254,8 @@ class OrepaAccelerator(KernelAccelerator):
         b = expr.branches
         w0 = b["origin"].weight
         if cache is None or cache[0] != (w0.dtype, w0.device) or type(w0) not in (torch.Tensor, torch.nn.Parameter):
-            frame, M, E = self._frame(expr)  # type: ignore[misc]
-            cache = ((w0.dtype, w0.device), frame, M, self._patterns(expr, frame, w0))
+            frame, M, E = self.structure(expr)  # type: ignore[misc]
+            cache = ((w0.dtype, w0.device), frame, M, self.patterns(expr, frame, w0))
             # never keep tensors seen while torch.compile/torch.export trace (fake tensors)
             if type(w0) in (torch.Tensor, torch.nn.Parameter) and type(cache[3].table) is torch.Tensor:
                 expr.accel_cache = cache
@@ -285,7 +286,7 @@ class OrepaAccelerator(KernelAccelerator):
         return expr.with_bias(A.Kernel(W.reshape(O, Cg, *ks), None, frame))
 
     @staticmethod
-    def _patterns(expr: BlockExpr, frame: ConvSpec, ref: torch.Tensor) -> OrepaPatterns:
+    def patterns(expr: BlockExpr, frame: ConvSpec, ref: torch.Tensor) -> OrepaPatterns:
         """Average and prior patterns ``[O, K]`` and the centre tap."""
         b, O, K = expr.branches, frame.out_channels, math.prod(frame.kernel_size)
         prior = b["prior"].pattern.weight.reshape(O, K).to(ref)
