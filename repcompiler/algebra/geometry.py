@@ -149,18 +149,15 @@ class ConvSpec:
         return self.is_pointwise and self.groups == self.in_channels == self.out_channels
 
     @property
-    def bias(self) -> bool:
-        """Alias of :attr:`has_bias` (a block builder reads it as "needs a bias")."""
+    def bias(self) -> bool:  # a block builder reads it as "the block needs a bias"
         return self.has_bias
 
     @property
-    def spec(self) -> "ConvSpec":
-        """``self``: a spec is its own geometry (the block registry's ``geom.spec``)."""
+    def spec(self) -> "ConvSpec":  # a spec is its own geometry (blocks read ``geom.spec``)
         return self
 
     @property
-    def is_pointwise_kernel(self) -> bool:
-        """Every kernel dim is 1 (stride and padding may be anything)."""
+    def is_pointwise_kernel(self) -> bool:  # every kernel dim is 1 (any stride/padding)
         return all(k == 1 for k in self.kernel_size)
 
     @property
