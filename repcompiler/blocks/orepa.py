@@ -334,7 +334,7 @@ class StackAccelerator(KernelAccelerator):
 
     def matches(self, expr: A.Expr) -> bool:
         return isinstance(expr, StackExpr) and all(
-            getattr(t, "accelerator", None) is not None and t.accelerator.matches(t) for t in expr.terms)
+            isinstance(t, BlockExpr) and t.accelerator is not None and t.accelerator.matches(t) for t in expr.terms)
 
     def generate(self, expr: A.Expr) -> A.Kernel:
         terms = expr.terms  # type: ignore[attr-defined]
