@@ -34,10 +34,10 @@ CROSS_DILATED = (
     BlockConfig("cross_dilated")
     .describe("3x3 + 1x3 + 3x1 + dilated 3x3")
     .requires(lambda g: g.dims == 2 and g.kernel_size == (3, 3), "made for 3x3 2-d convs")
-    .branch(Branch.conv())  # the conv's own 3x3 kernel
-    .branch(Branch.conv((1, 3)))  # a horizontal line, centred in the window
-    .branch(Branch.conv((3, 1)))  # a vertical line
-    .branch(Branch.conv(3, dilation=2), init=0.5)  # a dilated 3x3: 5x5 receptive field
+    .branch(Branch.conv(), name="square")  # the conv's own 3x3 kernel
+    .branch(Branch.conv((1, 3)), name="horizontal")  # a line, centred in the window
+    .branch(Branch.conv((3, 1)), name="vertical")
+    .branch(Branch.conv(3, dilation=2), name="dilated", init=0.5)  # a dilated 3x3: 5x5 receptive field
     .register(override=True)  # override: re-running the script in one session is fine
 )
 
@@ -77,6 +77,8 @@ def main(steps: int = 12, check_examples: int = 6) -> float:
     plain = SmallCNN()
     model, report = rc.orepa_transform(plain, block="cross_dilated", return_report=True)
     print(report)
+    # parameters are named after the declared branches: features.0.branches.square.weight, ...
+    print([n for n, _ in model.named_parameters() if n.startswith("features.0.")])
 
     # -- 5. train a few steps on a fixed batch (the loss falls)
     x = torch.randn(32, 3, 32, 32)

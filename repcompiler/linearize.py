@@ -46,7 +46,7 @@ become one online conv (+ post-BN) and the identity BN stays a BN (drop-path app
 the conv branches only; merging the identity into the conv would change that).
 
 Each online block's kernel generator is
-:meth:`~repcompiler.algebra.LinearizedSum.fast_fold` (the region's expression is first
+:meth:`~repcompiler.algebra.LinearizedSum.fast_fold` (attached by :class:`~repcompiler.blocks.accel.LinearizedSumAccelerator`; the region's expression is first
 simplified by :func:`~repcompiler.algebra.simplify`).
 
 ``init="from_bn"`` initialises each scale and bias from the eval-mode affine of the BN
@@ -92,6 +92,7 @@ from torch import nn
 
 from . import algebra as A
 from .blocks import MODES
+from .blocks.accel import LinearizedSumAccelerator
 from .entry import check_model, copy_model
 from .inputs import as_inputs, run_example
 from .errors import RepCompilerError, VerificationError, check_choice
@@ -143,7 +144,7 @@ def _online_conv(gm: nn.Module, region: Region, post_target: str | None, trainin
     simplified, the post-BN (if any) applied after the conv."""
     bn_mod = gm.get_submodule(post_target) if post_target else None
     expr = _strip_post_bn(region.expr, bn_mod) if bn_mod is not None else region.expr
-    online = OnlineConv(A.simplify(expr), bn_mod, block="linearized")
+    online = OnlineConv(A.simplify(expr), bn_mod, block="linearized", accelerator=LinearizedSumAccelerator())
     ref_t = next((t for t in expr.parameters() if t.is_floating_point()), None)
     if ref_t is not None:  # parameter-free leaves (identity, pools) follow the block's dtype
         online.to(device=ref_t.device, dtype=ref_t.dtype)

@@ -1,12 +1,14 @@
 """Online (training-time) blocks: an algebra expression squeezed into one conv per forward.
 
 :class:`OnlineConv` holds a block's linear branches as an
-:class:`~repcompiler.algebra.Expr` and an optional post-addition BatchNorm. Every
-forward generates one kernel from the branch parameters *inside autograd* and runs a
-single convolution on the feature map; the post-BN (not linear while training) runs
-on that conv's output. If the expression offers a ``fast_fold()`` (the built-in OREPA
-blocks do: a specialised generator that the tests prove equal to ``fold()``), it is
-used; otherwise the generic ``fold()``.
+:class:`~repcompiler.algebra.Expr` (the child module ``branches``: a declared block's
+parameters read ``conv1.branches.prior.scale``) and an optional post-addition BatchNorm
+(``post_bn``). Every forward generates one kernel from the branch parameters *inside
+autograd* and runs a single convolution on the feature map; the post-BN (not linear
+while training) runs on that conv's output. The kernel comes from a
+:class:`~repcompiler.blocks.accel.KernelAccelerator` when one is given (or recorded on
+a declared block's expression by its ``BlockConfig``) and matches the expression's
+structure; otherwise from the generic ``fold()``, which stays the reference.
 
 Kernel cache: when no gradient can flow to the branch parameters
 (``torch.no_grad()``/``inference_mode()`` or no parameter requiring grad: evaluation, or
@@ -32,14 +34,19 @@ run unfolded on the feature map (a BN inside every branch uses batch statistics)
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import algebra as A
+from .blocks.accel import KernelAccelerator, plain_ops_required
+from .blocks.named import BlockExpr, StackExpr
 from .errors import InexactFoldError
 from .rules import LowerInfo, register_rule
+
+log = logging.getLogger(__name__)
 
 __all__ = ["OnlineConv", "OfflineBlock"]
 
@@ -48,33 +55,6 @@ def _deploy_expr(expr: A.Expr, post_bn: nn.Module | None) -> A.Expr:
     if post_bn is None:
         return expr
     return A.Seq(expr, A.BatchNorm(post_bn, dims=expr.spec.dims))
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_compiling", "is_exporting"):
-        check = getattr(compiler, name, None)
-        if check is not None and check():
-            return True
-    return False
-
-
-def _is_transformed() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...) or a forward-mode
-    AD level (``torch.autograd.forward_ad.dual_level``) is active: both follow tensors the
-    kernel cache cannot see (batched, wrapped or dual parameters)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    peek = getattr(functorch, "peek_interpreter_stack", None)
-    if peek is not None and peek() is not None:
-        return True
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
-def _plain_ops_required() -> bool:
-    """Whether kernels must be generated as plain differentiable ops, uncached: while
-    torch.compile/torch.export trace (:func:`_is_compiling`) or under torch.func and
-    forward-mode AD (:func:`_is_transformed`)."""
-    return _is_compiling() or _is_transformed()
 
 
 def _autocast_off(module: nn.Module) -> contextlib.AbstractContextManager:
@@ -91,18 +71,24 @@ def _autocast_off(module: nn.Module) -> contextlib.AbstractContextManager:
 
 
 class _ReparamBlock(nn.Module):
-    """What online and offline blocks share: the branches (``expr``), the post-BN, the
-    block's name, and their deploy form (branches, then post-BN)."""
+    """What online and offline blocks share: the branches (child ``branches``, also
+    readable as ``expr``), the post-BN, the block's name, and their deploy form
+    (branches, then post-BN)."""
 
     def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "") -> None:
         super().__init__()
-        self.expr = expr
+        self.branches = expr
         self.post_bn = post_bn
         self.block = block
         # True when the conv this block replaced had no bias and ``post_bn`` was inserted:
         # the deployed conv's bias then comes from that BN, and deploy moves it into the
         # BNs downstream where it can (so the deployed model has the plain parameters)
         self.bias_from_inserted_bn = False
+
+    @property
+    def expr(self) -> A.Expr:
+        """The block's expression (the ``branches`` child)."""
+        return self.branches
 
     def deploy_expr(self) -> A.Expr:
         """The expression this block equals in eval mode (branches, then post-BN)."""
@@ -121,14 +107,24 @@ class OnlineConv(_ReparamBlock):
         post_bn: a BatchNorm run after the conv (the block's post-addition BN when
             the model had none after the original conv), or ``None``.
         block: the block's name, for reports and ``repr``.
+        accelerator: a :class:`~repcompiler.blocks.accel.KernelAccelerator` for
+            ``expr``; default: the one a ``BlockConfig`` recorded on the expression
+            (``expr.accelerator``), if any. Used only if it ``matches(expr)``.
     """
 
-    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "") -> None:
+    def __init__(self, expr: A.Expr, post_bn: nn.Module | None = None, *, block: str = "",
+                 accelerator: KernelAccelerator | None = None) -> None:
         reasons = expr.exactness().reasons
         if reasons:
             raise InexactFoldError(f"online block {block or expr.label()} must fold exactly: " + "; ".join(reasons))
         super().__init__(expr, post_bn, block=block)
         self._cache: tuple[tuple, A.Kernel] | None = None
+        if accelerator is None and isinstance(expr, (BlockExpr, StackExpr)):
+            accelerator = expr.accelerator
+        if accelerator is not None and not accelerator.matches(expr):
+            log.debug("online block %s: %r does not match its structure; generic fold", block, accelerator)
+            accelerator = None
+        self.accelerator = accelerator
 
     # -- kernel generation -----------------------------------------------------------
     def generate(self) -> A.Kernel:
@@ -136,11 +132,10 @@ class OnlineConv(_ReparamBlock):
         parameters' dtype: autocast is off while the branches are summed (the conv that
         applies the kernel still runs under it), so mixed-precision training rounds the
         finished kernel once, as it rounds a plain conv's weight."""
-        with _autocast_off(self.expr):
-            fast = getattr(self.expr, "fast_fold", None)
-            if fast is not None and getattr(self.expr, "has_fast_fold", True):
-                return fast()
-            return self.expr.fold(check=False)
+        with _autocast_off(self.branches):
+            if self.accelerator is not None:
+                return self.accelerator.generate(self.branches)
+            return self.branches.fold(check=False)
 
     def _key(self) -> tuple:
         return tuple(
@@ -150,7 +145,7 @@ class OnlineConv(_ReparamBlock):
 
     def kernel(self) -> A.Kernel:
         """The current kernel: cached when no grad can flow (see module doc)."""
-        if _plain_ops_required():
+        if plain_ops_required():
             # torch.compile / torch.export trace the generation itself (the cache key reads
             # data pointers, which a tracer cannot); the compiled graph is the cache. Under
             # torch.func or forward-mode AD the parameters may carry tangents or batch dims

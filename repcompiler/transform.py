@@ -6,10 +6,12 @@ untouched) by an :class:`~repcompiler.online.OnlineConv` (``mode="online"``) or 
 :class:`~repcompiler.online.OfflineBlock` (``mode="offline"``) with the same call
 signature, built from a registered block (:mod:`repcompiler.blocks`).
 
-Post-BN: the model is traced with ``torch.fx`` (:mod:`repcompiler.tracing`; where a
-part does not trace, sibling order in the parent module is used for that part, and
-the report says so). A conv whose only user is a BatchNorm (called once, matching
-channels) already has its post-addition BN: it stays where it is in the model.
+Post-BN: the model is traced with ``torch.fx`` (:func:`repcompiler.tracing.trace_units`;
+where a part does not trace, sibling order in the parent module is used for that part,
+and the report says so) and analysed into linear regions
+(:func:`repcompiler.passes.find_regions.find_regions`): a ``chain`` region that starts
+with a conv and the BatchNorm that is its only user (each called once) pairs them. Such
+a conv already has its post-addition BN: it stays where it is in the model.
 Where no BN follows, one is inserted inside the block (``insert_bn=True``, for
 training from scratch). ``post_bn=False`` (the paper's ablation) inserts none and
 replaces a following BN by ``nn.Identity``. A conv bias is kept only where no
@@ -64,8 +66,10 @@ from torch.nn.utils import parametrize
 from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
 from .errors import RegistrationError, RepCompilerError, UnsupportedError, check_choice
 from .online import OfflineBlock, OnlineConv
+from .passes.find_regions import Region, find_regions
 from .report import TransformReport, count_convs, count_params
 from .rules import has_forward_hooks
+from .tracing import trace_units
 from .entry import check_model, copy_model
 
 __all__ = ["orepa_transform", "Policy", "default_block_for"]
@@ -99,11 +103,28 @@ def _inside_block(name: str, blocks: list[str]) -> bool:
     return any(name == b or name.startswith(b + ".") for b in blocks)
 
 
-def _pair_by_trace(model: nn.Module) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
-    """``conv name -> following BN name or None`` for traced convs, the traced conv
-    names in graph order, and the module names covered by traced units."""
-    from .tracing import trace_units
+def _region_pairs(gm: nn.Module, region: Region) -> dict[str, str]:
+    """``conv -> bn`` targets of an exact region: a conv whose only user is a BatchNorm
+    (module calls, each called once: the analysis makes shared modules opaque). In a
+    ``chain`` region that is its first two ops; in a region of branches, per branch."""
+    if not region.exact:
+        return {}
+    inside, out = set(region.nodes), {}
+    for n in region.nodes:
+        users = list(n.users)
+        if n.op != "call_module" or not _is_conv(gm.get_submodule(str(n.target))) or len(users) != 1:
+            continue
+        u = users[0]
+        if u in inside and u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), _BNS) \
+                and u.args[:1] == (n,):
+            out[str(n.target)] = str(u.target)
+    return out
 
+
+def _pair_by_regions(model: nn.Module) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
+    """``conv name -> following BN name or None`` for traced convs (the conv -> BN pairs
+    are the ``chain`` regions of the region analysis that start with a conv and its BN),
+    the traced conv names in graph order, and the module names covered by traced units."""
     pairs: dict[str, str | None] = {}
     order: list[str] = []
     covered: set[str] = set()
@@ -117,32 +138,17 @@ def _pair_by_trace(model: nn.Module) -> tuple[dict[str, str | None], list[str], 
     for unit in res.units:
         prefix = unit.path + "." if unit.path else ""
         covered.add(unit.path)
-        calls: dict[str, int] = {}
+        found = {c: b for r in find_regions(unit.gm) for c, b in _region_pairs(unit.gm, r).items()}
         for node in unit.gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        for node in unit.gm.graph.nodes:
-            if node.op != "call_module":
+            if node.op != "call_module" or not _is_conv(unit.gm.get_submodule(node.target)):
                 continue
-            try:
-                m = unit.gm.get_submodule(node.target)
-            except AttributeError:
-                continue
-            if not _is_conv(m):
-                continue
-            qname = prefix + node.target
+            qname = prefix + str(node.target)
             if qname not in order:
                 order.append(qname)
-            bn = None
-            users = list(node.users)
-            if calls[node.target] == 1 and len(users) == 1 and users[0].op == "call_module":
-                u = users[0]
-                um = unit.gm.get_submodule(u.target)
-                if (isinstance(um, _BNS) and calls[u.target] == 1 and um.num_features == m.out_channels
-                        and u.args and u.args[0] is node):
-                    bn = prefix + u.target
+            bn = found.get(str(node.target))
+            bn = prefix + bn if bn is not None else None
             if qname in pairs and pairs[qname] != bn:
-                bn = None  # called from several places: no single post-BN
+                bn = None  # reached from several units: no single post-BN
             pairs[qname] = bn
     return pairs, order, covered, skipped
 
@@ -286,7 +292,7 @@ def orepa_transform(
 
     # modules inside existing blocks are not touched
     existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
-    pairs, order, covered, skipped = _pair_by_trace(work)
+    pairs, order, covered, skipped = _pair_by_regions(work)
     report.skipped += skipped
 
     def is_covered(name: str) -> bool:

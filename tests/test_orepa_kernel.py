@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repcompiler.blocks import ConvGeometry, build_block
+from repcompiler.blocks import ConvGeometry, OrepaAccelerator, build_block
 from repcompiler.blocks.orepa_kernel import OrepaKernel, OrepaPatterns, _forward, _forward_inplace, orepa_kernel
 
 from helpers import autograd_node_names, rel_err
@@ -100,15 +100,15 @@ def test_frozen_parameters_get_no_gradient_and_the_rest_are_right(frozen):
 def _generator_leaves(expr, E: int, seed: int):
     """Independent float64 leaves shaped like the inputs orepa_kernel receives for ``expr``
     (depthwise multiplier ``E``), the block's patterns and its group count."""
-    g = expr.geom
+    g, internal, _ = OrepaAccelerator().structure(expr)
     O, G, K = g.out_channels, g.groups, math.prod(g.kernel_size)
-    Cg, Mg = g.in_channels // G, expr.internal // G
+    Cg, Mg = g.in_channels // G, internal // G
     gen = torch.Generator().manual_seed(seed)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
-    pats = expr._patterns(torch.zeros((), dtype=torch.float64))
+    pats = OrepaAccelerator.patterns(expr, g, torch.zeros((), dtype=torch.float64))
     inputs = (leaf(O, K, Cg), leaf(O, Cg), leaf(O, Cg), leaf(O, Cg), leaf(G, Mg, Cg), leaf(O, K, Mg),
               leaf(G * Cg, E, K), leaf(G * Cg, E, O // G), *(leaf(O) for _ in range(6)))
     return inputs, pats, G
@@ -125,7 +125,7 @@ def _forward_only(expr) -> torch.Tensor:
     """The kernel through the plain-ops path (as under torch.compile), still differentiable."""
     from unittest import mock
 
-    with mock.patch("repcompiler.blocks.orepa_kernel._plain_ops_required", return_value=True):
+    with mock.patch("repcompiler.blocks.orepa_kernel.plain_ops_required", return_value=True):
         return expr.fast_fold().weight
 
 
@@ -194,7 +194,7 @@ def test_first_order_backward_stays_hand_written(monkeypatch):
 def test_patterns_are_what_the_branches_hold():
     g = _geom(4, 8, (3, 5), 1, 2)
     expr = build_block("orepa", g).double()
-    pats = expr._patterns(torch.zeros((), dtype=torch.float64))
+    pats = OrepaAccelerator.patterns(expr, OrepaAccelerator().structure(expr)[0], torch.zeros((), dtype=torch.float64))
     assert isinstance(pats, OrepaPatterns)
     assert pats.table.shape == (8, 15, 3)
     assert torch.allclose(pats.avg, torch.full((8, 15), 1 / 15, dtype=torch.float64))
@@ -229,11 +229,11 @@ def test_online_parameters_are_stored_in_the_generators_layouts(groups):
     input-channel-major, so the generator reads contiguous views; offline they are plain."""
     g = _geom(8, 8, (3, 3), groups, 2)
     online, offline = build_block("orepa", g), build_block("orepa", g, mode="offline")
-    t = online.terms
-    for branch in (t[0], t[3]):
+    t = online.branches
+    for branch in (t["origin"], t["pw_kxk"]):
         w = [m for m in branch.parameters() if m.dim() == 4 and m.shape[-1] == 3][0]
         assert w.permute(0, 2, 3, 1).is_contiguous() and not w.is_contiguous()
-    pw = [m for m in t[5].parameters() if m.dim() == 4 and m.shape[-1] == 1][0]
+    pw = [m for m in t["dw_pw"].parameters() if m.dim() == 4 and m.shape[-1] == 1][0]
     assert pw.reshape(8, -1).t().is_contiguous() == (groups == 1)
     assert all(p.is_contiguous() for p in offline.parameters())
     # the folded kernel (what the conv gets) is always contiguous

@@ -301,7 +301,8 @@ def test_blockconfig_builds_exact_blocks_with_the_conv_geometry(g, mode):
         assert rel_err(expr.fold().apply(x), y) < 1e-10
         assert rel_err(OnlineConv(expr).eval()(x), y) < 1e-10
     bns = [m for m in expr.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    scales = [m for m in expr.modules() if isinstance(m, A.Affine) and isinstance(m.scale, nn.Parameter)]
+    # the branch scales are the branches' own ``scale`` parameters (branches.<name>.scale)
+    scales = [p for n, p in expr.named_parameters() if n.split('.')[-1] == 'scale']
     if mode == "offline":
         assert bns and not scales
     else:

@@ -2,8 +2,8 @@
 
 Pure tensor code (no ``torch.fx``). See :mod:`.geometry` for the exactness rules,
 :mod:`.kernel` for the folded form and the tensor operations, :mod:`.expr` for the
-expression base class and combinators, :mod:`.leaves` for the leaves, :mod:`.simplify` for simplifying a linearized block's
-expression (and its fast kernel generator).
+expression base class and combinators, :mod:`.leaves` and :mod:`.leaves_fixed` for the leaves,
+:mod:`.simplify` for simplifying a linearized block's expression (and its fast kernel generator).
 
 Example::
 
@@ -17,12 +17,14 @@ Example::
 from .expr import Concat, Exactness, Expr, Seq, Sum
 from .geometry import ConvSpec, ParPlan, SeqPlan, normalize_padding, parallel, sequence
 from .kernel import Kernel, add, compose, concat, expand_groups, spread
-from .leaves import AvgPool, Affine, BatchNorm, Bias, Constant, Conv, Identity, Scale, ZeroPad, dims_of
+from .leaves import Affine, Bias, Constant, Conv, Scale, dims_of
+from .leaves_fixed import AvgPool, BatchNorm, Identity, ZeroPad
+from .crop import Crop
 from .simplify import LinearizedSum, simplify
 
 __all__ = [
     "Expr", "Seq", "Sum", "Concat", "Exactness",
-    "Conv", "Affine", "BatchNorm", "Scale", "Bias", "Constant", "Identity", "AvgPool", "ZeroPad", "dims_of",
+    "Conv", "Affine", "BatchNorm", "Crop", "Scale", "Bias", "Constant", "Identity", "AvgPool", "ZeroPad", "dims_of",
     "ConvSpec", "SeqPlan", "ParPlan", "sequence", "parallel", "normalize_padding",
     "Kernel", "compose", "add", "concat", "expand_groups", "spread",
     "LinearizedSum", "simplify",

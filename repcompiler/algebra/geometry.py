@@ -86,7 +86,9 @@ def normalize_padding(padding: int | Sequence[int] | Sequence[Sequence[int]], di
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """The geometry of one convolution (what a folded expression evaluates to).
+    """The geometry of one convolution: what a folded expression evaluates to, and
+    the conv a training-time block replaces (``repcompiler.blocks.ConvGeometry`` builds
+    this type with the block registry's argument order).
 
     ``padding`` is per spatial dimension ``(left, right)``; ``dilation`` is
     normalised to 1 along dimensions whose kernel size is 1 (it has no effect there).
@@ -145,6 +147,22 @@ class ConvSpec:
     def is_diagonal(self) -> bool:
         """Pointwise and depthwise with in == out: a per-channel affine map."""
         return self.is_pointwise and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def bias(self) -> bool:  # a block builder reads it as "the block needs a bias"
+        return self.has_bias
+
+    @property
+    def spec(self) -> "ConvSpec":  # a spec is its own geometry (blocks read ``geom.spec``)
+        return self
+
+    @property
+    def is_pointwise_kernel(self) -> bool:  # every kernel dim is 1 (any stride/padding)
+        return all(k == 1 for k in self.kernel_size)
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels and self.groups > 1
 
     def output_size(self, size: Sequence[int]) -> tuple[int, ...]:
         """Spatial output size for a given spatial input size."""

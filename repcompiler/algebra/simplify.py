@@ -14,7 +14,8 @@ from torch import nn
 from .expr import Concat, Expr, Seq, Sum
 from .geometry import parallel
 from .kernel import Kernel, add, expand_groups, spread
-from .leaves import Affine, Identity
+from .leaves import Affine
+from .leaves_fixed import Identity
 
 __all__ = ["LinearizedSum", "simplify"]
 
@@ -30,14 +31,11 @@ class LinearizedSum(Sum):
     of padding every branch to the full frame, stacking and summing: about a third of
     the full-size tensor traffic, forward and backward. Branches that need a spread
     (dilation) or other group structures fall back to the generic frame.
+    :class:`repcompiler.blocks.accel.LinearizedSumAccelerator` attaches it to an online
+    conv through the kernel-accelerator protocol.
     """
 
     has_fast_fold = True
-    """The accelerator protocol :class:`~repcompiler.online.OnlineConv` checks: an
-    expression with ``has_fast_fold`` true offers ``fast_fold() -> Kernel``, equal to
-    ``fold(check=False)`` with the same gradients (tested against it). OREPA's kernel
-    declares the same two members; the blocks' declared accelerator protocol will
-    take this method over (it stays a method of this ``Sum`` subclass until then)."""
 
     def fast_fold(self) -> Kernel:
         kernels = [t.fold(check=False) for t in self.terms]

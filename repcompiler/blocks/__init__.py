@@ -1,20 +1,37 @@
 """Training-time blocks: what an eligible conv becomes (see :mod:`.registry`).
 
+One way to declare a block, for users and built-ins alike: :class:`BlockConfig` with
+:class:`Branch` kinds (:mod:`.config`, :mod:`.branch`), built from one set of helpers
+(:mod:`.parts`) into named expressions (:mod:`.named`), optionally with a hand-written
+kernel generator attached through :class:`KernelAccelerator` (:mod:`.accel`).
+
 Built in: ``orepa``, ``orepa_1x1``, ``orepa_large`` (:mod:`.orepa`), ``repvgg``,
 ``dbb``, ``acnet`` (:mod:`.classic`). The frequency prior is in :mod:`.prior`.
 """
 
 from __future__ import annotations
 
-from ._common import MODES, SCALINGS
+from .accel import KernelAccelerator
+from .branch import Branch
 from .classic import build_acnet, build_dbb, build_repvgg
-from .orepa import OrepaExpr, Orepa1x1Expr, OrepaLargeExpr, build_orepa, build_orepa_1x1, build_orepa_large
+from .config import BlockConfig
+from .named import BlockExpr, BranchExpr, ResidualConv, StackExpr
+from .orepa import (
+    Orepa1x1Accelerator,
+    OrepaAccelerator,
+    StackAccelerator,
+    build_orepa,
+    build_orepa_1x1,
+    build_orepa_large,
+)
+from .parts import MODES, SCALINGS
 from .prior import dct_basis, frequency_prior
 from .registry import (
     ConvGeometry,
     available_blocks,
     build_block,
     check_geometry,
+    geometry_of,
     get_block,
     register_block,
     unregister_block,
@@ -22,21 +39,29 @@ from .registry import (
 
 __all__ = [
     "ConvGeometry",
+    "geometry_of",
     "register_block",
     "unregister_block",
     "get_block",
     "available_blocks",
     "build_block",
     "check_geometry",
+    "BlockConfig",
+    "Branch",
+    "KernelAccelerator",
+    "BlockExpr",
+    "BranchExpr",
+    "ResidualConv",
+    "StackExpr",
+    "OrepaAccelerator",
+    "Orepa1x1Accelerator",
+    "StackAccelerator",
     "build_orepa",
     "build_orepa_1x1",
     "build_orepa_large",
     "build_repvgg",
     "build_dbb",
     "build_acnet",
-    "OrepaExpr",
-    "Orepa1x1Expr",
-    "OrepaLargeExpr",
     "dct_basis",
     "frequency_prior",
     "MODES",

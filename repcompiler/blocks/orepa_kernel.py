@@ -61,7 +61,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ..online import _plain_ops_required
+from .accel import plain_ops_required
 
 __all__ = ["OrepaKernel", "OrepaPatterns", "orepa_kernel"]
 
@@ -310,7 +310,7 @@ def orepa_kernel(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Te
     build_orepa gives the parameters)."""
     w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
     inputs = (w0, a, p, q, w1, w2, dw, pw, *scales)
-    if _plain_ops_required():
+    if plain_ops_required():
         return _forward(w0, a, p, q, w1, w2, dw, pw, scales, pats, groups)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return OrepaKernel.apply(*inputs, pats, groups)

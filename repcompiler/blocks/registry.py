@@ -1,6 +1,6 @@
 """The block registry: what an eligible conv becomes for training.
 
-A **block** is a builder ``build(geom: ConvGeometry, **options) -> Expr``: given the
+A **block** is a builder ``build(geom: ConvSpec, **options) -> Expr``: given the
 geometry of the conv it replaces, it returns the training-time branches as a
 kernel-algebra expression (:mod:`repcompiler.algebra`) with *fresh* parameters. The
 expression must have exactly the conv's geometry: the same channels and stride and
@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from .. import algebra as A
+from ..algebra import ConvSpec
 from ..errors import IncompatibleError, RegistrationError, UnsupportedError
 
 __all__ = [
     "ConvGeometry",
+    "geometry_of",
     "BlockBuilder",
     "register_block",
     "unregister_block",
@@ -49,81 +50,46 @@ log = logging.getLogger(__name__)
 Pads = tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """The geometry of the conv a block replaces.
+def geometry_of(conv: nn.Module, *, bias: bool | None = None) -> ConvSpec:
+    """The geometry of an ``nn.Conv1d/2d/3d`` (``"same"``/``"valid"`` resolved as torch
+    resolves them; ``bias`` overrides whether the block needs a bias of its own)."""
+    if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise UnsupportedError(f"{type(conv).__name__} is not an nn.Conv1d/2d/3d")
+    dims = A.dims_of(conv)
+    ks, dil = tuple(conv.kernel_size), tuple(conv.dilation)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            pads: Pads = ((0, 0),) * dims
+        else:  # "same", as torch: the extra pixel goes to the right
+            pads = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dil, ks))
+    else:
+        pads = A.normalize_padding(conv.padding, dims)
+    return ConvSpec(dims, conv.in_channels, conv.out_channels, ks, tuple(conv.stride), pads, dil, conv.groups,
+                    (conv.bias is not None) if bias is None else bool(bias))
 
-    ``padding`` is per spatial dimension ``(left, right)`` (``"same"``/``"valid"``
-    already resolved, as torch resolves them); ``dilation`` is kept as given.
-    """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: Pads
-    dilation: tuple[int, ...]
-    groups: int = 1
-    dims: int = 2
-    bias: bool = False
+class _GeometryConstructor(type):
+    """Makes :class:`ConvGeometry` a constructor of :class:`~repcompiler.algebra.ConvSpec`
+    (and ``isinstance(spec, ConvGeometry)`` true for every spec)."""
 
-    def __post_init__(self) -> None:
-        # validates channels/groups/kernels through the algebra's spec
-        self.spec  # noqa: B018
+    def __call__(cls, in_channels: int, out_channels: int, kernel_size: Sequence[int],  # type: ignore[override]
+                 stride: Sequence[int], padding: Pads, dilation: Sequence[int], groups: int = 1, dims: int = 2,
+                 bias: bool = False) -> ConvSpec:
+        return ConvSpec(dims, in_channels, out_channels, tuple(kernel_size), tuple(stride),
+                        tuple((int(a), int(b)) for a, b in padding), tuple(dilation), groups, bool(bias))
 
-    @classmethod
-    def from_module(cls, conv: nn.Module, *, bias: bool | None = None) -> "ConvGeometry":
-        """The geometry of an ``nn.Conv1d/2d/3d`` (``bias`` overrides whether the
-        block needs a bias of its own)."""
-        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise UnsupportedError(f"{type(conv).__name__} is not an nn.Conv1d/2d/3d")
-        dims = A.dims_of(conv)
-        ks = tuple(conv.kernel_size)
-        dil = tuple(conv.dilation)
-        if isinstance(conv.padding, str):
-            if conv.padding == "valid":
-                pads: Pads = ((0, 0),) * dims
-            else:  # "same", as torch: the extra pixel goes to the right
-                pads = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dil, ks))
-        else:
-            pads = A.normalize_padding(conv.padding, dims)
-        return cls(
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
-            kernel_size=ks,
-            stride=tuple(conv.stride),
-            padding=pads,
-            dilation=dil,
-            groups=conv.groups,
-            dims=dims,
-            bias=(conv.bias is not None) if bias is None else bool(bias),
-        )
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, ConvSpec)
 
-    @property
-    def spec(self) -> A.ConvSpec:
-        """The algebra's :class:`~repcompiler.algebra.ConvSpec` of this conv."""
-        return A.ConvSpec(
-            dims=self.dims,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            kernel_size=tuple(self.kernel_size),
-            stride=tuple(self.stride),
-            padding=tuple(tuple(p) for p in self.padding),  # type: ignore[arg-type]
-            dilation=tuple(self.dilation),
-            groups=self.groups,
-            has_bias=self.bias,
-        )
 
-    @property
-    def is_pointwise_kernel(self) -> bool:
-        return all(k == 1 for k in self.kernel_size)
+class ConvGeometry(metaclass=_GeometryConstructor):
+    """The geometry of the conv a block replaces: **a** :class:`~repcompiler.algebra.ConvSpec`
+    (there is one geometry type), built with the block registry's argument order
+    ``ConvGeometry(in_channels, out_channels, kernel_size, stride, padding, dilation,
+    groups=1, dims=2, bias=False)``; ``ConvGeometry.from_module(conv)`` reads a conv.
+    ``geom.bias`` is ``spec.has_bias``: whether the block needs a bias of its own."""
 
-    @property
-    def is_depthwise(self) -> bool:
-        return self.groups == self.in_channels and self.groups > 1
-
-    def describe(self) -> str:
-        return self.spec.describe()
+    from_module = staticmethod(geometry_of)
 
 
 BlockBuilder = Callable[..., A.Expr]
@@ -175,7 +141,7 @@ def accepted_options(build: Callable[..., Any], options: dict[str, Any]) -> dict
     return {k: v for k, v in options.items() if k in names}
 
 
-def check_geometry(expr: A.Expr, geom: ConvGeometry, name: str = "block") -> None:
+def check_geometry(expr: A.Expr, geom: ConvSpec, name: str = "block") -> None:
     """Raise :class:`IncompatibleError` unless ``expr`` has ``geom``'s geometry:
     same channels, stride, window start and output size for every input size."""
     spec = expr.spec
@@ -199,7 +165,7 @@ def check_geometry(expr: A.Expr, geom: ConvGeometry, name: str = "block") -> Non
         raise IncompatibleError(f"{name} built for {geom.describe()} has geometry {spec.describe()}: " + "; ".join(problems))
 
 
-def build_block(name: str, geom: ConvGeometry, **options: Any) -> A.Expr:
+def build_block(name: str, geom: ConvSpec, **options: Any) -> A.Expr:
     """Build block ``name`` for ``geom`` (passing only the options its builder
     accepts) and check the result has the conv's geometry."""
     build = get_block(name)

@@ -1,0 +1,155 @@
+"""The one set of helpers every block is built from (built-in and user-declared alike):
+option checks, fresh parameters and their memory layouts, a sub-kernel placed in the
+conv's window, the fixed average and pattern kernels, branch ends (scale or BN)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import algebra as A
+from ..algebra import ConvSpec
+from ..errors import UnsupportedError, check_choice
+
+__all__ = [
+    "MODES",
+    "SCALINGS",
+    "check_options",
+    "fresh_weight",
+    "laid_out",
+    "per_dim",
+    "placed_parts",
+    "placed",
+    "average_pattern",
+    "fixed_depthwise",
+    "identity_fits",
+    "branch_end",
+]
+
+MODES = ("online", "offline")
+SCALINGS = ("vector", "scalar", "none")
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def check_options(block: str, mode: str, scaling: str) -> None:
+    """Raise :class:`~repcompiler.errors.UnsupportedError` for an unknown ``mode`` or
+    ``scaling`` of ``block``."""
+    check_choice("mode", mode, MODES, owner=f"block {block!r}")
+    check_choice("scaling", scaling, SCALINGS, owner=f"block {block!r}")
+
+
+def fresh_weight(*shape: int) -> nn.Parameter:
+    """A new parameter initialised as ``nn.Conv*d`` initialises its weight
+    (kaiming-uniform with ``a=sqrt(5)``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+    bound = 1.0 / math.sqrt(max(math.prod(shape[1:]), 1))
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+def laid_out(p: nn.Parameter, order: Sequence[int]) -> nn.Parameter:
+    """``p`` (same shape and values) with its memory laid out in dimension order ``order``,
+    outermost first: e.g. ``(0, 2, 3, 1)`` is channels-last for a 2-d conv weight."""
+    inverse = sorted(range(len(order)), key=lambda i: order[i])
+    t = torch.empty([p.shape[i] for i in order], dtype=p.dtype, device=p.device).permute(inverse)
+    return nn.Parameter(t.copy_(p.detach()), requires_grad=p.requires_grad)
+
+
+def per_dim(value: Any, geom: ConvSpec, what: str) -> tuple[int, ...]:
+    """An int, a per-dim tuple or a callable of the geometry -> a per-dim tuple."""
+    if callable(value):
+        value = value(geom)
+    if isinstance(value, int):
+        return (int(value),) * geom.dims
+    out = tuple(int(v) for v in value)
+    if len(out) != geom.dims:
+        raise UnsupportedError(f"{what}={out} has {len(out)} entries but the conv is {geom.dims}-d ({geom.describe()})")
+    if any(v < 1 for v in out):
+        raise UnsupportedError(f"{what}={out} must be positive")
+    return out
+
+
+def placed_parts(weight: Tensor, geom: ConvSpec, dilation: Sequence[int], groups: int,
+                 bias: Tensor | None = None) -> list[tuple[str, A.Expr]]:
+    """A conv with kernel ``weight`` and ``dilation``, its window centred on the window
+    of the conv ``geom`` (same stride and output size for every input size), as named
+    parts: ``[("", conv)]`` or, where the branch window is smaller than the conv's and
+    the conv has too little padding for it (e.g. a 'valid' conv), ``[("place",
+    one-hot depthwise conv), ("", conv)]``. Exact either way. A branch with the
+    conv's dilation (or a 1x1) sits on the conv's tap grid, the extra tap of an even
+    difference to the right (as torch's ``padding="same"``); others are centred by pixels."""
+    ks = tuple(weight.shape[2:])
+    pads, place_dims = [], []
+    for i, ((l, r), e, k, d) in enumerate(zip(geom.padding, geom.extent, ks, dilation)):
+        delta = e - d * (k - 1)
+        kc, dc = geom.kernel_size[i], geom.dilation[i]
+        # on the conv's own tap grid where the branch shares its dilation (the kernel then
+        # does not grow), else centred by pixels
+        off = dc * ((kc - k) // 2) if (d == dc or k == 1) and kc >= k else delta // 2
+        nl, nr = l - off, r - (delta - off)
+        if nl >= 0 and nr >= 0:
+            pads.append((nl, nr))
+        else:  # only possible when delta > 0: shift/crop with a one-hot conv first
+            pads.append((0, 0))
+            place_dims.append((i, off, delta))
+    conv = A.Conv(weight, bias, stride=geom.stride, padding=tuple(pads), dilation=tuple(dilation), groups=groups)
+    if not place_dims:
+        return [("", conv)]
+    c = geom.in_channels
+    pk, ppad, idx, pdil = [1] * geom.dims, [(0, 0)] * geom.dims, [0] * geom.dims, [1] * geom.dims
+    for i, off, delta in place_dims:
+        u = geom.dilation[i] if off % geom.dilation[i] == 0 == delta % geom.dilation[i] else 1  # the conv's grid
+        pk[i], ppad[i], idx[i], pdil[i] = delta // u + 1, geom.padding[i], off // u, u
+    onehot = torch.zeros(c, 1, *pk)
+    onehot[(slice(None), 0) + tuple(idx)] = 1.0
+    return [("place", A.Conv(onehot, padding=tuple(ppad), dilation=tuple(pdil), groups=c)), ("", conv)]
+
+
+def placed(weight: Tensor, geom: ConvSpec, dilation: Sequence[int], groups: int,
+           bias: Tensor | None = None) -> A.Expr:
+    """:func:`placed_parts` as one expression (a conv, or the placement then the conv)."""
+    parts = [p for _, p in placed_parts(weight, geom, dilation, groups, bias)]
+    return parts[0] if len(parts) == 1 else A.Seq(*parts)
+
+
+def fixed_depthwise(pattern: Tensor, geom: ConvSpec) -> A.Conv:
+    """A fixed (buffer) depthwise conv on ``pattern.shape[0]`` channels with kernel
+    ``pattern[c]`` and ``geom``'s stride, padding and dilation."""
+    c = pattern.shape[0]
+    return A.Conv(pattern.reshape(c, 1, *pattern.shape[1:]).clone(), stride=geom.stride, padding=geom.padding,
+                  dilation=geom.dilation, groups=c)
+
+
+def average_pattern(channels: int, geom: ConvSpec) -> A.Expr:
+    """``kxk`` average over ``channels`` channels in ``geom``'s frame: an
+    :class:`~repcompiler.algebra.AvgPool` where pooling can express it (no dilation,
+    symmetric padding of at most half the kernel), else a fixed depthwise conv."""
+    ks = geom.kernel_size
+    sym = all(l == r and l <= k // 2 for (l, r), k in zip(geom.padding, ks))
+    if sym and all(d == 1 or k == 1 for d, k in zip(geom.dilation, ks)):
+        return A.AvgPool(channels, geom.dims, ks, geom.stride, tuple(l for l, _ in geom.padding), False, True)
+    return fixed_depthwise(torch.full((channels, *ks), 1.0 / math.prod(ks)), geom)
+
+
+def identity_fits(geom: ConvSpec) -> bool:
+    """Whether the identity has ``geom``'s geometry: ``in == out``, stride 1 and the
+    window centred on each output pixel (symmetric 'same' padding)."""
+    centred = all(l == r and 2 * l == e for (l, r), e in zip(geom.padding, geom.extent))
+    return geom.in_channels == geom.out_channels and all(s == 1 for s in geom.stride) and centred
+
+
+def branch_end(channels: int, dims: int, init: float, mode: str, scaling: str) -> dict[str, Any]:
+    """The end of a branch as :class:`~repcompiler.blocks.named.BranchExpr` keywords: a
+    learnable ``scale`` initialised to ``init`` (online; ``scaling`` vector/scalar/none)
+    or a fresh BatchNorm ``bn`` with gamma ``init`` (offline, as DBB/RepVGG train)."""
+    if mode == "offline":
+        bn = _BN[dims](channels)
+        with torch.no_grad():
+            bn.weight.fill_(float(init))
+        return {"bn": bn}
+    if scaling == "none":  # the paper's ablation: no branch scale (init does not apply)
+        return {}
+    shape = (channels,) if scaling == "vector" else ()
+    return {"scale": nn.Parameter(torch.full(shape, float(init)))}
+
