@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra as A
+from .accumulate import step_kernel
 from .errors import InexactFoldError
 from .rules import LowerInfo, register_rule
 
@@ -159,7 +160,7 @@ class OnlineConv(_ReparamBlock):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.expr.parameters())
         if needs_grad:
             self._cache = None  # a kernel-sized tensor per block, not needed while training
-            return self.generate()
+            return step_kernel(self, self.generate)  # once per rc.accumulate context (accumulate.py)
         try:
             key = self._key()
         except RuntimeError:  # tensors without storage (fake/meta tensors while tracing)
