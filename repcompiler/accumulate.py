@@ -39,6 +39,9 @@ Rules (each tested):
   and the backward on exit the branch parameters' ones, which completes DDP's
   reduction (tested with two processes). ``find_unused_parameters=True`` would declare
   the branch parameters unused and reduce before they have gradients: refused.
+* FSDP (``fully_shard``, ``FullyShardedDataParallel``): refused. It frees the gathered
+  parameters after each forward and backward, and the generators' backward on exit
+  would read that freed storage (a crash, not an error, when tried).
 
 Memory: each block keeps its kernel (shared with the leaf), the kernel's gradient and
 what its generator saved for the backward (the built-in OREPA generator saves only its
@@ -83,6 +86,22 @@ class _Stack(threading.local):
 _active = _Stack()
 
 
+def _fsdp_module(model: nn.Module) -> str | None:
+    """The qualified name (``"<model>"`` for the root) of a module of ``model`` that FSDP
+    (``fully_shard`` or ``FullyShardedDataParallel``) manages, or ``None``."""
+    kinds: list[type] = []
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        kinds = [FSDPModule, FullyShardedDataParallel]
+    except ImportError:  # torch.distributed unavailable or older
+        return None
+    for name, m in model.named_modules():
+        if isinstance(m, tuple(kinds)):
+            return f"module {name!r}" if name else "the model"
+    return None
+
+
 def _versions(block: nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in block.parameters())
 
@@ -123,6 +142,13 @@ class accumulate:
                 f"rc.accumulate: {type(model).__name__}(find_unused_parameters=True) would reduce the online "
                 "blocks' parameters as unused before their gradients exist (they arrive when the context exits); "
                 "wrap the model with find_unused_parameters=False"
+            )
+        sharded = _fsdp_module(model)
+        if sharded is not None:
+            raise UnsupportedError(
+                f"rc.accumulate: {sharded} is sharded by FSDP, which frees the gathered parameters after each "
+                "forward/backward; the generators' backward on exit would read freed storage. Use DDP, or FSDP "
+                "without rc.accumulate"
             )
         self.model = model
         self.generated = 0
