@@ -8,7 +8,6 @@ import os
 import runpy
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
@@ -16,12 +15,7 @@ pytest.importorskip("onnxruntime")
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_digits.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def test_train_digits_one_epoch(capsys):
