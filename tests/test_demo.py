@@ -96,3 +96,10 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(UnsupportedError, match="device 'cuda'"):
             run_demo(device="cuda", steps=1, out=None)
+
+
+def test_cli_forwards_device(capsys):
+    from repcompiler import cli
+
+    code = cli.main(["demo", "--device", "nonsense", "--no-measure"])
+    assert code != 0 and "device 'nonsense'" in capsys.readouterr().err
