@@ -26,7 +26,7 @@ def test_compare_outputs_passes_within_tolerance_and_names_the_output():
     with pytest.raises(VerificationError, match=r"^net: output 1 of the folded model differs from the original by "
                                                 r"relative 0\.25 \(tolerance 0\.001; max \|diff\| 0\.5, max \|output\| 2\)$"):
         compare_outputs(want, bad, "net")
-    with pytest.raises(VerificationError, match=r"relative 4\.77e-07 \(tolerance 1e-07\)"):
+    with pytest.raises(VerificationError, match=r"relative 4\.77e-07 \(tolerance 1e-07;"):
         compare_outputs(want, got, "net", factor=1e-3)
 
 
