@@ -15,7 +15,7 @@ Configurations (:data:`CONFIGS`), each applied to the plain CNN of
 =================  =================================================================
 
 One run (:func:`train_run`): SGD (momentum 0.9, weight decay 1e-4 on every parameter,
-cosine learning-rate decay to 0), batch 64, a fixed number of epochs, one CPU thread.
+cosine learning-rate decay to 0), a fixed batch size, a fixed number of epochs, one CPU thread.
 The seed sets the initialisation and the batch order; the data split is fixed. After
 every epoch the online configurations record their branch similarity
 (:func:`repcompiler.analysis.branch_similarity`). At the end: train/val/test accuracy
@@ -126,6 +126,7 @@ def train_run(data: Split, config: str, lr: float, seed: int, epochs: int, batch
             sim_curve.append(_similarity_summary(model))
     model.eval()
     out: dict[str, Any] = {"config": config, "dataset": data.name, "lr": lr, "seed": seed, "epochs": epochs,
+                           "batch": batch,
                            "losses": losses, "nonfinite_at_epoch": nonfinite_at, "sim_curve": sim_curve}
     if nonfinite_at is None:
         out.update(train_acc=_accuracy(model, data.x_train, data.y_train),

@@ -36,9 +36,11 @@ import cost  # noqa: E402
 
 PRESETS = {
     # seeds, learning rates, epochs per data set, cost: (batch, size, steps, warmup, quick cells)
-    "full": dict(seeds=5, lrs=[0.02, 0.05, 0.1, 0.2], epochs={"digits": 8, "mnist1d": 8}, cost=(32, 64, 3, 1, False)),
-    "quick": dict(seeds=2, lrs=[0.02, 0.1, 0.5], epochs={"digits": 2, "mnist1d": 2}, cost=(8, 64, 2, 1, True)),
-    "tiny": dict(seeds=1, lrs=[0.05], epochs={"digits": 1}, cost=None),
+    "full": dict(seeds=5, lrs=[0.02, 0.1, 0.3], epochs={"digits": 6, "mnist1d": 4}, batch=128,
+                 cost=(16, 64, 3, 1, False)),
+    "quick": dict(seeds=2, lrs=[0.02, 0.1, 0.3], epochs={"digits": 2, "mnist1d": 1}, batch=128,
+                  cost=(8, 64, 2, 1, True)),
+    "tiny": dict(seeds=1, lrs=[0.05], epochs={"digits": 1}, batch=64, cost=None),
 }
 
 _DATA: dict[str, common.Split] = {}
@@ -49,34 +51,56 @@ def _init(data: dict[str, common.Split]) -> None:
     _DATA.update(data)
 
 
-def _task(args: tuple[str, str, float, int, int]) -> dict:
-    ds, cfg, lr, seed, epochs = args
-    return ablation.train_run(_DATA[ds], cfg, lr, seed, epochs)
+def _task(args: tuple[str, str, float, int, int, int]) -> dict:
+    ds, cfg, lr, seed, epochs, batch = args
+    return ablation.train_run(_DATA[ds], cfg, lr, seed, epochs, batch)
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["config"], r["lr"], r["seed"], r["epochs"], r.get("batch"))
 
 
 def train_all(datasets: list[str], configs: list[str], lrs: list[float], seeds: int, epochs: dict[str, int],
-              workers: int, progress: bool = True) -> list[dict]:
+              batch: int, workers: int, progress: bool = True, log: Path | None = None) -> list[dict]:
+    """Every (seed, data set, configuration, lr) run, seed by seed (so a partial sweep has
+    every cell). With ``log`` (a JSON-lines file) finished runs are appended as they end
+    and runs already there are not repeated (resume)."""
     from tqdm import tqdm
 
-    data = {ds: common.load(ds) for ds in datasets}
-    # slow configurations first, so the pool does not end on one long run
-    order = sorted(ablation.CONFIGS, key=lambda c: c != "dbb_offline")
-    tasks = [(ds, cfg, lr, seed, epochs[ds]) for cfg in order if cfg in configs for ds in datasets
-             for lr in lrs for seed in range(seeds)]
-    runs = []
-    bar = tqdm(total=len(tasks), desc="Tab. 3 / Fig. 7 training runs", disable=not progress)
-    if workers <= 1:
-        _init(data)
-        for t in tasks:
-            runs.append(_task(t))
-            bar.update()
-    else:
-        with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(data,)) as pool:
-            for r in pool.imap_unordered(_task, tasks):
-                runs.append(r)
-                bar.update()
+    done: dict[tuple, dict] = {}
+    if log is not None and log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            done[_key(r)] = r
+    tasks = [(ds, cfg, lr, seed, epochs[ds], batch) for seed in range(seeds) for ds in datasets
+             for cfg in ablation.CONFIGS if cfg in configs for lr in lrs]
+    runs = [done[t] for t in tasks if t in done]
+    todo = [t for t in tasks if t not in done]
+    bar = tqdm(total=len(tasks), initial=len(runs), desc="Tab. 3 / Fig. 7 training runs", disable=not progress)
+
+    def keep(r: dict) -> None:
+        runs.append(r)
+        bar.update()
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps(r, default=_nan_safe) + "\n")
+
+    if todo:
+        data = {ds: common.load(ds) for ds in datasets}
+        if workers <= 1:
+            _init(data)
+            for t in todo:
+                keep(_task(t))
+        else:
+            with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(data,)) as pool:
+                for r in pool.imap_unordered(_task, todo):
+                    keep(r)
     bar.close()
     return runs
+
+
+def _nan_safe(o: object) -> object:
+    return str(o)
 
 
 def _jsonable(summary: dict) -> dict:
@@ -94,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="ignore runs recorded by an earlier (interrupted) run")
     args = p.parse_args(argv)
     preset_name = "tiny" if args.tiny else "quick" if args.quick else "full"
     preset = PRESETS[preset_name]
@@ -104,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"grid": {}, "best": {}}
     times = {}
     if not args.skip_train:
-        runs = train_all(datasets, list(ablation.CONFIGS), lrs, preset["seeds"], preset["epochs"], args.workers,
-                         not args.no_progress)
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = args.out / f"runs_{preset_name}.jsonl"
+        if args.fresh and log.exists():
+            log.unlink()
+        runs = train_all(datasets, list(ablation.CONFIGS), lrs, preset["seeds"], preset["epochs"], preset["batch"],
+                         args.workers, not args.no_progress, log)
         summary = ablation.summarize(runs)
         times["training (Tab. 3 + Fig. 7)"] = time.perf_counter() - t0
     cost_rows: list[dict] = []
@@ -138,7 +167,7 @@ def write_results(out: Path, preset_name: str, preset: dict, runs: list[dict], s
         dsz = "; ".join(f"{ds}: {s}" for ds, s in sizes.items())
         lines += ["## Tab. 3: linear scaling and post-BN", "",
                   f"Data: {dsz}. Seeds 0..{preset['seeds'] - 1} (initialisation and batch order), "
-                  f"epochs {preset['epochs']}, batch 64, SGD momentum 0.9, weight decay 1e-4, cosine decay; "
+                  f"epochs {preset['epochs']}, batch {preset['batch']}, SGD momentum 0.9, weight decay 1e-4, cosine decay; "
                   f"learning rates {lrs}; the best rate per configuration is chosen by mean validation accuracy. "
                   "Diverged = a non-finite loss or test accuracy < 0.2. Deployed = trained: `rc.deploy` of the "
                   "trained model gives the same test accuracy (and predictions).", ""]
