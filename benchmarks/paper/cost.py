@@ -140,19 +140,34 @@ def cells(quick: bool = False) -> list[tuple[str, str]]:
     return out + [(s, m) for s in stages for m in MODES]
 
 
-def run(batch: int, size: int, steps: int, warmup: int, quick: bool = False, progress: bool = True) -> list[dict]:
-    """Every cell in its own process (``nice`` is inherited from the caller)."""
+def run(batch: int, size: int, steps: int, warmup: int, quick: bool = False, progress: bool = True,
+        log: Path | None = None, recorded_only: bool = False) -> list[dict]:
+    """Every cell in its own process (``nice`` is inherited from the caller). With
+    ``log`` (JSON lines) finished cells are appended and cells already there (same batch
+    and size) are not measured again; ``recorded_only`` measures nothing new."""
     from tqdm import tqdm
 
+    done = {}
+    if log is not None and log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if (r["batch"], r["size"]) == (batch, size):
+                done[(r["form"], r["mode"])] = r
     rows = []
-    todo = cells(quick)
-    for form, mode in tqdm(todo, desc="fig8 cost (one process each)", disable=not progress):
+    for form, mode in tqdm(cells(quick), desc="fig8 cost (one process each)", disable=not progress):
+        if (form, mode) in done or recorded_only:
+            if (form, mode) in done:
+                rows.append(done[(form, mode)])
+            continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", form, mode, "--batch", str(batch),
                "--size", str(size), "--steps", str(steps), "--warmup", str(warmup)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
         if proc.returncode:
             raise RuntimeError(f"cost worker {form}/{mode} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 

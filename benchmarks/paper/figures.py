@@ -120,12 +120,12 @@ def tab3(summary: dict, datasets: list[str], lrs: list[float], path: Path) -> No
 def fig8(rows: list[dict], path: Path) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     stages = [s for s in STAGES if any(r["form"] == s for r in rows)]
-    for mode, style in (("online", "-o"), ("offline", "-s")):
+    for mode, style, color in (("online", "-o", "C0"), ("offline", "-s", "C1")):
         pts = [next((r for r in rows if r["form"] == s and r["mode"] == mode), None) for s in stages]
         xs = [i for i, p in enumerate(pts) if p]
-        ax_t.plot(xs, [pts[i]["time_s"] for i in xs], style, label=f"{mode} (declared blocks)")
-        ax_m.plot(xs, [pts[i]["rss_peak_mb"] for i in xs], style, label=f"{mode}: RSS high-water")
-        ax_m.plot(xs, [pts[i]["alloc_peak_mb"] for i in xs], style.replace("-", ":"), alpha=0.6,
+        ax_t.plot(xs, [pts[i]["time_s"] for i in xs], style, color=color, label=f"{mode} (declared blocks)")
+        ax_m.plot(xs, [pts[i]["rss_peak_mb"] for i in xs], style, color=color, label=f"{mode}: RSS high-water")
+        ax_m.plot(xs, [pts[i]["alloc_peak_mb"] for i in xs], style.replace("-", ":"), color=color, alpha=0.6,
                   label=f"{mode}: allocator peak / step")
     refs = {(r["form"], r["mode"]): r for r in rows if r["form"] in ("plain", "builtin")}
     for (form, mode), r in refs.items():
