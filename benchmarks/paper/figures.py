@@ -205,10 +205,10 @@ def fig7_markdown(runs: list[dict], best: dict, datasets: list[str]) -> list[str
 
 def fig8_markdown(rows: list[dict]) -> list[str]:
     out = ["| block | mode | 3x3 blocks | params | time / step (s) | RSS high-water (MB) | RSS before steps (MB) | "
-           "allocator peak / step (MB) |", "|---|---|---|---|---|---|---|---|"]
+           "allocator peak / step (MB) | load avg. before |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['form']} | {r['mode']} | {r['blocks']} | {r['params'] / 1e6:.2f} M | {r['time_s']:.3f} | "
-                   f"{r['rss_peak_mb']:.0f} | {r['rss_base_mb']:.0f} | {r['alloc_peak_mb']:.0f} |")
+                   f"{r['rss_peak_mb']:.0f} | {r['rss_base_mb']:.0f} | {r['alloc_peak_mb']:.0f} | {r['load_before']:.1f} |")
     return out
 
 

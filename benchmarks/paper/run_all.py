@@ -175,8 +175,13 @@ def write_results(out: Path, preset_name: str, preset: dict, runs: list[dict], s
              "Run time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + ".", ""]
     if runs:
         dsz = "; ".join(f"{ds}: {s}" for ds, s in sizes.items())
+        seeds = sorted({r["seed"] for r in runs})
+        expected = preset["seeds"] * len(lrs) * len(ablation.CONFIGS) * len(datasets)
+        if len(runs) < expected:
+            lines += [f"**Partial sweep: {len(runs)} of {expected} runs recorded** (the column `diverged` shows k/n "
+                      "with n the seeds recorded for that cell); resume with the same command.", ""]
         lines += ["## Tab. 3: linear scaling and post-BN", "",
-                  f"Data: {dsz}. Seeds 0..{preset['seeds'] - 1} (initialisation and batch order), "
+                  f"Data: {dsz}. Seeds {seeds} of {preset['seeds']} (initialisation and batch order), "
                   f"epochs {preset['epochs']}, batch {preset['batch']}, SGD momentum 0.9, weight decay 1e-4, cosine decay; "
                   f"learning rates {lrs}; the best rate per configuration is chosen by mean validation accuracy. "
                   "Diverged = a non-finite loss or test accuracy < 0.2. Deployed = trained: `rc.deploy` of the "
