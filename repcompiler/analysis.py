@@ -19,7 +19,7 @@ parameter names:
   reported under the block's qualified name;
 * a block whose ``expr`` is a ``Seq`` (e.g. the stacked "linear deep stem"): every
   ``Sum`` inside it is compared within its own frame, reported under that sum's
-  qualified module name (``"<block>.expr.terms.<i>"``); composition mixes the stages,
+  qualified module name (``"<block>.branches.stage<i>"``); composition mixes the stages,
   so comparing branches across stages in one frame would mean nothing;
 * a block with a single branch has nothing to compare and is left out.
 
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from . import algebra as A
 from .entry import check_model
 from .errors import InexactFoldError
+from .blocks.named import BlockExpr
 from .online import OnlineConv
 
 __all__ = ["branch_kernels", "branch_similarity", "cosine_matrix"]
@@ -44,13 +45,13 @@ __all__ = ["branch_kernels", "branch_similarity", "cosine_matrix"]
 log = logging.getLogger(__name__)
 
 
-def branch_kernels(expr: A.Sum) -> list[Tensor]:
+def branch_kernels(expr: A.Expr) -> list[Tensor]:
     """The equivalent kernel of each term of ``expr`` in the sum's frame (detached).
 
     Each tensor has the shape of the folded sum's weight (``[out, in/groups, *k]``)
     and they add up to it."""
     with torch.no_grad():
-        kernels = [term.fold(check=False) for term in expr.terms]
+        kernels = [term.fold(check=False) for term in expr.terms]  # type: ignore[attr-defined]
         plan = A.parallel([k.spec for k in kernels])
         if plan.spec is None:  # strides differ: no online block can hold such a sum
             raise InexactFoldError("branch_kernels: the branches share no kernel frame: " + "; ".join(plan.reasons))
@@ -74,12 +75,19 @@ def cosine_matrix(kernels: list[Tensor]) -> Tensor:
     return sim.clamp(-1.0, 1.0)
 
 
-def _sums(expr: A.Expr, path: str) -> list[tuple[str, A.Sum]]:
+def _is_parallel(expr: A.Expr) -> bool:
+    """A parallel sum of branches: the algebra's ``Sum`` or a declared block
+    (:class:`~repcompiler.blocks.named.BlockExpr`), not a channel concat."""
+    return isinstance(expr, (A.Sum, BlockExpr)) and not isinstance(expr, A.Concat)
+
+
+def _sums(expr: A.Expr, path: str) -> list[tuple[str, A.Expr]]:
     """The multi-branch sums in ``expr`` (whose module path is ``path``) with their paths."""
-    if isinstance(expr, A.Sum) and not isinstance(expr, A.Concat):
+    if _is_parallel(expr):
         return [(path, expr)] if len(expr.terms) > 1 else []
     if isinstance(expr, A.Seq):
-        return [found for i, term in enumerate(expr.terms) for found in _sums(term, f"{path}.terms.{i}")]
+        return [found for child, term in expr.named_children() if isinstance(term, A.Expr)
+                for found in _sums(term, f"{path}.{child}")]
     return []
 
 
@@ -101,8 +109,8 @@ def branch_similarity(model: nn.Module) -> dict[str, Tensor]:
         if not isinstance(m, OnlineConv):
             continue
         # a sum at the top is the block itself (its name); deeper sums go by module path
-        top = isinstance(m.expr, A.Sum)
-        for key, expr in _sums(m.expr, name if top else (f"{name}.expr" if name else "expr")):
+        top = _is_parallel(m.expr)
+        for key, expr in _sums(m.expr, name if top else (f"{name}.branches" if name else "branches")):
             out[key] = cosine_matrix(branch_kernels(expr)).cpu()
     if not out:
         log.info("branch_similarity: %s has no multi-branch online block", type(model).__name__)

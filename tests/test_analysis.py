@@ -143,11 +143,11 @@ def test_deep_stem_reports_each_stage_and_plain_model_is_empty():
 
     model = rc.orepa_transform(Stem())
     sim = branch_similarity(model)
-    assert sorted(sim) == [f"conv.expr.terms.{i}" for i in range(3)]
+    assert sorted(sim) == [f"conv.branches.stage{i}" for i in range(3)]
     for i, v in enumerate(sim.values()):
         assert v.shape == (6, 6)
-        stage = model.get_submodule(f"conv.expr.terms.{i}")
-        assert isinstance(stage, A.Sum)
+        stage = model.get_submodule(f"conv.branches.stage{i}")
+        assert len(stage.terms) == 6 and len(stage.branches) == 6  # a declared OREPA block per stage
     assert branch_similarity(Stem()) == {}
 
 
