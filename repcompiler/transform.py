@@ -17,6 +17,20 @@ training from scratch). ``post_bn=False`` (the paper's ablation) inserts none an
 replaces a following BN by ``nn.Identity``. A conv bias is kept only where no
 post-BN follows (a BN absorbs it).
 
+Initialisation (``init``): ``"fresh"`` (the default, the paper's training from scratch)
+gives every block new parameters - **the conv's weight and bias are not used**, so a
+pretrained backbone would silently start from scratch; ``"from_conv"`` (fine-tuning a
+pretrained model; the CLI's ``transform --weights``) makes each block start as exactly
+the conv it replaces (:mod:`repcompiler.conv_init`: origin branch = the conv's weight
+and bias, the other branches' scales 0, the existing BN as post-BN, no BN inserted
+unless ``insert_bn=True``; the default stem block is ``orepa``, as a stacked
+``orepa_large`` cannot hold an arbitrary kernel), so the model computes what it did,
+in eval mode; existing multi-branch blocks are linearized with ``init="from_bn"``. A
+conv whose block cannot start as it is left as it is (``"refused"``). Each report entry
+says how its block was initialised (``details["init"]``). ``requires_grad`` flags
+survive: a block made from a frozen conv is frozen (its branches and an inserted BN),
+its bias follows the conv's bias (:func:`repcompiler.conv_init.copy_frozen`).
+
 Which block (the *policy*); the default, for ``block="orepa"``:
 
 * kxk convs (some kernel dim >= 2; grouped, depthwise, strided, dilated,
@@ -212,7 +226,8 @@ def orepa_transform(
             The report says per conv how its block was initialised.
         insert_bn: insert a post-BN where no BN follows a conv (default: with
             ``init="fresh"`` only; with ``"from_conv"`` an inserted BN starts as the
-            identity in eval mode, but normalises in training mode).
+            identity in eval mode, but normalises in training mode). Linearized
+            multi-branch blocks get one unless it is ``False``.
         mode: ``"online"`` (one conv per forward) or ``"offline"`` (branches on the
             feature map, a BN per branch: the DBB/RepVGG baseline).
         scaling: ``"vector"``, ``"scalar"`` or ``"none"`` branch scales (online).
@@ -226,8 +241,6 @@ def orepa_transform(
     check_choice("mode", mode, MODES, owner="orepa_transform")
     check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")
     check_choice("init", init, INITS, owner="orepa_transform")
-    if insert_bn is None:
-        insert_bn = init == "fresh"
     if block != "orepa":
         get_block(block)  # raises for an unknown name
     t0 = time.perf_counter()
@@ -239,7 +252,12 @@ def orepa_transform(
     # form) instead of wrapping each of its convs; see repcompiler.linearize.
     from .linearize import linearize_regions
 
-    _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn, mode=mode, report=report)
+    # their branch BNs become scales, so a post-BN is inserted unless insert_bn=False (with
+    # from_conv: from_bn, scales from the BNs and the post-BN the identity in eval mode)
+    _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn is not False, mode=mode,
+                                     init="from_bn" if init == "from_conv" else "default", report=report)
+    if insert_bn is None:
+        insert_bn = init == "fresh"
 
     # modules inside existing blocks are not touched
     existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
