@@ -165,6 +165,8 @@ def _classify(gm: fx.GraphModule, region: Region) -> str | None:
         return None
     if not region.exact:
         return "; ".join(region.reasons) or "not exact"
+    if not region.worth:  # e.g. merging with a producer conv would grow the kernel
+        return "; ".join(region.notes) or "folding it would not remove work"
     snap = _snapshot_leaves(region.expr)
     if snap:
         return (f"the lowering of {', '.join(snap)} holds a computed copy of its parameters, which would not "

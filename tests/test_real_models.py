@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 import repcompiler as rc
 from fixtures_thirdparty import ACNetBlock, DBBBlock, InPlaceParent, OfficialOREPA, YoloConv, YoloRepConv
 from repcompiler.passes.fold_linear_bn import fold_linear_bn
-from repcompiler.testing import randomize_bn
+from helpers import first_tensor, randomized_eval
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -57,15 +57,8 @@ def executed(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return counter.convs, counter.bns
 
 
-def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    randomize_bn(model, torch.Generator().manual_seed(seed))
-    return model.eval()
-
-
-def _first(out: Any) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+_randomized = randomized_eval
+_first = first_tensor
 
 
 def _check(model: nn.Module, x: torch.Tensor, folded: nn.Module, author: tuple[int, int]) -> None:
