@@ -230,7 +230,10 @@ def linearize_regions(
         for unit in traced.units:
             cands = analyse_unit(unit, rules)
             for c in cands:
-                if not c.ok:
+                if not c.ok and c.inner:
+                    report.add(c.name, c.kind, "kept", f"{c.reason}; the block(s) inside it linearized on their "
+                               f"own: {', '.join(c.inner)}")
+                elif not c.ok:
                     report.add(c.name, c.kind, "refused", c.reason)
                 elif mode == "offline":
                     handled |= set(c.convs)

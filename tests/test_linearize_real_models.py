@@ -81,5 +81,34 @@ def test_ghostnetv3_identity_activation_does_not_crash():
     lin, report = _linearize_and_deploy(model, torch.randn(2, 8, 16, 16))
     # the depthwise block and both ghost modules' primary and cheap branch sums
     assert _online(lin) == len(report.by_action("linearized")) == 5
-    for e in report.by_action("refused"):
-        assert "bigger" in e.reason or "zero-pads" in e.reason, e.reason
+    assert not report.by_action("refused")
+    kept = report.by_action("kept")  # the maximal regions around the blocks: reason and what was done
+    assert kept and all(("bigger" in e.reason or "zero-pads" in e.reason) and "linearized on their own" in e.reason
+                        for e in kept), [e.reason for e in kept]
+
+
+def _timm(name: str) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return _randomized(timm.create_model(name, pretrained=False))
+
+
+# family -> (input size, the author's block class counted as "one block", blocks)
+TIMM = {
+    "repvgg_a0": (32, "RepVggBlock"),
+    "mobileone_s0": (32, "MobileOneBlock"),
+    "repvit_m1": (32, "RepVggDw"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TIMM))
+def test_timm_family_linearizes_every_block(name):
+    """Item 9 (item 7 for RepViT: the first block's maximal region, which reaches into
+    the stem, is refused, the block inside it is linearized on its own)."""
+    model = _timm(name)
+    size, block = TIMM[name]
+    lin, report = _linearize_and_deploy(model, torch.randn(1, 3, size, size))
+    blocks = sum(type(m).__name__ == block for m in model.modules())
+    assert not report.by_action("refused"), [(e.name, e.reason) for e in report.by_action("refused")]
+    assert len(report.by_action("linearized")) == blocks > 0
