@@ -42,12 +42,14 @@ from .base import GraphPass, PassResult
 from .regions.dominance import dominators, entry_candidates
 from .regions.lowering import CONV_FUNCTIONS, ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES, LoweredGraph
 from .regions.region import Region, node_owner, region_name
-from .regions.selection import choose_region, worth_alone
+from .regions.expression import build_region
+from .regions.selection import choose_region, not_worth, worth_alone
 from .state import pipeline_state
 
 __all__ = [
     "Region",
     "find_regions",
+    "undone_folds",
     "FindRegions",
     "node_owner",
     "region_name",
@@ -62,6 +64,16 @@ log = logging.getLogger(__name__)
 _region_name = region_name
 _ELEMENTWISE_FUNCS = ELEMENTWISE_FUNCS
 _ELEMENTWISE_MODULES = ELEMENTWISE_MODULES
+
+
+def _analyse(gm: fx.GraphModule, rules: RuleRegistry | None,
+             shared_modules: Iterable[nn.Module]) -> tuple[LoweredGraph, dict]:
+    """The lowered graph (classified, shapes inferred) and its immediate dominators."""
+    g = LoweredGraph(gm, rules if rules is not None else default_rules,
+                     frozenset(id(m) for m in shared_modules))
+    g.classify()
+    g.infer_shapes()
+    return g, dominators(g)
 
 
 def find_regions(
@@ -87,11 +99,7 @@ def find_regions(
     sub-region that is (ending at the same node) is taken, without separating a
     BN/affine from the conv before it.
     """
-    g = LoweredGraph(gm, rules if rules is not None else default_rules,
-                     frozenset(id(m) for m in shared_modules))
-    g.classify()
-    g.infer_shapes()
-    idom = dominators(g)
+    g, idom = _analyse(gm, rules, shared_modules)
 
     assigned: set[fx.Node] = set()
     regions: list[Region] = []
@@ -114,6 +122,40 @@ def find_regions(
             chosen.notes.append(f"part of the larger refused region {refused.name}")
     regions.sort(key=lambda r: g.order[r.exit])
     return regions
+
+
+def undone_folds(
+    gm: fx.GraphModule,
+    rules: RuleRegistry | None = None,
+    *,
+    shared_modules: Iterable[nn.Module] = (),
+    merge_convs: bool = False,
+) -> list[Region]:
+    """Every exact fold still possible in ``gm``: the check that a graph is folded to
+    its **minimum**.
+
+    Unlike :func:`find_regions` (one region per exit, chosen greedily), this looks at
+    *every* single-entry single-exit linear region: for every linear node ``e``, every
+    valid entry on its dominator chain, no node excluded. A region is an undone fold
+    when it is exact, holds a conv, has more than one op that is not an identity call
+    (a lone conv is already folded), and folding it is worth it by :func:`find_regions`'s
+    own rule (the conv does not get bigger than the convs it replaces; unless
+    ``merge_convs``, it is not a plain chain of convs). Folding such a region removes
+    at least one conv, BN, affine, pad, pool or branch sum without growing the kernel.
+    Returns them largest first per exit, exits in reverse graph order (empty: minimal).
+    """
+    g, idom = _analyse(gm, rules, shared_modules)
+    out: list[Region] = []
+    for e in reversed(g.nodes):
+        if not g.linear(e):
+            continue
+        for d, body, aliases in reversed(entry_candidates(g, idom, e, set())):
+            reg = build_region(g, d, e, body, aliases)
+            if not (reg.exact and reg.has_conv) or not_worth(g, reg, merge_convs):
+                continue
+            if worth_alone(g, reg):
+                out.append(reg)
+    return out
 
 
 class FindRegions(GraphPass):

@@ -145,6 +145,9 @@ class InsertPostBN(GraphPass):
             node.meta = {k: v for k, v in old_exit.meta.items() if k in ("nn_module_stack", "tensor_meta")}
             region.nodes.append(node)
             region.exit = node
+            for other in state.selected:  # a block fed by this one now reads the post-BN
+                if other.entry is old_exit:
+                    other.entry = node
             region.expr = A.Seq(region.expr, A.BatchNorm(bn, dims=spec.dims, name=target))
             record.append(PostBN(region, target, True))
             modified = True

@@ -41,6 +41,7 @@ from .report import FoldReport, count_convs, count_params
 from .rewrite import conv_target, group_by_owner, owner_graph, qualify
 from .rules import RuleRegistry, default_rules
 from .inputs import as_inputs, check_weights
+from .leftovers import explain_left_bns
 from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_units
 from .verify import compare_outputs
@@ -154,6 +155,7 @@ def compile_folds(
 
     for path, reason in opaque_reasons(work, rules):
         report.add(path, type(dict(work.named_modules())[path]).__name__, "opaque", reason)
+    explain_left_bns(work, report, rules)  # every BatchNorm left gets a row saying why
     report.convs_after = count_convs(work)
     report.params_after = count_params(work)
     report.seconds = time.perf_counter() - t0

@@ -173,6 +173,7 @@ def _linearize_owner(
     run_passes(gm, [BnToScale(scaling, init), InsertPostBN(init, enabled=post_bn)], lint=False)
     post = {id(r): (t, ins) for r, t, ins in gm.meta.get(META_POST_BN, [])}
     done: list[_Done] = []
+    replaced: dict = {}  # a block whose input is an earlier block's output reads its online conv
     for r, d in zip(og.regions, before):
         post_target, inserted = post.get(id(r), (None, False))
         online = _online_conv(gm, r, post_target, og.module.training)
@@ -180,7 +181,7 @@ def _linearize_owner(
             r.name = d["name"]
             with eval_mode(online, *([d["ref"]] if d["ref"] is not None else [])):
                 verify_region(r, d["ref"] if d["ref"] is not None else online.deploy_expr(), online)
-        squeeze_region(gm, r, online, d["target"])
+        squeeze_region(gm, r, online, d["target"], replaced)
         if inserted:
             delattr(gm, post_target)
         if post_target is None:
@@ -229,7 +230,10 @@ def linearize_regions(
         for unit in traced.units:
             cands = analyse_unit(unit, rules)
             for c in cands:
-                if not c.ok:
+                if not c.ok and c.inner:
+                    report.add(c.name, c.kind, "kept", f"{c.reason}; the block(s) inside it linearized on their "
+                               f"own: {', '.join(c.inner)}")
+                elif not c.ok:
                     report.add(c.name, c.kind, "refused", c.reason)
                 elif mode == "offline":
                     handled |= set(c.convs)

@@ -61,6 +61,9 @@ class LinearizeCandidate:
     """Path of the traced unit the region was found in."""
     region: Region | None = field(default=None, repr=False, compare=False)
     """The region (in the unit's graph) when the block is linearizable."""
+    inner: list[str] = field(default_factory=list)
+    """For a refused region: the linearizable blocks inside it (its exact sub-regions,
+    linearized on their own)."""
 
     @property
     def ok(self) -> bool:
@@ -156,6 +159,8 @@ def _classify(gm: fx.GraphModule, region: Region) -> str | None:
         return None
     if not region.exact:
         return "; ".join(region.reasons) or "not exact"
+    if not region.worth:  # e.g. merging with a producer conv would grow the kernel
+        return "; ".join(region.notes) or "folding it would not remove work"
     snap = _snapshot_leaves(region.expr)
     if snap:
         return (f"the lowering of {', '.join(snap)} holds a computed copy of its parameters, which would not "
@@ -240,6 +245,9 @@ def analyse_unit(unit: TracedUnit, rules: RuleRegistry) -> list[LinearizeCandida
         ))
         if why:
             covered |= set(r.exit.users)
+    for c in cands:
+        if not c.ok:
+            c.inner = [o.name for o in cands if o.ok and o.modules < c.modules]
     for node, why in _scan_refusals(gm, covered):
         owner = qualify(unit.path, (node_owner(node) or [""])[-1])
         cands.append(LinearizeCandidate(name=qualify(owner, node.name), owner=owner, reason=why, unit=unit.path))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 import repcompiler.testing as rct
 
-__all__ = ["autograd_node_names", "randomize_bn", "rel_err"]
+__all__ = ["autograd_node_names", "randomize_bn", "rel_err", "randomized_eval", "first_tensor"]
 
 
 def randomize_bn(
@@ -60,3 +60,16 @@ def autograd_node_names(t: Tensor) -> set[str]:
             seen.add(n)
             todo += [m for m, _ in n.next_functions]
     return {type(n).__name__ for n in seen}
+
+
+def randomized_eval(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with randomized BN statistics (library defaults, seeded), in eval mode."""
+    rct.randomize_bn(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def first_tensor(out: Any) -> Tensor:
+    """The first tensor of a (nested) tuple/list output (a detector's raw output)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out

@@ -237,3 +237,25 @@ def test_deployed_resnet18_default_exporter(tmp_path: Path) -> None:
     counts = onnx_op_counts(res.path)
     assert res.exporter == "dynamo" and counts["BatchNormalization"] == 0
     assert counts["Conv"] == count_convs(plain) == 20
+
+
+def test_export_reports_batch_norms_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15 item 8: the result states how many Conv / BatchNormalization nodes the
+    artifact has, and a BatchNorm left is a warning naming why (before, timm's
+    mobileone_s0 exported 191 Conv / 226 BatchNormalization nodes as a plain success)."""
+    res = export(models.tiny_net(seed=3), tmp_path / "plain.onnx", X, onnx_exporter="torchscript",
+                 onnx_optimize=False)
+    assert (res.convs, res.batch_norms) == (3, 0) and "0 BatchNorm" in str(res)
+    assert "BatchNorm layer" not in caplog.text
+
+    res = export(models.tiny_net(seed=3), tmp_path / "raw.onnx", X, deploy=False, onnx_optimize=False,
+                 onnx_exporter="torchscript")
+    assert res.batch_norms == onnx_op_counts(res.path)["BatchNormalization"] == 3 and "3 BatchNorm" in str(res)
+    assert "raw.onnx still has 3 BatchNorm layer(s) (exported with deploy=False)" in caplog.text
+
+    torch.manual_seed(0)
+    bn_after_act = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8)).eval()
+    caplog.clear()
+    res = export(bn_after_act, tmp_path / "act.pt2", X, format="exported_program")
+    assert res.batch_norms == 1 and res.convs == 1
+    assert "act.pt2 still has 1 BatchNorm layer(s)" in caplog.text

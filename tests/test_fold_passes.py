@@ -87,7 +87,8 @@ def assert_pipeline_matches_fold(net: nn.Module, x: torch.Tensor, **options) -> 
     assert rel_err(got_fold, want) < 1e-10 and rel_err(got_pipe, want) < 1e-10
     assert rel_err(got_pipe, got_fold) < 1e-12
     assert count_convs(gm) == count_convs(folded)
-    assert _entries(report) == _entries(want_report)
+    # fold's model-level rows for BatchNorms left (repcompiler.leftovers) come after the pipeline
+    assert _entries(report) == [e for e in _entries(want_report) if e[2] != "left"]
     assert res.modified == bool(report.folded)
     return report
 

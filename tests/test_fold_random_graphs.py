@@ -1,7 +1,19 @@
 """Property test: random small CNN DAGs (conv / BN / ReLU / add / concat / pool / pad).
 
-``fold`` never changes the output (float64), and afterwards no foldable region is left
-(fold is a fixpoint: every region the algebra says is exact was folded).
+``fold`` never changes the output (float64), and the folded graph is **minimal**:
+
+    no single-entry single-exit linear region of the folded graph - for any exit node,
+    any valid entry on its dominator chain, every node allowed (not only the regions
+    ``find_regions`` would pick greedily) - is exact, holds a conv, has more than one
+    op besides identity calls, and is worth folding by fold's own rule (the folded conv
+    is no bigger than the convs it replaces, and it is not a plain chain of convs).
+
+Equivalently: no conv, BN, affine, pad, pool or branch sum is left that an exact fold
+could merge into a conv without growing the kernel. Checked by
+:func:`repcompiler.passes.find_regions.undone_folds` (which enumerates those regions)
+returning nothing on the re-traced folded model. So when a maximal region is refused
+(bias under zero padding, a kernel that would grow), its best exact sub-regions must
+have been folded (issue 15 item 7).
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import repcompiler
-from repcompiler.passes.find_regions import find_regions
+from repcompiler.passes.find_regions import find_regions, undone_folds
 from repcompiler.tracing import trace_model
 from test_fold_passes import assert_pipeline_matches_fold
 
@@ -167,8 +179,8 @@ def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
     assert torch.equal(again, want), "fold modified the user's model"
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), report
-    left = [r for r in find_regions(trace_model(folded)) if r.foldable]
-    assert not left, f"foldable regions left after fold: {left}\n{report}\nprogram: {net.program}"
+    left = undone_folds(trace_model(folded))
+    assert not left, f"exact folds left undone: {left}\n{report}\nprogram: {net.program}"
 
 
 @settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
@@ -247,3 +259,47 @@ def test_identity_aliases_do_not_stop_a_region(case):
     mods.update({r: nn.ReLU() for r in relus})
     mods.update({i: nn.Identity() for i in ids})
     _one_pass_reaches_a_fixpoint(program, mods)
+
+
+class _BlockAfterConv(nn.Module):
+    """A three-branch conv+BN block (3x3+BN, 1x1+BN, BN) whose input is a 1x1 conv's
+    output (issue 15 item 7)."""
+
+    def __init__(self, cin: int, c: int, bias: bool) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(cin, c, 1, bias=bias)
+        self.a = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.b = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.c = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.pre(x)
+        return self.a(y) + self.b(y) + self.c(y)
+
+
+@pytest.mark.parametrize("cin,c,bias,convs,why", [
+    (8, 2, False, 2, "bigger"),         # merging with the producer would grow the kernel
+    (8, 2, True, 2, "bias"),            # the producer's bias under the 3x3's zero padding
+    (2, 8, False, 1, None),             # merging is exact and smaller: all one conv
+])
+def test_refused_block_folds_its_best_sub_region(cin, c, bias, convs, why):
+    """The block ends as ONE conv (plus the producer when merging with it is refused),
+    the refusal is reported with its reason and no exact fold is left undone."""
+    torch.manual_seed(0)
+    net = _BlockAfterConv(cin, c, bias).double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(2, cin, SIZE, SIZE, dtype=torch.float64)
+    assert undone_folds(trace_model(net))  # the check can fail: the unfolded block has some
+    folded, report = repcompiler.fold(net, x, return_report=True)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), rtol=1e-9, atol=1e-9)
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == convs
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert not undone_folds(trace_model(folded)), report
+    if why:
+        assert any(why in e.reason for e in report.entries if e.action != "folded"), report

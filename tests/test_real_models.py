@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 import repcompiler as rc
 from fixtures_thirdparty import ACNetBlock, DBBBlock, InPlaceParent, OfficialOREPA, YoloConv, YoloRepConv
 from repcompiler.passes.fold_linear_bn import fold_linear_bn
-from repcompiler.testing import randomize_bn
+from helpers import first_tensor, randomized_eval
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -57,15 +57,8 @@ def executed(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return counter.convs, counter.bns
 
 
-def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    randomize_bn(model, torch.Generator().manual_seed(seed))
-    return model.eval()
-
-
-def _first(out: Any) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+_randomized = randomized_eval
+_first = first_tensor
 
 
 def _check(model: nn.Module, x: torch.Tensor, folded: nn.Module, author: tuple[int, int]) -> None:
@@ -215,3 +208,40 @@ def test_ultralytics_folds_like_fuse(cfg):
     folded, report = rc.fold(model, x, return_report=True)
     assert not any("traces differently alone" in e.reason for e in report.entries)
     _check(model, x, folded, executed(author, x))
+
+
+class _Flip(nn.Module):
+    def forward(self, x):
+        return x.flip(-1)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # control flow on data: does not trace
+            y = y * 1.0
+        return self.bn(y)
+
+
+def test_every_batch_norm_left_is_reported_with_its_reason():
+    """Item 8: a BN no exact fold can remove gets a report row naming why (what is on
+    each side of it, or the trace failure of the module holding it)."""
+    torch.manual_seed(0)
+    traced = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), _Flip(), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    folded, report = rc.fold(traced, torch.randn(1, 3, 8, 8), return_report=True)
+    left = {e.name: e.reason for e in report.by_action("left")}
+    assert set(left) == {"2"}, report  # the last BN folded into its conv
+    assert "input is flip" in left["2"] and "output goes to 3 (ReLU)" in left["2"]
+    # BN 4 would put its shift under conv 5's zero padding: the refused region's row says so
+    assert any(e.name.startswith("4 -> 5") and "padding" in e.reason for e in report.by_action("refused")), report
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 2
+
+    untraced = _randomized(nn.Sequential(nn.Conv2d(4, 4, 1), _DataDependent()))
+    folded, report = rc.fold(untraced, torch.randn(1, 4, 8, 8), return_report=True)
+    left = {e.name: e.reason for e in report.by_action("left")}
+    assert list(left) == ["1.bn"] and "inside 1, which did not trace" in left["1.bn"], report

@@ -25,7 +25,7 @@ from .expression import build_region
 from .lowering import CONV_FUNCTIONS, PLAIN_LEAVES, LoweredGraph, fetch_attr, is_identity_call
 from .region import Region
 
-__all__ = ["choose_region", "worth_alone", "region_cost"]
+__all__ = ["choose_region", "not_worth", "worth_alone", "region_cost"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -42,18 +42,10 @@ def choose_region(g: LoweredGraph, cands: list[Candidate], e: fx.Node,
             chosen = reg
             break
         if reg.exact:
-            before, after = region_cost(g, reg)
-            if after > before:
+            why_not = not_worth(g, reg, merge_convs)
+            if why_not:
                 reg.worth = False
-                reg.notes.append(
-                    f"folding would make the convolution bigger ({before:,} -> {after:,} weights): "
-                    "the region is a factorized (low-rank or separable) conv, kept as it is"
-                )
-            elif reg.kind == "chain" and _n_convs(g, reg) > 1 and not merge_convs:
-                reg.worth = False
-                reg.notes.append(
-                    "a chain of convolutions is kept as separate convs (merge_convs=True merges it)"
-                )
+                reg.notes.append(why_not)
             elif idx > 0 and _cuts_pair(g, d, body):
                 continue
             else:
@@ -62,6 +54,18 @@ def choose_region(g: LoweredGraph, cands: list[Candidate], e: fx.Node,
         if refused is None and reg.has_conv:
             refused = reg
     return chosen, refused
+
+
+def not_worth(g: LoweredGraph, reg: Region, merge_convs: bool) -> str:
+    """Why folding the exact region ``reg`` is not worth it ('' when it is): it would
+    make the convolution bigger, or it is a chain of convs (unless ``merge_convs``)."""
+    before, after = region_cost(g, reg)
+    if after > before:
+        return (f"folding would make the convolution bigger ({before:,} -> {after:,} weights): "
+                "the region is a factorized (low-rank or separable) conv, kept as it is")
+    if reg.kind == "chain" and _n_convs(g, reg) > 1 and not merge_convs:
+        return "a chain of convolutions is kept as separate convs (merge_convs=True merges it)"
+    return ""
 
 
 def worth_alone(g: LoweredGraph, region: Region) -> bool:

@@ -95,6 +95,10 @@ class ExportResult:
         seconds: wall time of the whole call.
         files: every file written (the artifact, plus ONNX external data if any).
         deploy_report: the report returned by ``deploy`` (``None`` if not deployed).
+        convs, batch_norms: convolutions and BatchNorm layers the exported graph still
+            has (ONNX: ``Conv`` / ``BatchNormalization`` nodes of the artifact; the other
+            formats: conv / BatchNorm modules of the exported module). A BatchNorm left
+            is logged as a warning with the deploy report's reasons.
     """
 
     path: Path
@@ -110,6 +114,8 @@ class ExportResult:
     seconds: float = 0.0
     files: tuple[Path, ...] = ()
     deploy_report: Any = field(default=None, repr=False)
+    convs: int | None = None
+    batch_norms: int | None = None
 
     def __str__(self) -> str:
         size = sum(f.stat().st_size for f in self.files if f.exists())
@@ -120,10 +126,12 @@ class ExportResult:
             else "not verified"
         )
         via = f"{self.exporter}, opset {self.opset}" if self.opset is not None else self.exporter
+        layers = (f"{self.convs} conv, {self.batch_norms} BatchNorm, "
+                  if self.convs is not None and self.batch_norms is not None else "")
         return (
             f"{self.path} [{self.format} via {via}, {size / 1e6:.2f} MB, "
             f"{'dynamic' if self.dynamic_batch else 'static'} batch, "
-            f"{'deployed' if self.deployed else 'exported as is'}, {check}, {self.seconds:.1f} s]"
+            f"{'deployed' if self.deployed else 'exported as is'}, {layers}{check}, {self.seconds:.1f} s]"
         )
 
 
@@ -263,6 +271,7 @@ def export(
                     dynamic = False
                     exporter = write_artifact(target, args, out, dynamic=False, **options)
                 written_opset = onnx_opset(out) if fmt == "onnx" else None
+                convs, bns = _layer_counts(fmt, out, target)
                 bar.done()
                 batches: tuple[int, ...] = ()
                 worst: float | None = None
@@ -290,10 +299,35 @@ def export(
     result = ExportResult(
         path=dest, format=fmt, exporter=exporter, opset=written_opset, dynamic_batch=dynamic, deployed=deploy,
         verified_batches=batches, max_rel_error=worst, rtol=rtol if verify else None, atol=atol if verify else None,
-        seconds=time.perf_counter() - t0, files=files, deploy_report=report,
+        seconds=time.perf_counter() - t0, files=files, deploy_report=report, convs=convs, batch_norms=bns,
     )
     log.info("exported %s", result)
+    if bns:
+        log.warning("export: %s still has %d BatchNorm layer(s)%s", dest.name, bns, _why_bns_left(report, deploy))
     return result
+
+
+def _layer_counts(fmt: str, artifact: Path, target: nn.Module) -> tuple[int, int]:
+    """``(convs, batch norms)`` of the exported graph (see :class:`ExportResult`)."""
+    if fmt == "onnx":
+        counts = onnx_op_counts(artifact)
+        return counts["Conv"] + counts["ConvTranspose"], counts["BatchNormalization"]
+    mods = list(target.modules())
+    return (sum(isinstance(m, nn.modules.conv._ConvNd) for m in mods),
+            sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods))
+
+
+def _why_bns_left(report: Any, deployed: bool) -> str:
+    if not deployed:
+        return " (exported with deploy=False)"
+    if report is None:
+        return ""
+    reasons = [f"{e.name}: {e.reason}" for e in report.entries if e.action != "folded" and e.reason]
+    reasons += [f"{path}: {why}" for path, why in getattr(report, "skipped", [])]
+    if not reasons:
+        return " (no fold was refused: BNs with no conv to fold into, see deploy's report)"
+    more = f"; and {len(reasons) - 3} more in the deploy report" if len(reasons) > 3 else ""
+    return " that fold could not remove: " + "; ".join(reasons[:3]) + more
 
 
 export.onnx_op_counts = onnx_op_counts  # type: ignore[attr-defined]  # rc.export.onnx_op_counts(path)
