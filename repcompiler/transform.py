@@ -17,13 +17,28 @@ training from scratch). ``post_bn=False`` (the paper's ablation) inserts none an
 replaces a following BN by ``nn.Identity``. A conv bias is kept only where no
 post-BN follows (a BN absorbs it).
 
-Which block (the *policy*); the default, for ``block="orepa"``:
+Which block (the *policy*); the default (``policy="paper"``, or ``None``), for
+``block="orepa"``, is the paper's OREPA-ResNet rule, stated so it applies to any model:
 
 * kxk convs (some kernel dim >= 2; grouped, depthwise, strided, dilated,
   asymmetric, 1-d/2-d/3-d) -> ``orepa``;
-* 1x1 convs -> ``orepa_1x1``;
-* the model's first conv, if every kernel dim is odd and some is >= 5 (a large stem)
-  -> ``orepa_large``.
+* a large odd kernel -> ``orepa_large`` (the linear deep stem): every conv whose kernel
+  dims are all odd with some >= 7, and the model's first conv already from 5;
+* 1x1 convs -> ``orepa_1x1``, **except a 1x1 on a residual shortcut**, which stays a
+  plain conv (+BN), as the official models keep ResNet's projection shortcuts: a 1x1
+  conv whose output (through BNs) is added to another value that its own input also
+  reaches (the graph analysis of the traced model); in parts that do not trace, a 1x1
+  whose qualified name contains ``downsample`` or ``shortcut``. On torchvision ResNets
+  this gives the official OREPA-ResNet: ResNet-18/34's 1x1 projections stay conv+BN,
+  ResNet-50's bottleneck 1x1s (``conv1``, ``conv3``) get ``orepa_1x1``.
+
+``policy="all"`` is the earlier rule: every 1x1 -> ``orepa_1x1``, ``orepa_large`` only for
+the first conv (odd kernel, some dim >= 5), every other kxk -> ``orepa``.
+
+``block_options`` (a dict) go to every block's builder that accepts them (e.g.
+``{"weight_init": "repcompiler"}``, the Tab. 2 switches ``{"prior": None}``,
+``{"depthwise_separable": False}``, ``{"reparam_1x1": False}``, ``{"deep_stem": False}``;
+see :mod:`repcompiler.blocks.orepa`); a key no block of the transform accepts raises.
 
 With another ``block`` name every conv gets that block (convs its builder rejects
 are left as they are and reported). ``policy`` refines per layer:
@@ -53,30 +68,28 @@ with one entry per conv: action ``"transformed"`` (``details["block"]``,
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Mapping
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
-from .errors import RegistrationError, RepCompilerError, UnsupportedError, check_choice
+from .errors import RepCompilerError, check_choice
 from .online import OfflineBlock, OnlineConv
 from .passes.find_regions import Region, find_regions
+from .policy import POLICIES, Policy, check_policy_and_options, default_block_for, policy_choice, shortcut_convs
 from .report import TransformReport, count_convs, count_params
 from .rules import has_forward_hooks
 from .tracing import trace_units
 from .entry import check_model, copy_model
 
-__all__ = ["orepa_transform", "Policy", "default_block_for"]
+__all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
 
 log = logging.getLogger(__name__)
-
-Policy = Union[None, Mapping[str, Union[str, None]], Callable[[str, nn.Module], Union[str, None]], Sequence[str]]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = nn.modules.batchnorm._BatchNorm
@@ -185,56 +198,6 @@ def _unsupported_reason(m: nn.Module) -> str | None:
     return None
 
 
-# -- policy ------------------------------------------------------------------------------
-
-
-def default_block_for(geom: ConvGeometry, *, block: str = "orepa", first: bool = False) -> str:
-    """The block the default policy gives a conv (see the module docstring)."""
-    if block != "orepa":
-        return block
-    if geom.is_pointwise_kernel:
-        return "orepa_1x1"
-    if first and all(k % 2 == 1 for k in geom.kernel_size) and max(geom.kernel_size) >= 5:
-        return "orepa_large"
-    return "orepa"
-
-
-def _checked_choice(choice: object, name: str) -> str | None:
-    """A policy's answer for conv ``name``: ``None``/``False`` (skip), ``True``/"default"
-    (the default policy) or a registered block name; anything else is the policy's
-    mistake, not the conv's, and raises (a typo must not silently leave convs plain)."""
-    if choice is None or choice is False:
-        return None
-    if choice is True or choice == "default":
-        return "default"
-    if not isinstance(choice, str):
-        raise UnsupportedError(f"policy for conv {name!r}: expected a block name, None, True or False, got {choice!r}")
-    try:
-        get_block(choice)
-    except RegistrationError as exc:
-        raise RegistrationError(f"policy for conv {name!r}: {exc}") from None
-    return choice
-
-
-def _policy_choice(policy: Policy, name: str, conv: nn.Module) -> tuple[str | None, bool]:
-    """``(choice, decided)``: ``choice`` a block name, ``None`` (skip) or "default"."""
-    if policy is None:
-        return "default", False
-    if callable(policy) and not isinstance(policy, Mapping):
-        return _checked_choice(policy(name, conv), name), True
-    if isinstance(policy, Mapping):
-        for pattern, choice in policy.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return _checked_choice(choice, name), True
-        return "default", False
-    if isinstance(policy, (list, tuple, set, frozenset)):
-        for pattern in policy:
-            if fnmatch.fnmatchcase(name, pattern):
-                return None, True
-        return "default", False
-    raise UnsupportedError(f"policy must be None, a dict, a callable or a list of names, got {type(policy).__name__}")
-
-
 # -- the transform -----------------------------------------------------------------------
 
 
@@ -254,6 +217,7 @@ def orepa_transform(
     mode: str = "online",
     scaling: str = "vector",
     post_bn: bool = True,
+    block_options: Mapping[str, Any] | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, TransformReport]:
     """Replace every eligible conv of ``model`` by a training-time block.
@@ -262,13 +226,16 @@ def orepa_transform(
         model: any ``nn.Module``; deep-copied first unless ``inplace``.
         block: ``"orepa"`` (the default policy: orepa / orepa_1x1 / orepa_large) or
             any registered block name, applied to every conv.
-        policy: per-layer choice (see the module docstring).
+        policy: ``"paper"`` (default; ``None`` too), ``"all"`` or a per-layer choice
+            (see the module docstring).
         inplace: edit ``model`` itself.
         insert_bn: insert a post-BN where no BN follows a conv.
         mode: ``"online"`` (one conv per forward) or ``"offline"`` (branches on the
             feature map, a BN per branch: the DBB/RepVGG baseline).
         scaling: ``"vector"``, ``"scalar"`` or ``"none"`` branch scales (online).
         post_bn: ``False`` removes the post-BN (following BNs become ``nn.Identity``).
+        block_options: extra builder options, passed to each block that accepts them
+            (e.g. ``{"prior": None}``; see the module docstring).
         return_report: also return the :class:`TransformReport`.
 
     Returns:
@@ -279,6 +246,7 @@ def orepa_transform(
     check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")
     if block != "orepa":
         get_block(block)  # raises for an unknown name
+    rule, options = check_policy_and_options(policy, block, block_options)
     t0 = time.perf_counter()
     work = copy_model(model, "orepa_transform", inplace)
     report = TransformReport(title="orepa_transform", convs_before=count_convs(work), params_before=count_params(work))
@@ -318,6 +286,7 @@ def orepa_transform(
             else:
                 sites.append(_ConvSite(name, m, _pair_by_order(work, name), "module order"))
     first_name = order[0] if order else (sites[0].name if sites else None)
+    shortcuts = shortcut_convs(work) if block == "orepa" and rule == "paper" else set()
 
     for name, m in others:
         report.add(name, _describe(m), "refused", _unsupported_reason(m) or "not a conv")
@@ -330,7 +299,7 @@ def orepa_transform(
             _set(work, site.name, built[id(conv)])
             report.add(site.name, desc, "transformed", "shared module: the block of " + seen[id(conv)])
             continue
-        choice, _ = _policy_choice(policy, site.name, conv)
+        choice, _ = policy_choice(policy, site.name, conv)
         if choice is None:
             report.add(site.name, desc, "kept", "policy")
             continue
@@ -338,8 +307,12 @@ def orepa_transform(
         will_have_post = post_bn and (has_bn or insert_bn)
         try:
             geom = ConvGeometry.from_module(conv, bias=conv.bias is not None and not will_have_post)
-            name = default_block_for(geom, block=block, first=site.name == first_name) if choice == "default" else choice
-            expr = build_block(name, geom, mode=mode, scaling=scaling)
+            name = default_block_for(geom, block=block, first=site.name == first_name,  # type: ignore[assignment]
+                                     shortcut=site.name in shortcuts, policy=rule) if choice == "default" else choice
+            if name is None:
+                report.add(site.name, desc, "kept", "policy: a 1x1 on a residual shortcut stays plain (paper)")
+                continue
+            expr = build_block(name, geom, mode=mode, scaling=scaling, **options)
         except RepCompilerError as exc:
             report.add(site.name, desc, "refused", str(exc), count_params(conv), count_params(conv))
             continue

@@ -140,7 +140,7 @@ class Branch:
         mode and scaling (OREPA-VGG: an OREPA 3x3 as RepVGG's kxk branch)."""
         if not callable(build):
             raise RegistrationError(f"Branch.block needs a callable (e.g. a BlockConfig), got {type(build).__name__}")
-        return _Nested(build, label or getattr(build, "name", "") or getattr(build, "__name__", "block"))
+        return _Custom(build, label or getattr(build, "name", "") or getattr(build, "__name__", "block"), nested=True)
 
     @staticmethod
     def custom(build: Callable[[ConvSpec], A.Expr], label: str = "") -> "Branch":
@@ -307,44 +307,24 @@ class _Fixed(Branch):
 class _Custom(Branch):
     kind = "custom"
 
-    def __init__(self, build: Callable[[ConvSpec], A.Expr], label: str) -> None:
-        self._build, self.label = build, label
+    def __init__(self, build: Callable[..., A.Expr], label: str, nested: bool = False) -> None:
+        self._build, self.label, self.nested = build, label, nested
+
+    def build_parts(self, geom: ConvSpec, mode: str = "online", scaling: str = "vector") -> Parts:
+        expr = self._build(geom, mode=mode, scaling=scaling) if self.nested else self._build(geom)
+        if not isinstance(expr, A.Expr):
+            raise RegistrationError(f"{self!r} returned {type(expr).__name__}, not an algebra Expr")
+        return [("inner" if self.nested else "expr", expr)]
 
     def parts(self, geom: ConvSpec, mode: str = "online") -> Parts:
-        expr = self._build(geom)
-        if not isinstance(expr, A.Expr):
-            raise RegistrationError(f"custom({self.label}) returned {type(expr).__name__}, not an algebra Expr")
-        return [("expr", expr)]
+        return self.build_parts(geom, mode)
 
     def default_name(self, geom: ConvSpec) -> str:
         name = re.sub(r"\W", "_", self.label).strip("_") or "custom"
         return name if not name[0].isdigit() else "custom_" + name
 
     def __repr__(self) -> str:
-        return f"custom({self.label})"
-
-
-class _Nested(Branch):
-    kind = "block"
-
-    def __init__(self, build: Callable[..., A.Expr], label: str) -> None:
-        self._build, self.label = build, label
-
-    def build_parts(self, geom: ConvSpec, mode: str = "online", scaling: str = "vector") -> Parts:
-        expr = self._build(geom, mode=mode, scaling=scaling)
-        if not isinstance(expr, A.Expr):
-            raise RegistrationError(f"block({self.label}) returned {type(expr).__name__}, not an algebra Expr")
-        return [("inner", expr)]
-
-    def parts(self, geom: ConvSpec, mode: str = "online") -> Parts:
-        return self.build_parts(geom, mode)
-
-    def default_name(self, geom: ConvSpec) -> str:
-        name = re.sub(r"\W", "_", self.label).strip("_") or "block"
-        return name if not name[0].isdigit() else "block_" + name
-
-    def __repr__(self) -> str:
-        return f"block({self.label})"
+        return f"{'block' if self.nested else 'custom'}({self.label})"
 
 
 class _Chain(Branch):
