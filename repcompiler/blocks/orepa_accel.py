@@ -9,7 +9,9 @@ the generic fold. The tests compare each with the generic fold in float64.
 Caching: the fixed average/prior patterns of an ``orepa`` block are cached on the
 expression, keyed by dtype, device and the identity and version counter of every buffer
 of the block, so ``load_state_dict`` (an in-place copy into the prior buffer) or any
-other edit of a fixed pattern is seen by the next forward.
+other edit of a fixed pattern is seen by the next forward; the structure is re-checked
+then, and an edit that leaves OREPA's structure (e.g. a placement kernel no longer
+one-hot) makes that block use the generic fold.
 """
 
 from __future__ import annotations
@@ -131,7 +133,10 @@ class OrepaAccelerator(KernelAccelerator):
         w0 = b["origin"].weight
         key = (w0.dtype, w0.device, _buffers_key(expr))
         if cache is None or cache[0] != key or key[2] is None or type(w0) not in (torch.Tensor, torch.nn.Parameter):
-            frame, M, E = self.structure(expr)  # type: ignore[misc]
+            found = self.structure(expr)
+            if found is None:  # a fixed part was edited out of OREPA's structure (e.g. a placement buffer)
+                return expr.fold(check=False)
+            frame, M, _ = found
             mixer = b["pw_kxk"].pointwise
             ident = mixer.id_weight().reshape(frame.groups, M // frame.groups, -1) \
                 if isinstance(mixer, ResidualConv) else None
@@ -237,13 +242,15 @@ def _buffers_key(expr: A.Expr) -> tuple[tuple[int, int], ...] | None:
         return None
 
 
-def _nested(branch: Any) -> A.Expr | None:
+def _nested(branch: Any, check: bool = True) -> A.Expr | None:
     """The accelerated block nested in ``branch`` (a :class:`BranchExpr` whose only part
-    is a block with an accelerator, ending in a scale or nothing), else ``None``."""
+    is a block with an accelerator, ending in a scale or nothing), else ``None``;
+    ``check``: also re-check that the accelerator matches (once, not every forward)."""
     if not isinstance(branch, BranchExpr) or branch.end == "bn" or list(branch.parts) != ["inner"]:
         return None
     inner = branch.parts["inner"]
-    ok = getattr(inner, "accelerator", None) is not None and inner.accelerator.matches(inner)  # type: ignore[union-attr]
+    ok = getattr(inner, "accelerator", None) is not None and (
+        not check or inner.accelerator.matches(inner))  # type: ignore[union-attr]
     return inner if ok else None
 
 
@@ -259,7 +266,7 @@ class NestedAccelerator(KernelAccelerator):
         assert isinstance(expr, BlockExpr)
         kernels = []
         for b in expr.terms:
-            inner = _nested(b)
+            inner = _nested(b, check=False)
             if inner is None:
                 kernels.append(b.fold(check=False))
                 continue
