@@ -8,7 +8,7 @@ instead of positions in an expression tree. A :class:`BranchExpr` is one branch:
 parts applied in sequence, optionally one conv whose ``weight``/``bias`` the branch
 holds itself (``branches.origin.weight``), then its end: a learnable ``scale``
 (online), a BatchNorm ``bn`` (offline) or nothing. :class:`ResidualConv` is a 1x1 that
-starts as the identity (``identity + weight``, the weight initialised to zero), and
+starts as the (stacked) identity (``identity + weight``, the weight initialised to zero), and
 :class:`StackExpr` a sequence of named stages (the linear deep stem).
 
 They are ordinary algebra expressions (``plan``/``fold``/``forward`` as the algebra
