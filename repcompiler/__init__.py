@@ -32,6 +32,7 @@ from .blocks import available_blocks, get_block, register_block, unregister_bloc
 from .blocks import ConvGeometry
 from .online import OfflineBlock, OnlineConv
 from .transform import orepa_transform
+from .accumulate import accumulate
 from .linearize import linearize, linearize_regions
 from .config import BlockConfig, Branch, RuleConfig
 from . import config
@@ -79,6 +80,7 @@ __all__ = [
     "OnlineConv",
     "OfflineBlock",
     "orepa_transform",
+    "accumulate",
     "linearize",
     "linearize_regions",
     "BlockConfig",

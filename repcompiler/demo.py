@@ -5,20 +5,31 @@ conv into an online OREPA block (:func:`repcompiler.orepa_transform`), trains a 
 steps on a fixed random batch with a progress bar, deploys it to plain convs
 (:func:`repcompiler.deploy`), checks that the deployed model computes what the trained
 one does, and prints a short table: parameters of the training and deployed forms,
-one training step of the plain model vs OREPA online vs the same blocks offline (a BN
-per branch, every branch on the feature map) in time and peak CPU-allocator memory,
-and the largest output difference.
+the largest output difference, and the cost of one training step of the plain model vs
+OREPA online vs the same blocks offline (a BN per branch, every branch on the feature
+map) at two batch sizes (medians of a few steps), split into a fixed part and a
+per-sample part, with the peak memory of a step.
 
-Peak memory of one step = bytes live at its start (parameters, gradients, optimizer
-state, batch) + the maximum running sum of the allocator events recorded by
-``torch.profiler`` during the step.
+Why two batch sizes: OREPA online adds a *fixed* cost per step (every kernel generated
+from its branches and backpropagated once), independent of the batch. At a small batch
+it dominates a single timing (ResNet-18, batch 8, 64x64 on a 2-core CPU: several times
+the plain step), which says little about training at a real batch size, where the ratio
+approaches the per-sample one.
+
+Peak memory of one step on the CPU = bytes live at its start (parameters, gradients,
+optimizer state, batch) + the maximum running sum of the allocator events recorded by
+``torch.profiler`` during the step (:mod:`repcompiler.profiling`); on CUDA, the caching
+allocator's peak. Runs on ``device`` (CUDA when present). The profiler's own log lines
+are kept out of the output (logged at DEBUG level).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -27,11 +38,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UnsupportedError
 from .profiling import sgd_step, step_peak_bytes, step_times
 
-__all__ = ["run_demo", "DemoResult", "measure_step", "main"]
+__all__ = ["run_demo", "DemoResult", "StepCost", "measure_step", "resolve_device", "main"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepCost:
+    """One form's training-step cost: median seconds per batch size, the fit
+    ``seconds = fixed + per_sample * batch`` through the two sizes, and the peak memory
+    of one step at the larger size (bytes)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    peak: int = 0
+
+    @property
+    def per_sample(self) -> float:
+        (b1, t1), (b2, t2) = sorted(self.seconds.items())[:2]
+        return (t2 - t1) / (b2 - b1)
+
+    @property
+    def fixed(self) -> float:
+        b1, t1 = min(self.seconds.items())
+        return t1 - self.per_sample * b1
+
+
+MEANING = ("A step costs fixed + per sample x batch. OREPA online adds a fixed cost per step (every kernel generated "
+           "and backpropagated once, whatever the batch) and keeps about the plain per-sample cost, so its ratio "
+           "to plain falls as the batch grows; offline (DBB-style) pays per sample for every branch. Deployed, all "
+           "three are the same plain model.")
 
 
 @dataclass
@@ -44,7 +82,9 @@ class DemoResult:
     params_plain_folded: int = 0  # the plain model with its BNs folded: what deploy must match
     convs_plain: int = 0
     convs_deployed: int = 0
-    step: dict[str, tuple[float, int]] = field(default_factory=dict)  # form -> (seconds, peak bytes)
+    device: str = "cpu"
+    repeats: int = 0
+    cost: dict[str, StepCost] = field(default_factory=dict)  # form -> its step cost
     losses: list[float] = field(default_factory=list)
     max_abs_diff: float = float("nan")
     rel_diff: float = float("nan")
@@ -59,30 +99,78 @@ class DemoResult:
             ("parameters: plain model, BN folded", f"{self.params_plain_folded:,}" if self.deployed else "-"),
             ("convs: plain / deployed", f"{self.convs_plain} / {self.convs_deployed}" if self.deployed else "-"),
         ]
-        for form, (sec, peak) in self.step.items():
-            rows.append((f"one train step: {form}", f"{sec * 1000:8.1f} ms   peak {peak / 2**20:7.1f} MB"))
         if self.losses:
             rows.append(("training loss (first -> last)", f"{self.losses[0]:.4f} -> {self.losses[-1]:.4f}"))
         if self.deployed:
             rows.append(("deployed vs trained (eval), max diff", f"relative {self.rel_diff:.2e} (absolute {self.max_abs_diff:.2e})"))
         rows.append(("demo wall time", f"{self.seconds:.1f} s"))
         w = max(len(r[0]) for r in rows)
-        line = "-" * (w + 36)
-        return "\n".join([line] + [f"{a.ljust(w)}  {b}" for a, b in rows] + [line])
+        lines = [f"{a.ljust(w)}  {b}" for a, b in rows]
+        if self.cost:
+            lines += ["", *self._cost_lines()]
+        width = max(len(line) for line in lines)
+        rule = "-" * width
+        return "\n".join([rule, *lines, rule])
+
+    def _cost_lines(self) -> list[str]:
+        batches = sorted(next(iter(self.cost.values())).seconds)
+        head = ["train step (SGD)"] + [f"batch {b}" for b in batches] + ["fixed", "per sample", f"peak (batch {batches[-1]})"]
+        body = []
+        for form, c in self.cost.items():
+            body.append([form] + [f"{c.seconds[b] * 1000:.0f} ms" for b in batches]
+                        + [f"{c.fixed * 1000:.0f} ms", f"{c.per_sample * 1000:.1f} ms", f"{c.peak / 2**20:.0f} MB"])
+        widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+        fmt = [" | ".join(cell.ljust(wd) if i == 0 else cell.rjust(wd) for i, (cell, wd) in enumerate(zip(r, widths)))
+               for r in [head] + body]
+        note = (f"medians of {self.repeats} steps per cell on {self.device}; fixed + per sample: the line through "
+                "the two batch sizes")
+        return [*fmt, note, *textwrap.wrap(MEANING, max(len(f) for f in fmt))]
 
     def __str__(self) -> str:
         return self.table()
 
 
-def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1) -> tuple[float, int]:
-    """``(seconds, peak bytes)`` of one SGD train step (see the module docstring)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1,
+                 repeats: int = 1) -> tuple[float, int]:
+    """``(median seconds, peak bytes)`` of an SGD train step of ``model`` on ``(x, y)``
+    (on their device): ``warmup`` untimed steps, ``repeats`` timed ones, then one step
+    for the peak memory (CPU: see the module docstring; CUDA: the caching allocator's
+    peak)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step = sgd_step(model, opt, x, y)
-    (sec,) = step_times(step, warmup, 1)
-    peak, _ = step_peak_bytes(step, model, opt, x, y)
+    device = x.device
+
+    def synced() -> None:
+        step()
+        _sync(device)
+
+    sec = statistics.median(step_times(synced, warmup, repeats))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        synced()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak, _ = step_peak_bytes(step, model, opt, x, y)
     return sec, peak
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when present and CPU otherwise (``None``); an unusable device
+    raises :class:`~repcompiler.errors.UnsupportedError`."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UnsupportedError(f"demo: device {str(device)!r} is not usable here ({str(e).splitlines()[0]})") from None
+    return dev
 
 
 def run_demo(
@@ -93,25 +181,32 @@ def run_demo(
     num_classes: int = 10,
     seed: int = 0,
     measure: bool = True,
+    repeats: int = 3,
+    device: str | torch.device | None = None,
     progress: bool = True,
     out: TextIO | None = sys.stdout,
 ) -> DemoResult:
     """Run the demo (see the module docstring) and return what it measured; the table
-    is written to ``out`` (``None``: silent)."""
+    is written to ``out`` (``None``: silent). Step costs are measured at ``batch`` and
+    ``4 * batch``, medians of ``repeats`` steps; ``device``: CUDA when present, else CPU."""
     import torchvision
 
-    from . import orepa_transform
+    from . import deploy, orepa_transform
     from .report import count_convs, count_params
 
+    if steps < 1 or batch < 1 or size < 8 or repeats < 1:
+        raise UnsupportedError(f"demo: steps, batch and repeats must be >= 1 and size >= 8, got steps={steps}, "
+                               f"batch={batch}, size={size}, repeats={repeats}")
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    res = DemoResult()
-    plain = torchvision.models.resnet18(num_classes=num_classes)
+    res = DemoResult(device=str(dev), repeats=repeats)
+    plain = torchvision.models.resnet18(num_classes=num_classes).to(dev)
     model = orepa_transform(plain)
     res.params_plain, res.params_train = count_params(plain), count_params(model)
     res.convs_plain = count_convs(plain)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, num_classes, (batch,))
+    x = torch.randn(4 * batch, 3, size, size, device=dev)
+    y = torch.randint(0, num_classes, (4 * batch,), device=dev)
 
     # train a few steps
     model.train()
@@ -124,7 +219,7 @@ def run_demo(
         it = range(steps)
     for _ in it:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x[:batch]), y[:batch])
         loss.backward()
         opt.step()
         res.losses.append(loss.item())
@@ -132,26 +227,26 @@ def run_demo(
             it.set_postfix(loss=f"{loss.item():.3f}")
 
     if measure:
-        res.step["plain"] = measure_step(plain, x, y)
-        res.step["OREPA online"] = measure_step(orepa_transform(plain), x, y)
-        res.step["OREPA offline"] = measure_step(orepa_transform(plain, mode="offline"), x, y)
+        forms = {"plain": plain, "OREPA online": orepa_transform(plain),
+                 "OREPA offline (DBB-style)": orepa_transform(plain, mode="offline")}
+        for form, m in forms.items():
+            cost = res.cost[form] = StepCost()
+            for b in (batch, 4 * batch):
+                log.info("measuring %s at batch %d", form, b)
+                cost.seconds[b], cost.peak = measure_step(m, x[:b], y[:b], warmup=1, repeats=repeats)
 
     # deploy and check
     model.eval()
-    try:
-        from . import deploy
-    except ImportError:  # pragma: no cover - deploy is part of the package now
-        deploy = None  # type: ignore[assignment]
-    if deploy is not None:
-        deployed = deploy(model, (x[:2],))
-        with torch.no_grad():
-            want, got = model(x), deployed(x)
-        res.deployed = True
-        res.params_deployed = count_params(deployed)
-        res.params_plain_folded = count_params(deploy(plain.eval(), (x[:2],), verify=False))
-        res.convs_deployed = count_convs(deployed)
-        res.max_abs_diff = (want - got).abs().max().item()
-        res.rel_diff = res.max_abs_diff / max(want.abs().max().item(), 1e-30)
+    xs = x[:batch]
+    deployed = deploy(model, (xs[:2],))
+    with torch.no_grad():
+        want, got = model(xs), deployed(xs)
+    res.deployed = True
+    res.params_deployed = count_params(deployed)
+    res.params_plain_folded = count_params(deploy(plain.eval(), (xs[:2],), verify=False))
+    res.convs_deployed = count_convs(deployed)
+    res.max_abs_diff = (want - got).abs().max().item()
+    res.rel_diff = res.max_abs_diff / max(want.abs().max().item(), 1e-30)
     res.seconds = time.perf_counter() - t0
     if out is not None:
         print(res.table(), file=out)
@@ -162,14 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m repcompiler.demo``)."""
     ap = argparse.ArgumentParser(prog="repcompiler demo", description="OREPA on ResNet-18: transform, train, deploy, check.")
     ap.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
-    ap.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    ap.add_argument("--batch", type=int, default=8, help="batch size; costs are measured at it and 4x it (default 8)")
     ap.add_argument("--size", type=int, default=64, help="input resolution (default 64)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per measurement, median (default 3)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     ap.add_argument("--no-measure", action="store_true", help="skip the plain/online/offline step measurement")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     res = run_demo(steps=args.steps, batch=args.batch, size=args.size, measure=not args.no_measure,
-                   progress=not args.no_progress)
-    return 0 if (not res.deployed or res.rel_diff < 1e-5) else 1
+                   repeats=args.repeats, device=args.device, progress=not args.no_progress)
+    return 0 if res.rel_diff < 1e-5 else 1
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from . import algebra as A
 from .online import OfflineBlock, OnlineConv
 from .passes.bn_to_scale import branch_bns, iter_leaves
 from .passes.find_regions import Region, find_regions, node_owner
+from .passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES
 from .rewrite import qualify, region_owner
 from .rules import RuleRegistry, default_rules
 from .tracing import TracedUnit, trace_units
@@ -38,15 +38,6 @@ _BN = nn.modules.batchnorm._BatchNorm
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SUM_TARGETS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
-_ACT_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
-    nn.ELU, nn.PReLU, nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus,
-)
-_ACT_FUNCS = {
-    F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid,
-    torch.tanh, F.leaky_relu, F.elu, F.dropout, F.mish, F.hardtanh,
-}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_"}
 
 
@@ -189,9 +180,9 @@ def _snapshot_leaves(expr: A.Expr) -> list[str]:
 def is_activation(gm: fx.GraphModule, n: fx.Node) -> bool:
     """Whether ``n`` is an elementwise activation or dropout (module, function or method)."""
     if n.op == "call_module":
-        return isinstance(_get(gm, str(n.target)), _ACT_MODULES)
+        return isinstance(_get(gm, str(n.target)), ELEMENTWISE_MODULES)
     if n.op == "call_function":
-        return n.target in _ACT_FUNCS
+        return n.target in ELEMENTWISE_FUNCS
     if n.op == "call_method":
         return str(n.target) in _ACT_METHODS
     return False

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra as A
+from .accumulate import step_kernel
 from .blocks.accel import KernelAccelerator, plain_ops_required
 from .blocks.named import BlockExpr, StackExpr
 from .errors import InexactFoldError
@@ -154,7 +155,7 @@ class OnlineConv(_ReparamBlock):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.expr.parameters())
         if needs_grad:
             self._cache = None  # a kernel-sized tensor per block, not needed while training
-            return self.generate()
+            return step_kernel(self, self.generate)  # once per rc.accumulate context (accumulate.py)
         try:
             key = self._key()
         except RuntimeError:  # tensors without storage (fake/meta tensors while tracing)

@@ -7,19 +7,31 @@ cross-entropy, backward, optimizer step); :func:`step_times` times it after warm
 The peak is the bytes live when the step starts (parameters, buffers, gradients,
 optimizer state and the given tensors, each storage counted once) plus the maximum
 running sum of the allocation/free events that
-``torch.profiler.profile(profile_memory=True)`` records during the step.
+``torch.profiler.profile(profile_memory=True)`` records during the step. The profiler's
+native library (kineto) writes its own log lines to the process's stderr (``USDT: ...
+profiler_start``, ``ERROR: ... gpuGetDeviceCount failed`` on machines without a GPU,
+allocator warnings) whatever Python's logging says; :func:`step_peak_bytes` routes file
+descriptor 2 to a temporary file while it profiles and re-emits those lines on this
+module's logger at DEBUG level, so measurements print nothing of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["sgd_step", "step_times", "live_bytes", "step_peak_bytes"]
+
+log = logging.getLogger(__name__)
 
 
 def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -72,13 +84,41 @@ def step_peak_bytes(
     from torch.profiler import ProfilerActivity, profile
 
     base = live_bytes(model, opt, *tensors)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    with _native_stderr_to_log():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
     run = peak = 0
     for _, n in events:
         run += n
         peak = max(peak, run)
     return base + peak, base
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Route file descriptor 2 (where native libraries write) to a temporary file for the
+    duration, then log what was written at DEBUG level (see the module docstring)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):  # pragma: no cover
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log.debug("native stderr: %s", line)

@@ -1,4 +1,6 @@
-"""The demo runs end to end (small settings) and reports an exact deploy."""
+"""The demo runs end to end (small settings) and reports an exact deploy; its cost table
+shows two batch sizes and the fixed + per-sample split, says what they mean, and the
+measurement prints no native library noise."""
 
 from __future__ import annotations
 
@@ -9,14 +11,30 @@ import sys
 import torch
 from torch import nn
 
+import pytest
+
+import repcompiler.demo as demo
 from repcompiler import orepa_transform
-from repcompiler.demo import measure_step, run_demo
+from repcompiler.demo import DemoResult, StepCost, measure_step, resolve_device, run_demo
+from repcompiler.errors import UnsupportedError
 
 
-def test_run_demo_small():
+def test_run_demo_small(monkeypatch):
+    seen = []
+
+    def fake_measure(model, x, y, warmup=1, repeats=1):  # the wiring; measure_step is tested below
+        seen.append((x.shape[0], repeats))
+        return 0.5 + 0.01 * x.shape[0], 1000 * x.shape[0]
+
+    monkeypatch.setattr(demo, "measure_step", fake_measure)
     buf = io.StringIO()
-    res = run_demo(steps=2, batch=2, size=32, measure=False, progress=False, out=buf)
+    res = run_demo(steps=2, batch=2, size=32, repeats=2, device="cpu", progress=False, out=buf)
     text = buf.getvalue()
+    assert seen == [(2, 2), (8, 2)] * 3  # three forms at batch and 4 x batch, medians of `repeats`
+    assert list(res.cost) == ["plain", "OREPA online", "OREPA offline (DBB-style)"]
+    for c in res.cost.values():
+        assert c.fixed == pytest.approx(0.5) and c.per_sample == pytest.approx(0.01)
+    assert "batch 2" in text and "batch 8" in text and "medians of 2 steps per cell on cpu" in text
     assert "parameters: OREPA training form" in text and "deployed vs trained" in text
     assert res.params_train > res.params_plain
     assert res.deployed
@@ -44,3 +62,44 @@ def test_demo_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "repcompiler.demo", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--steps" in proc.stdout
+
+
+def test_cost_table_split_and_meaning():
+    res = DemoResult(repeats=5, cost={"plain": StepCost({8: 0.10, 32: 0.34}, 300 * 2**20),
+                                      "OREPA online": StepCost({8: 0.62, 32: 0.86}, 330 * 2**20)})
+    c = res.cost["OREPA online"]
+    assert c.per_sample == pytest.approx(0.01) and c.fixed == pytest.approx(0.54)
+    text = res.table()
+    row = next(line for line in text.splitlines() if line.startswith("OREPA online"))
+    assert [cell.strip() for cell in row.split("|")] == ["OREPA online", "620 ms", "860 ms", "540 ms", "10.0 ms",
+                                                         "330 MB"]
+    flat = " ".join(text.split())
+    assert "medians of 5 steps" in flat and "fixed cost per step" in flat
+
+
+def test_measurement_prints_no_native_noise(capfd):
+    """The profiler's native log lines (kineto's USDT/gpuGetDeviceCount, allocator
+    warnings) do not reach the process's stderr; they go to the logger at DEBUG."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2,))
+    model(x)
+    measure_step(model, x, y, repeats=2)
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "gpuGetDeviceCount" not in err and "CPUAllocator" not in err, err
+
+
+def test_device_choice():
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UnsupportedError, match="device 'nonsense'"):
+        resolve_device("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsupportedError, match="device 'cuda'"):
+            run_demo(device="cuda", steps=1, out=None)
+
+
+def test_cli_forwards_device(capsys):
+    from repcompiler import cli
+
+    code = cli.main(["demo", "--device", "nonsense", "--no-measure"])
+    assert code != 0 and "device 'nonsense'" in capsys.readouterr().err

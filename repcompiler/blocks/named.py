@@ -265,7 +265,23 @@ class ResidualConv(A.Sum):
         return x + k.apply(x)
 
 
-class BlockExpr(A.Expr):
+class _Accelerated:
+    """``fast_fold``/``has_fast_fold`` for expressions carrying an ``accelerator``."""
+
+    accelerator: Any
+
+    def fast_fold(self) -> A.Kernel:
+        """The kernel from :attr:`accelerator` if there is one, else :meth:`fold`."""
+        if self.accelerator is None:
+            return self.fold(check=False)  # type: ignore[attr-defined]
+        return self.accelerator.generate(self)
+
+    @property
+    def has_fast_fold(self) -> bool:
+        return self.accelerator is not None
+
+
+class BlockExpr(_Accelerated, A.Expr):
     """A block: named branches (``(name, BranchExpr-or-Expr)`` pairs) summed, plus an
     optional learnable ``bias`` added after the sum.
 
@@ -331,15 +347,6 @@ class BlockExpr(A.Expr):
         self._check(check)
         return self.with_bias(A.add([t.fold(check=False) for t in self.terms], check=False))
 
-    def fast_fold(self) -> A.Kernel:
-        """The kernel from :attr:`accelerator` if there is one, else :meth:`fold`."""
-        if self.accelerator is None:
-            return self.fold(check=False)
-        return self.accelerator.generate(self)
-
-    @property
-    def has_fast_fold(self) -> bool:
-        return self.accelerator is not None
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [t(x) for t in self.terms]
@@ -365,7 +372,7 @@ class BlockExpr(A.Expr):
         return state
 
 
-class StackExpr(A.Seq):
+class StackExpr(_Accelerated, A.Seq):
     """Named stages (``stage0``, ``stage1``, ...) applied in sequence: a kernel composed
     of the stages' kernels (the linear deep stem). ``accelerator`` as :class:`BlockExpr`."""
 
@@ -384,12 +391,3 @@ class StackExpr(A.Seq):
     def terms(self) -> list[A.Expr]:  # type: ignore[override]
         return [getattr(self, f"stage{i}") for i in range(self._n)]
 
-    def fast_fold(self) -> A.Kernel:
-        """The kernel from :attr:`accelerator` if there is one, else :meth:`fold`."""
-        if self.accelerator is None:
-            return self.fold(check=False)
-        return self.accelerator.generate(self)
-
-    @property
-    def has_fast_fold(self) -> bool:
-        return self.accelerator is not None

@@ -37,6 +37,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("batch", "batch_size"): args.batch_size,
         ("size", "image_size"): args.image_size,
         ("seed",): args.seed,
+        ("device",): args.device,
         ("measure",): False if args.no_measure else None,
         ("progress",): False if args.quiet else None,
     }

@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the demo's)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--no-measure", action="store_true", help="skip the step time / memory measurements")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("transform", parents=[common, _model_parent(), _transform_parent(False)], allow_abbrev=False,

@@ -1,0 +1,190 @@
+"""Tab. 3 (linear scaling and post-BN ablation) and the data of Fig. 7 (branch diversity).
+
+Configurations (:data:`CONFIGS`), each applied to the plain CNN of
+:mod:`common`:
+
+=================  =================================================================
+``plain``          the CNN as is (conv + BN)
+``orepa_vector``   ``rc.orepa_transform(model)`` (per-channel branch scales, post-BN)
+``orepa_scalar``   ``scaling="scalar"`` (one scale per branch)
+``orepa_none``     ``scaling="none"`` (no branch scale)
+``orepa_no_postbn````post_bn=False`` (vector scales; the model's BNs after the blocks
+                   become ``nn.Identity``: no BN anywhere)
+``dbb_offline``    ``block="dbb", mode="offline", post_bn=False`` (DBB as its paper
+                   trains it: a BN at the end of every branch, no BN after the sum)
+=================  =================================================================
+
+One run (:func:`train_run`): SGD (momentum 0.9, weight decay 1e-4 on every parameter,
+cosine learning-rate decay to 0), a fixed batch size, a fixed number of epochs, one CPU thread.
+The seed sets the initialisation and the batch order; the data split is fixed. After
+every epoch the online configurations record their branch similarity
+(:func:`repcompiler.analysis.branch_similarity`). At the end: train/val/test accuracy
+in eval mode; **divergence** = a non-finite loss during training (training stops
+there) or a final test accuracy below 0.2 (chance is 0.1); the trained model is
+deployed (``rc.deploy``, verified on a test batch) and the deployed model's test
+predictions are compared with the trained model's (accuracy must be equal).
+
+The learning rate is chosen per configuration and data set by the mean **validation**
+accuracy over seeds; test accuracy is reported at that rate, and for the whole grid.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import repcompiler as rc
+from repcompiler.analysis import branch_similarity
+
+from common import Split, make_model
+
+__all__ = ["CONFIGS", "ONLINE", "build", "train_run", "summarize"]
+
+CONFIGS = ("plain", "orepa_vector", "orepa_scalar", "orepa_none", "orepa_no_postbn", "dbb_offline")
+ONLINE = ("orepa_vector", "orepa_scalar", "orepa_none", "orepa_no_postbn")
+CHANCE_LIMIT = 0.2
+
+
+def build(config: str, dataset: str) -> nn.Module:
+    """The training-form model of ``config`` for ``dataset`` (fresh initialisation)."""
+    model = make_model(dataset)
+    if config == "plain":
+        return model
+    if config == "orepa_vector":
+        return rc.orepa_transform(model, inplace=True)
+    if config == "orepa_scalar":
+        return rc.orepa_transform(model, scaling="scalar", inplace=True)
+    if config == "orepa_none":
+        return rc.orepa_transform(model, scaling="none", inplace=True)
+    if config == "orepa_no_postbn":
+        return rc.orepa_transform(model, post_bn=False, inplace=True)
+    if config == "dbb_offline":
+        return rc.orepa_transform(model, block="dbb", mode="offline", post_bn=False, inplace=True)
+    raise ValueError(f"unknown configuration {config!r}; known: {CONFIGS}")
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor, batch: int = 512) -> Tensor:
+    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return (_predict(model, x) == y).float().mean().item()
+
+
+def _similarity_summary(model: nn.Module) -> dict[str, float]:
+    """Mean off-diagonal cosine similarity of every online block (NaN entries skipped)."""
+    out = {}
+    for name, sim in branch_similarity(model).items():
+        off = sim[~torch.eye(len(sim), dtype=torch.bool)]
+        off = off[~torch.isnan(off)]
+        out[name] = off.mean().item() if len(off) else float("nan")
+    return out
+
+
+def train_run(data: Split, config: str, lr: float, seed: int, epochs: int, batch: int = 64) -> dict[str, Any]:
+    """Train one configuration once; returns accuracies, divergence, deploy check, similarity."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model = build(config, data.name)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    n = len(data.y_train)
+    steps_per_epoch = math.ceil(n / batch)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    gen = torch.Generator().manual_seed(seed)
+    nonfinite_at = None
+    losses: list[float] = []
+    sim_curve: list[dict[str, float]] = []
+    if config in ONLINE:
+        sim_curve.append(_similarity_summary(model))
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        running = 0.0
+        for i in range(0, n, batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            if not torch.isfinite(loss):
+                nonfinite_at = epoch + i / n
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item() * len(idx)
+        if nonfinite_at is not None:
+            break
+        losses.append(running / n)
+        if config in ONLINE:
+            sim_curve.append(_similarity_summary(model))
+    model.eval()
+    out: dict[str, Any] = {"config": config, "dataset": data.name, "lr": lr, "seed": seed, "epochs": epochs,
+                           "batch": batch,
+                           "losses": losses, "nonfinite_at_epoch": nonfinite_at, "sim_curve": sim_curve}
+    if nonfinite_at is None:
+        out.update(train_acc=_accuracy(model, data.x_train, data.y_train),
+                   val_acc=_accuracy(model, data.x_val, data.y_val),
+                   test_acc=_accuracy(model, data.x_test, data.y_test))
+    else:
+        out.update(train_acc=float("nan"), val_acc=float("nan"), test_acc=float("nan"))
+    out["diverged"] = nonfinite_at is not None or not out["test_acc"] >= CHANCE_LIMIT
+    out["train_seconds"] = time.perf_counter() - t0
+    if config in ONLINE and nonfinite_at is None:
+        out["similarity"] = {k: v.tolist() for k, v in branch_similarity(model).items()}
+    out.update(_deploy_check(model, data) if nonfinite_at is None else {"deploy": "skipped (non-finite)"})
+    return out
+
+
+def _deploy_check(model: nn.Module, data: Split) -> dict[str, Any]:
+    """Deploy (verified by ``rc.deploy`` on a test batch); compare test predictions."""
+    try:
+        deployed = rc.deploy(model, data.x_test[:16])
+    except rc.RepCompilerError as exc:
+        return {"deploy": f"failed: {type(exc).__name__}: {exc}"}
+    with torch.no_grad():
+        ref, dep = model(data.x_test), deployed(data.x_test)
+    acc = (dep.argmax(1) == data.y_test).float().mean().item()
+    convs = sum(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in deployed.modules())
+    blocks = sum(isinstance(m, (rc.OnlineConv, rc.OfflineBlock)) for m in deployed.modules())
+    scale = ref.abs().max().item() or 1.0
+    return {"deploy": "ok", "deployed_test_acc": acc, "deployed_equal_acc": acc == _accuracy(model, data.x_test, data.y_test),
+            "deployed_pred_mismatches": int((dep.argmax(1) != ref.argmax(1)).sum()),
+            "deployed_max_rel_logit_err": (dep - ref).abs().max().item() / scale,
+            "deployed_convs": convs, "deployed_blocks_left": blocks}
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (data set, configuration, lr): mean/std of accuracies over seeds and the
+    number of diverged runs; per (data set, configuration) the best lr by mean
+    validation accuracy (a lr with any diverged seed ranks below every lr without)."""
+    cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        cells.setdefault((r["dataset"], r["config"], r["lr"]), []).append(r)
+    grid = {}
+    for key, rs in sorted(cells.items()):
+        row = {"n": len(rs), "diverged": sum(r["diverged"] for r in rs),
+               "deploy_ok": sum(r.get("deploy") == "ok" and r.get("deployed_equal_acc", False) for r in rs),
+               "seconds": statistics.fmean(r["train_seconds"] for r in rs)}
+        for what in ("train_acc", "val_acc", "test_acc"):
+            row[what] = _ms([r[what] for r in rs])
+        grid[key] = row
+    best = {}
+    for (ds, cfg, lr), row in grid.items():
+        score = (-row["diverged"], row["val_acc"][0] if not math.isnan(row["val_acc"][0]) else -1.0)
+        if (ds, cfg) not in best or score > best[(ds, cfg)][0]:
+            best[(ds, cfg)] = (score, lr)
+    return {"grid": grid, "best": {k: v[1] for k, v in best.items()}}

@@ -1,0 +1,220 @@
+"""Reproduce the paper's evidence (issue 16: Fig. 7, Tab. 3, Fig. 8) on real data.
+
+One command trains every Tab. 3 configuration on scikit-learn digits and MNIST-1D
+(learning-rate grid x seeds, two worker processes of one thread each), computes the
+branch similarity of Fig. 7 from those runs, measures the Fig. 8 cost on ResNet-18
+(one process per configuration), and rewrites ``figures/*.png``, ``results.md`` and
+``results.json`` here::
+
+    nice -n 15 python benchmarks/paper/run_all.py --quick   # smoke run, a few minutes
+    nice -n 15 python benchmarks/paper/run_all.py           # the recorded results
+
+See :mod:`ablation` (Tab. 3 / Fig. 7) and :mod:`cost` (Fig. 8) for what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import ablation  # noqa: E402
+import common  # noqa: E402
+import cost  # noqa: E402
+
+PRESETS = {
+    # seeds, learning rates, epochs per data set, cost: (batch, size, steps, warmup, quick cells)
+    "full": dict(seeds=5, lrs=[0.02, 0.1, 0.3], epochs={"digits": 6, "mnist1d": 4}, batch=128,
+                 cost=(16, 64, 3, 1, False)),
+    "quick": dict(seeds=2, lrs=[0.02, 0.1, 0.3], epochs={"digits": 2, "mnist1d": 1}, batch=128,
+                  cost=(8, 64, 2, 1, True)),
+    "tiny": dict(seeds=1, lrs=[0.05], epochs={"digits": 1}, batch=64, cost=None),
+}
+
+_DATA: dict[str, common.Split] = {}
+
+
+def _init(data: dict[str, common.Split]) -> None:
+    torch.set_num_threads(1)
+    _DATA.update(data)
+
+
+def _task(args: tuple[str, str, float, int, int, int]) -> dict:
+    ds, cfg, lr, seed, epochs, batch = args
+    return ablation.train_run(_DATA[ds], cfg, lr, seed, epochs, batch)
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["config"], r["lr"], r["seed"], r["epochs"], r.get("batch"))
+
+
+def train_all(datasets: list[str], configs: list[str], lrs: list[float], seeds: int, epochs: dict[str, int],
+              batch: int, workers: int, progress: bool = True, log: Path | None = None) -> list[dict]:
+    """Every (seed, data set, configuration, lr) run, seed by seed (so a partial sweep has
+    every cell). With ``log`` (a JSON-lines file) finished runs are appended as they end
+    and runs already there are not repeated (resume)."""
+    from tqdm import tqdm
+
+    done: dict[tuple, dict] = {}
+    if log is not None and log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            done[_key(r)] = r
+    tasks = [(ds, cfg, lr, seed, epochs[ds], batch) for seed in range(seeds) for ds in datasets
+             for cfg in ablation.CONFIGS if cfg in configs for lr in lrs]
+    runs = [done[t] for t in tasks if t in done]
+    todo = [t for t in tasks if t not in done]
+    bar = tqdm(total=len(tasks), initial=len(runs), desc="Tab. 3 / Fig. 7 training runs", disable=not progress)
+
+    def keep(r: dict) -> None:
+        runs.append(r)
+        bar.update()
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps(r, default=_nan_safe) + "\n")
+
+    if todo:
+        data = {ds: common.load(ds) for ds in datasets}
+        if workers <= 1:
+            _init(data)
+            for t in todo:
+                keep(_task(t))
+        else:
+            with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(data,)) as pool:
+                for r in pool.imap_unordered(_task, todo):
+                    keep(r)
+    bar.close()
+    return runs
+
+
+def _nan_safe(o: object) -> object:
+    return str(o)
+
+
+def _jsonable(summary: dict) -> dict:
+    return {"grid": [{"dataset": k[0], "config": k[1], "lr": k[2], **v} for k, v in summary["grid"].items()],
+            "best": [{"dataset": k[0], "config": k[1], "lr": v} for k, v in summary["best"].items()]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs, a reduced cost sweep")
+    g.add_argument("--tiny", action="store_true", help="one digits run per configuration, no cost (for tests)")
+    p.add_argument("--out", type=Path, default=HERE, help="where figures/, results.md, results.json go")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="ignore runs recorded by an earlier (interrupted) run")
+    p.add_argument("--report-only", action="store_true",
+                   help="no new runs: rewrite the figures and results from the recorded runs (runs_/cost_<preset>.jsonl)")
+    args = p.parse_args(argv)
+    preset_name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    preset = PRESETS[preset_name]
+    datasets = list(preset["epochs"])
+    lrs = preset["lrs"]
+    t0 = time.perf_counter()
+    runs: list[dict] = []
+    summary: dict = {"grid": {}, "best": {}}
+    times = {}
+    if not args.skip_train:
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = args.out / f"runs_{preset_name}.jsonl"
+        if args.fresh and log.exists():
+            log.unlink()
+        if args.report_only:
+            runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        else:
+            runs = train_all(datasets, list(ablation.CONFIGS), lrs, preset["seeds"], preset["epochs"], preset["batch"],
+                             args.workers, not args.no_progress, log)
+        summary = ablation.summarize(runs)
+        key = "training (Tab. 3 + Fig. 7), sum of the runs' own times" if args.report_only else \
+            "training (Tab. 3 + Fig. 7)"
+        times[key] = sum(r["train_seconds"] for r in runs) if args.report_only else time.perf_counter() - t0
+    cost_rows: list[dict] = []
+    if preset["cost"] and not args.skip_cost:
+        t1 = time.perf_counter()
+        batch, size, steps, warmup, quick = preset["cost"]
+        cost_log = args.out / f"cost_{preset_name}.jsonl"
+        if args.fresh and cost_log.exists():
+            cost_log.unlink()
+        cost_rows = cost.run(batch, size, steps, warmup, quick, not args.no_progress, cost_log, args.report_only)
+        times["cost (Fig. 8)"] = time.perf_counter() - t1
+    import figures
+
+    paths = figures.write_all(args.out, runs, summary, cost_rows, datasets, lrs)
+    times["total"] = time.perf_counter() - t0
+    write_results(args.out, preset_name, preset, runs, summary, cost_rows, datasets, lrs, times, paths)
+    print(f"wrote {args.out / 'results.md'} and {len(paths)} figures in {times['total']:.0f} s")
+    return 0
+
+
+def write_results(out: Path, preset_name: str, preset: dict, runs: list[dict], summary: dict, cost_rows: list[dict],
+                  datasets: list[str], lrs: list[float], times: dict, paths: list[Path]) -> None:
+    import figures
+
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    sizes = {ds: common.load(ds).sizes() for ds in datasets} if runs else {}
+    lines = [f"# Paper experiments on real data ({preset_name} run)", "",
+             f"Generated by `python benchmarks/paper/run_all.py{'' if preset_name == 'full' else ' --' + preset_name}` "
+             f"on {date}; torch {torch.__version__}, {os.cpu_count()} CPU cores shared with other jobs "
+             f"(load average at the end {os.getloadavg()[0]:.1f}), Python {platform.python_version()}.", "",
+             "Run time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + ".", ""]
+    if runs:
+        dsz = "; ".join(f"{ds}: {s}" for ds, s in sizes.items())
+        seeds = sorted({r["seed"] for r in runs})
+        expected = preset["seeds"] * len(lrs) * len(ablation.CONFIGS) * len(datasets)
+        if len(runs) < expected:
+            lines += [f"**Partial sweep: {len(runs)} of {expected} runs recorded** (the column `diverged` shows k/n "
+                      "with n the seeds recorded for that cell); resume with the same command.", ""]
+        lines += ["## Tab. 3: linear scaling and post-BN", "",
+                  f"Data: {dsz}. Seeds {seeds} of {preset['seeds']} (initialisation and batch order), "
+                  f"epochs {preset['epochs']}, batch {preset['batch']}, SGD momentum 0.9, weight decay 1e-4, cosine decay; "
+                  f"learning rates {lrs}; the best rate per configuration is chosen by mean validation accuracy. "
+                  "Diverged = a non-finite loss or test accuracy < 0.2. Deployed = trained: `rc.deploy` of the "
+                  "trained model gives the same test accuracy (and predictions).", ""]
+        lines += figures.tab3_markdown(summary, runs, datasets, lrs)
+        mism = sum(r.get("deployed_pred_mismatches", 0) for r in runs)
+        errs = [r["deployed_max_rel_logit_err"] for r in runs if "deployed_max_rel_logit_err" in r]
+        lines += ["", f"Deploy check over all {len(runs)} runs: {len(errs)} deployed, {mism} test predictions differ, "
+                  f"max relative logit difference {max(errs) if errs else float('nan'):.1e}.", "",
+                  "![Tab. 3 grid](figures/tab3_lr_grid.png)", "",
+                  "## Fig. 7: branch diversity", "",
+                  "`repcompiler.analysis.branch_similarity` on the trained models of the online configurations "
+                  "(each at its best learning rate; mean over seeds). Branches: origin, 1x1>avg, prior, 1x1>kxk, 1x1, "
+                  "dw>pw. At initialisation the prior branch's scale is 0 (vector/scalar), so its similarity is "
+                  "undefined there.", ""]
+        lines += figures.fig7_markdown(runs, summary["best"], datasets)
+        lines += ["", "![Fig. 7](figures/fig7_branch_similarity.png)", ""]
+    if cost_rows:
+        b = cost_rows[0]
+        lines += ["## Fig. 8: cost as the block gains branches", "",
+                  f"ResNet-18, batch {b['batch']} at {b['size']}x{b['size']}, {b['threads']} threads; every 3x3 conv "
+                  "gets the block (declared with `BlockConfig`; see `cost.py`), each row its own process, median of "
+                  f"{len(b['times_s'])} steps. RSS high-water: `getrusage(RUSAGE_SELF).ru_maxrss` after the steps; "
+                  "RSS before steps: `psutil` before the first step; allocator peak: torch's CPU allocator over one "
+                  "step (profiler events).", ""]
+        lines += figures.fig8_markdown(cost_rows)
+        lines += ["", "![Fig. 8](figures/fig8_cost.png)", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"date": date, "preset": preset_name, "times_s": times, "runs": runs, "summary": _jsonable(summary),
+         "cost": cost_rows}, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
