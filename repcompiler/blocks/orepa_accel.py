@@ -4,7 +4,8 @@ the fast online kernel of ``orepa`` (:class:`OrepaAccelerator`, through
 (:class:`Orepa1x1Accelerator`), stacks (:class:`StackAccelerator`, the linear deep stem)
 and blocks with a nested accelerated block as a branch (:class:`NestedAccelerator`,
 OREPA-VGG). Each finds branches by name and checks shapes; anything else falls back to
-the generic fold. The tests compare each with the generic fold in float64.
+the generic fold. ``orepa`` blocks without ``prior``, ``pw_kxk`` or ``dw_pw`` (the
+Tab. 2 switches) keep the accelerator, the missing branch entering as zeros. The tests compare each with the generic fold in float64.
 
 Caching: the fixed average/prior patterns of an ``orepa`` block are cached on the
 expression, keyed by dtype, device and the identity and version counter of every buffer
@@ -64,9 +65,28 @@ def _parts(b: Any, names: tuple[str, ...]) -> dict[str, A.Expr] | None:
 
 
 def _scales(expr: BlockExpr, names: tuple[str, ...], out: int, ref: torch.Tensor) -> list[torch.Tensor]:
-    raw = [expr.branches[n].scale for n in names]
-    ones = torch.ones(out, dtype=ref.dtype, device=ref.device) if any(s is None for s in raw) else None
-    return [ones if s is None else (s.expand(out) if s.dim() == 0 else s) for s in raw]  # type: ignore[misc]
+    """Each branch's scale as ``[out]``: ones for a branch without one, zeros for a
+    missing branch (a Tab. 2 switch)."""
+    b = expr.branches
+    ones = torch.ones(out, dtype=ref.dtype, device=ref.device)
+    raw = [b[n].scale if n in b else ones.new_zeros(out) for n in names]
+    return [ones if s is None else (s.expand(out) if s.dim() == 0 else s) for s in raw]
+
+
+_REQUIRED = {"origin", "avg", "pointwise"}
+
+
+def _zeros(b: dict[str, A.Expr], frame: ConvSpec, E: int, ref: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Zero stand-ins (no gradient) for the inputs of missing optional branches."""
+    O, C, G, K = frame.out_channels, frame.in_channels, frame.groups, math.prod(frame.kernel_size)
+    Cg, z = C // G, {}
+    if "prior" not in b:
+        z["p"] = ref.new_zeros(O, Cg)
+    if "pw_kxk" not in b:
+        z["w1"], z["w2"] = ref.new_zeros(G, 1, Cg), ref.new_zeros(O, K, 1)
+    if "dw_pw" not in b:
+        z["dw"], z["pw"] = ref.new_zeros(C, 1, K), ref.new_zeros(G * Cg, 1, O // G)
+    return {k: v.detach() for k, v in z.items()}
 
 
 class OrepaAccelerator(KernelAccelerator):
@@ -75,8 +95,9 @@ class OrepaAccelerator(KernelAccelerator):
 
     def structure(self, expr: A.Expr) -> tuple[ConvSpec, int, int] | None:
         """``(frame, internal width, depthwise multiplier)`` if ``expr`` has OREPA's
-        structure (branches by name, parts by kind and shape), else ``None``."""
-        if not isinstance(expr, BlockExpr) or set(expr.branches) != set(OREPA_BRANCHES):
+        structure (branches by name, parts by kind and shape; ``prior``, ``pw_kxk`` and
+        ``dw_pw`` may be missing - the Tab. 2 switches - and count as zero), else ``None``."""
+        if not isinstance(expr, BlockExpr) or not _REQUIRED <= set(expr.branches) <= set(OREPA_BRANCHES):
             return None
         b = expr.branches
         origin = _parts(b["origin"], ("conv",))
@@ -87,29 +108,41 @@ class OrepaAccelerator(KernelAccelerator):
         one, Cg = (1,) * frame.dims, C // G
         if origin["conv"].bias is not None or expr.spec.kernel_size != ks or expr.spec.padding != frame.padding:
             return None
-        avg, prior = _parts(b["avg"], ("pointwise", "average")), _parts(b["prior"], ("pointwise", "pattern"))
-        pw = _parts(b["pointwise"], ("conv",)) or _parts(b["pointwise"], ("place", "conv"))
-        kxk, dws = _parts(b["pw_kxk"], ("pointwise", "conv")), _parts(b["dw_pw"], ("depthwise", "pointwise"))
-        if None in (avg, prior, pw, kxk, dws):
+        avg, pw = _parts(b["avg"], ("pointwise", "average")), (
+            _parts(b["pointwise"], ("conv",)) or _parts(b["pointwise"], ("place", "conv")))
+        if avg is None or pw is None or not (
+                _is_conv(avg["pointwise"], (O, Cg, *one), G) and _is_conv(pw["conv"], (O, Cg, *one), G)
+                and _tap(pw, frame) == tuple((k - 1) // 2 for k in ks)):
             return None
-        mixer = kxk["pointwise"]  # type: ignore[index]
-        M = mixer.weight.shape[0]
-        E = dws["depthwise"].weight.shape[0] // C  # type: ignore[index]
-        ok = (
-            _is_conv(avg["pointwise"], (O, Cg, *one), G) and _is_conv(prior["pointwise"], (O, Cg, *one), G)  # type: ignore
-            and isinstance(prior["pattern"], A.Conv) and prior["pattern"].weight.shape == (O, 1, *ks)  # type: ignore
-            and not isinstance(prior["pattern"].weight, torch.nn.Parameter)  # type: ignore[index]
-            and _is_conv(pw["conv"], (O, Cg, *one), G)  # type: ignore[index]
-            and _tap(pw, frame) == tuple((k - 1) // 2 for k in ks)  # type: ignore[arg-type]
-            and (isinstance(mixer, ResidualConv) and tuple(mixer.weight.shape) == (M, Cg, *one)
-                 or _is_conv(mixer, (M, Cg, *one), G)) and mixer.groups == G
-            and M % G == 0 and _is_conv(kxk["conv"], (O, M // G, *ks), G)  # type: ignore[index]
-            and replace(kxk["conv"].spec, in_channels=C, has_bias=False) == frame  # type: ignore[index]
-            and E >= 1 and _is_conv(dws["depthwise"], (E * C, 1, *ks), C)  # type: ignore[index]
-            and replace(dws["depthwise"].spec, out_channels=O, groups=G) == frame  # type: ignore[index]
-            and _is_conv(dws["pointwise"], (O, E * C // G, *one), G)  # type: ignore[index]
-        )
-        return (frame, M, E) if ok else None
+        M = E = 1
+        if "prior" in b:
+            prior = _parts(b["prior"], ("pointwise", "pattern"))
+            if prior is None or not (
+                    _is_conv(prior["pointwise"], (O, Cg, *one), G) and isinstance(prior["pattern"], A.Conv)
+                    and prior["pattern"].weight.shape == (O, 1, *ks)
+                    and not isinstance(prior["pattern"].weight, torch.nn.Parameter)):
+                return None
+        if "pw_kxk" in b:
+            kxk = _parts(b["pw_kxk"], ("pointwise", "conv"))
+            if kxk is None:
+                return None
+            mixer = kxk["pointwise"]
+            M = mixer.weight.shape[0]
+            if not ((isinstance(mixer, ResidualConv) and tuple(mixer.weight.shape) == (M, Cg, *one)
+                     or _is_conv(mixer, (M, Cg, *one), G)) and mixer.groups == G
+                    and M % G == 0 and _is_conv(kxk["conv"], (O, M // G, *ks), G)
+                    and replace(kxk["conv"].spec, in_channels=C, has_bias=False) == frame):
+                return None
+        if "dw_pw" in b:
+            dws = _parts(b["dw_pw"], ("depthwise", "pointwise"))
+            if dws is None:
+                return None
+            E = dws["depthwise"].weight.shape[0] // C
+            if not (E >= 1 and _is_conv(dws["depthwise"], (E * C, 1, *ks), C)
+                    and replace(dws["depthwise"].spec, out_channels=O, groups=G) == frame
+                    and _is_conv(dws["pointwise"], (O, E * C // G, *one), G)):
+                return None
+        return frame, M, E
 
     def matches(self, expr: A.Expr) -> bool:
         return self.structure(expr) is not None
@@ -121,9 +154,10 @@ class OrepaAccelerator(KernelAccelerator):
         d = b["origin"].weight.dim() - 2
         kc = (0, *range(2, 2 + d), 1)
         b["origin"].weight = laid_out(b["origin"].weight, kc)
-        b["pw_kxk"].weight = laid_out(b["pw_kxk"].weight, kc)
-        pw = b["dw_pw"].pointwise
-        if pw.groups == 1:  # the size-1 dims' strides are those autograd gives the gradient (DDP)
+        if "pw_kxk" in b:
+            b["pw_kxk"].weight = laid_out(b["pw_kxk"].weight, kc)
+        pw = b["dw_pw"].pointwise if "dw_pw" in b else None
+        if pw is not None and pw.groups == 1:  # the size-1 dims' strides are those autograd gives the gradient (DDP)
             pw.weight = laid_out(pw.weight, (1, *range(2, 2 + d), 0))
 
     def generate(self, expr: A.Expr) -> A.Kernel:
@@ -136,34 +170,41 @@ class OrepaAccelerator(KernelAccelerator):
             found = self.structure(expr)
             if found is None:  # a fixed part was edited out of OREPA's structure (e.g. a placement buffer)
                 return expr.fold(check=False)
-            frame, M, _ = found
-            mixer = b["pw_kxk"].pointwise
+            frame, M, E = found
+            mixer = b["pw_kxk"].pointwise if "pw_kxk" in b else None
             ident = mixer.id_weight().reshape(frame.groups, M // frame.groups, -1) \
                 if isinstance(mixer, ResidualConv) else None
-            cache = (key, frame, M, self.patterns(expr, frame, w0), ident)
+            cache = (key, frame, M, self.patterns(expr, frame, w0), ident, _zeros(b, frame, E, w0))
             # never keep tensors seen while torch.compile/torch.export trace (fake tensors)
             if type(w0) in (torch.Tensor, torch.nn.Parameter) and type(cache[3].table) is torch.Tensor \
                     and key[2] is not None:
                 expr.accel_cache = cache
-        _, frame, M, pats, ident = cache
+        _, frame, M, pats, ident, zero = cache
         O, C, G, ks = frame.out_channels, frame.in_channels, frame.groups, frame.kernel_size
-        Cg, K, Mg = C // G, math.prod(ks), M // G
-        mixer = b["pw_kxk"].pointwise
-        if isinstance(mixer, ResidualConv):
-            w1 = mixer.weight.reshape(G, Mg, Cg) + ident.to(mixer.weight)
-        else:
+        Cg, K, Mg, Og = C // G, math.prod(ks), M // G, O // G
+        if "pw_kxk" in b:
+            mixer = b["pw_kxk"].pointwise
             w1 = mixer.weight.reshape(G, Mg, Cg)
-        dw, pw = b["dw_pw"].depthwise.weight, b["dw_pw"].pointwise.weight
-        Og, E = O // G, dw.shape[0] // C
+            if isinstance(mixer, ResidualConv):
+                w1 = w1 + ident.to(mixer.weight)
+            w2 = b["pw_kxk"].weight.reshape(O, Mg, K).transpose(1, 2)
+        else:
+            w1, w2 = zero["w1"], zero["w2"]
+        if "dw_pw" in b:
+            dw, pw = b["dw_pw"].depthwise.weight, b["dw_pw"].pointwise.weight
+            E = dw.shape[0] // C
+            dw, pw = dw.reshape(C, E, K), pw.reshape(G, Og, Cg * E).transpose(1, 2).reshape(G * Cg, E, Og)
+        else:
+            dw, pw = zero["dw"], zero["pw"]
         W = orepa_kernel(
             w0.reshape(O, Cg, K).transpose(1, 2),
             b["avg"].pointwise.weight.reshape(O, Cg),
-            b["prior"].pointwise.weight.reshape(O, Cg),
+            b["prior"].pointwise.weight.reshape(O, Cg) if "prior" in b else zero["p"],
             b["pointwise"].weight.reshape(O, Cg),
             w1,
-            b["pw_kxk"].weight.reshape(O, Mg, K).transpose(1, 2),
-            dw.reshape(C, E, K),
-            pw.reshape(G, Og, Cg * E).transpose(1, 2).reshape(G * Cg, E, Og),
+            w2,
+            dw,
+            pw,
             _scales(expr, OREPA_BRANCHES, O, w0),
             pats,
             G,
@@ -174,7 +215,7 @@ class OrepaAccelerator(KernelAccelerator):
     def patterns(expr: BlockExpr, frame: ConvSpec, ref: torch.Tensor) -> OrepaPatterns:
         """Average and prior patterns ``[O, K]`` and the centre tap."""
         b, O, K = expr.branches, frame.out_channels, math.prod(frame.kernel_size)
-        prior = b["prior"].pattern.weight.reshape(O, K).to(ref)
+        prior = b["prior"].pattern.weight.reshape(O, K).to(ref) if "prior" in b else ref.new_zeros(O, K)
         avg = b["avg"].average.fold(check=False).weight.reshape(O, K).to(ref)
         centre = 0
         for k in frame.kernel_size:
