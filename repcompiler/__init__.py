@@ -45,10 +45,10 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # ``repcompiler.testing`` (hypothesis strategies and checkers) is imported on first
     # use only, so ``import repcompiler`` stays light
-    if name == "testing":
-        from . import testing
+    if name == "testing":  # importlib, not "from . import testing": that asks this hook again (recursion)
+        import importlib
 
-        return testing
+        return importlib.import_module(__name__ + ".testing")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
