@@ -8,6 +8,7 @@ Public API (see the README for a tour):
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from . import algebra
@@ -45,11 +46,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # ``repcompiler.testing`` (hypothesis strategies and checkers) is imported on first
     # use only, so ``import repcompiler`` stays light
-    if name == "testing":  # importlib, not "from . import testing": that asks this hook again (recursion)
-        import importlib
-
-        return importlib.import_module(__name__ + ".testing")
+    # (``from . import testing`` here would recurse: it looks the name up with getattr)
+    if name == "testing":
+        return importlib.import_module(".testing", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "algebra",

@@ -12,7 +12,7 @@ object and gets a generated ``forward``): :mod:`repcompiler.rewrite`, the engine
 
 Untraceable parts (see :func:`repcompiler.tracing.trace_units`) are left as they
 are and listed in the report. Region boundaries, lowering and exactness: see
-:mod:`passes.find_regions`. Nothing is rewritten that the algebra cannot prove
+:mod:`repcompiler.passes.find_regions`. Nothing is rewritten that the algebra cannot prove
 exact, and with ``verify=True`` every rewritten region is checked numerically
 against its original modules before the model is touched.
 """
@@ -33,11 +33,12 @@ from torch.utils._pytree import tree_map
 
 from .entry import check_model, copy_model
 from .errors import RepCompilerError, UnsupportedError, VerificationError
-from .passes.find_regions import Region, find_regions
+from .passes.base import run_passes
 from .passes.fold_linear_bn import fold_linear_bn
-from .passes.squeeze import RegionRunner, fold_region, region_params, set_submodule, squeeze_region, verify_region
+from .passes.squeeze import fold_passes, set_submodule, squeeze_region
+from .passes.state import PipelineState
 from .report import FoldReport, count_convs, count_params
-from .rewrite import conv_target, group_by_owner, owner_graph, qualify, region_label
+from .rewrite import conv_target, group_by_owner, owner_graph, qualify
 from .rules import RuleRegistry, default_rules
 from .inputs import as_inputs, check_weights
 from .opaque import opaque_reasons
@@ -246,18 +247,12 @@ def _fold_unit(
             ShapeProp(gm).propagate(*args)
         except Exception as exc:  # shapes are only a hint
             log.debug("shape propagation of %s failed: %s", unit.path or "<root>", exc)
-    regions = find_regions(gm, rules, shared_modules=shared, merge_convs=merge_convs)
-    plans: list[tuple[Region, nn.Module, int]] = []
-    for r in regions:
-        r.name = region_label(r, unit.path)
-        if not r.foldable:
-            report.add_region(r, "refused" if not r.exact else "kept")  # reason from the region
-            continue
-        folded = fold_region(r)
-        if verify:
-            verify_region(r, RegionRunner(gm, r), folded)
-        before = sum(p.numel() for p in region_params(gm, r))
-        plans.append((r, folded, before))
+    # analysis and folding are the pass pipeline; applying the plans rewrites owners
+    state = PipelineState()
+    run_passes(gm, fold_passes(rules, shared_modules=shared, merge_convs=merge_convs, verify=verify,
+                               prefix=unit.path + "." if unit.path else "", report=report, rewrite=False),
+               state=state, lint=False)
+    plans = [(p.region, p.folded, p.params_before) for p in state.plans]
     if not plans:
         return
 

@@ -24,6 +24,13 @@ the version counter, as they bypass autograd's checks: call ``model.eval()`` aga
 them (in-place ops on the parameter itself, or on ``state_dict()`` tensors as EMA
 helpers do, are seen).
 
+Tracing: ``torch.fx.symbolic_trace`` and torchvision's ``create_feature_extractor``
+see an online (or offline) block as **one call**, ``reparam_block_forward(block,
+input)`` (registered with ``torch.fx.wrap``; the block is a ``get_attr`` argument), not
+its kernel generation (which reads data pointers and branches on grad mode, as symbolic
+tracing cannot). The traced module calls the same block, so it trains, caches and
+deploys as the eager one.
+
 Its lowering rule makes it foldable by ``deploy``/``fold`` like any conv followed by a
 BN (:meth:`OnlineConv.deploy_expr`).
 
@@ -49,7 +56,16 @@ from .rules import LowerInfo, register_rule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnlineConv", "OfflineBlock"]
+__all__ = ["OnlineConv", "OfflineBlock", "reparam_block_forward"]
+
+
+def reparam_block_forward(block: nn.Module, input: Tensor) -> Tensor:
+    """``block``'s computation on ``input``: what an online/offline block's ``forward``
+    calls, a leaf for ``torch.fx`` tracing (see the module docstring)."""
+    return block.compute(input)
+
+
+torch.fx.wrap("reparam_block_forward")
 
 
 def _deploy_expr(expr: A.Expr, post_bn: nn.Module | None) -> A.Expr:
@@ -98,6 +114,12 @@ class _ReparamBlock(nn.Module):
     def to_conv(self) -> nn.Module:
         """A plain conv (detached) equal to this block in eval mode."""
         return self.deploy_expr().to_conv()
+
+    def compute(self, input: Tensor) -> Tensor:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def forward(self, input: Tensor) -> Tensor:
+        return reparam_block_forward(self, input)
 
 
 class OnlineConv(_ReparamBlock):
@@ -167,7 +189,8 @@ class OnlineConv(_ReparamBlock):
         self._cache = (key, k)
         return k
 
-    def forward(self, input: Tensor) -> Tensor:
+    def compute(self, input: Tensor) -> Tensor:
+        """The block's output: one conv with the generated kernel, then the post-BN."""
         y = self.kernel().apply(input)
         return y if self.post_bn is None else self.post_bn(y)
 
@@ -215,7 +238,8 @@ class OnlineConv(_ReparamBlock):
 class OfflineBlock(_ReparamBlock):
     """The branches run on the feature map (DBB/RepVGG-style training)."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def compute(self, input: Tensor) -> Tensor:
+        """The block's output: every branch on the feature map, summed, then the post-BN."""
         y = self.expr(input)
         return y if self.post_bn is None else self.post_bn(y)
 

@@ -45,7 +45,6 @@ from .tracing import TracedUnit, trace_model
 
 __all__ = [
     "qualify",
-    "region_label",
     "region_owner",
     "is_under",
     "conv_target",
@@ -63,15 +62,6 @@ T = TypeVar("T")
 def qualify(prefix: str, name: str) -> str:
     """``prefix.name`` ('' parts dropped)."""
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
-
-
-def region_label(region: Region, unit_path: str = "") -> str:
-    """A readable name for ``region`` in reports: its module names (qualified from the
-    model's root) and function nodes, ``first .. last (n ops)`` when long."""
-    labels = [qualify(unit_path, str(n.target)) if n.op == "call_module" else n.name for n in region.nodes]
-    if len(labels) <= 3:
-        return " -> ".join(labels)
-    return f"{labels[0]} .. {labels[-1]} ({len(labels)} ops)"
 
 
 def region_owner(region: Region) -> str:

@@ -17,6 +17,20 @@ training from scratch). ``post_bn=False`` (the paper's ablation) inserts none an
 replaces a following BN by ``nn.Identity``. A conv bias is kept only where no
 post-BN follows (a BN absorbs it).
 
+Initialisation (``init``): ``"fresh"`` (the default, the paper's training from scratch)
+gives every block new parameters - **the conv's weight and bias are not used**, so a
+pretrained backbone would silently start from scratch; ``"from_conv"`` (fine-tuning a
+pretrained model; the CLI's ``transform --weights``) makes each block start as exactly
+the conv it replaces (:mod:`repcompiler.conv_init`: origin branch = the conv's weight
+and bias, the other branches' scales 0, the existing BN as post-BN, no BN inserted
+unless ``insert_bn=True``; the default stem block is ``orepa``, as a stacked
+``orepa_large`` cannot hold an arbitrary kernel), so the model computes what it did,
+in eval mode; existing multi-branch blocks are linearized with ``init="from_bn"``. A
+conv whose block cannot start as it is left as it is (``"refused"``). Each report entry
+says how its block was initialised (``details["init"]``). ``requires_grad`` flags
+survive: a block made from a frozen conv is frozen (its branches and an inserted BN),
+its bias follows the conv's bias (:func:`repcompiler.conv_init.copy_frozen`).
+
 Which block (the *policy*); the default (``policy="paper"``, or ``None``), for
 ``block="orepa"``, is the paper's OREPA-ResNet rule, stated so it applies to any model:
 
@@ -78,13 +92,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
-from .errors import RepCompilerError, check_choice
+from .conv_init import INITS, copy_frozen, identity_bn_, init_from_conv
+from .errors import RegistrationError, RepCompilerError, UnsupportedError, check_choice
 from .online import OfflineBlock, OnlineConv
-from .passes.find_regions import Region, find_regions
+from .pairing import pair_by_order, pair_by_regions
 from .policy import POLICIES, Policy, check_policy_and_options, default_block_for, policy_choice, shortcut_convs
 from .report import TransformReport, count_convs, count_params
 from .rules import has_forward_hooks
-from .tracing import trace_units
 from .entry import check_model, copy_model
 
 __all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
@@ -115,68 +129,6 @@ def _is_conv(m: nn.Module) -> bool:
 def _inside_block(name: str, blocks: list[str]) -> bool:
     return any(name == b or name.startswith(b + ".") for b in blocks)
 
-
-def _region_pairs(gm: nn.Module, region: Region) -> dict[str, str]:
-    """``conv -> bn`` targets of an exact region: a conv whose only user is a BatchNorm
-    (module calls, each called once: the analysis makes shared modules opaque). In a
-    ``chain`` region that is its first two ops; in a region of branches, per branch."""
-    if not region.exact:
-        return {}
-    inside, out = set(region.nodes), {}
-    for n in region.nodes:
-        users = list(n.users)
-        if n.op != "call_module" or not _is_conv(gm.get_submodule(str(n.target))) or len(users) != 1:
-            continue
-        u = users[0]
-        if u in inside and u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), _BNS) \
-                and u.args[:1] == (n,):
-            out[str(n.target)] = str(u.target)
-    return out
-
-
-def _pair_by_regions(model: nn.Module) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
-    """``conv name -> following BN name or None`` for traced convs (the conv -> BN pairs
-    are the ``chain`` regions of the region analysis that start with a conv and its BN),
-    the traced conv names in graph order, and the module names covered by traced units."""
-    pairs: dict[str, str | None] = {}
-    order: list[str] = []
-    covered: set[str] = set()
-    skipped: list[tuple[str, str]] = []
-    try:
-        res = trace_units(model)
-    except Exception as exc:  # pragma: no cover - trace_units reports per unit
-        return pairs, order, covered, [("<root>", f"tracing failed ({exc}); BN pairing by module order")]
-    for path, reason in res.skipped:
-        skipped.append((path, f"{reason}; its convs are paired with BNs by module order"))
-    for unit in res.units:
-        prefix = unit.path + "." if unit.path else ""
-        covered.add(unit.path)
-        found = {c: b for r in find_regions(unit.gm) for c, b in _region_pairs(unit.gm, r).items()}
-        for node in unit.gm.graph.nodes:
-            if node.op != "call_module" or not _is_conv(unit.gm.get_submodule(node.target)):
-                continue
-            qname = prefix + str(node.target)
-            if qname not in order:
-                order.append(qname)
-            bn = found.get(str(node.target))
-            bn = prefix + bn if bn is not None else None
-            if qname in pairs and pairs[qname] != bn:
-                bn = None  # reached from several units: no single post-BN
-            pairs[qname] = bn
-    return pairs, order, covered, skipped
-
-
-def _pair_by_order(model: nn.Module, name: str) -> str | None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    names = [n for n, _ in parent.named_children()]
-    conv = getattr(parent, child)
-    i = names.index(child)
-    if i + 1 < len(names):
-        nxt = getattr(parent, names[i + 1])
-        if isinstance(nxt, _BNS) and nxt.num_features == conv.out_channels:
-            return (parent_name + "." if parent_name else "") + names[i + 1]
-    return None
 
 
 def _unsupported_reason(m: nn.Module) -> str | None:
@@ -213,7 +165,8 @@ def orepa_transform(
     block: str = "orepa",
     policy: Policy = None,
     inplace: bool = False,
-    insert_bn: bool = True,
+    init: str = "fresh",
+    insert_bn: bool | None = None,
     mode: str = "online",
     scaling: str = "vector",
     post_bn: bool = True,
@@ -229,7 +182,17 @@ def orepa_transform(
         policy: ``"paper"`` (default; ``None`` too), ``"all"`` or a per-layer choice
             (see the module docstring).
         inplace: edit ``model`` itself.
-        insert_bn: insert a post-BN where no BN follows a conv.
+        init: ``"fresh"`` (default: every block gets new parameters, the conv's weight
+            and bias are **not** used: training from scratch) or ``"from_conv"`` (each
+            block starts as exactly the conv it replaces - origin branch = the conv's
+            weight and bias, the other branches' scales 0 - so a pretrained model
+            computes what it did, in eval mode; see :mod:`repcompiler.conv_init`).
+            A conv whose block cannot start as it is left as it is (``"refused"``).
+            The report says per conv how its block was initialised.
+        insert_bn: insert a post-BN where no BN follows a conv (default: with
+            ``init="fresh"`` only; with ``"from_conv"`` an inserted BN starts as the
+            identity in eval mode, but normalises in training mode). Linearized
+            multi-branch blocks get one unless it is ``False``.
         mode: ``"online"`` (one conv per forward) or ``"offline"`` (branches on the
             feature map, a BN per branch: the DBB/RepVGG baseline).
         scaling: ``"vector"``, ``"scalar"`` or ``"none"`` branch scales (online).
@@ -244,6 +207,7 @@ def orepa_transform(
     check_model(model, "orepa_transform")
     check_choice("mode", mode, MODES, owner="orepa_transform")
     check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")
+    check_choice("init", init, INITS, owner="orepa_transform")
     if block != "orepa":
         get_block(block)  # raises for an unknown name
     rule, options = check_policy_and_options(policy, block, block_options)
@@ -256,11 +220,16 @@ def orepa_transform(
     # form) instead of wrapping each of its convs; see repcompiler.linearize.
     from .linearize import linearize_regions
 
-    _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn, mode=mode, report=report)
+    # their branch BNs become scales, so a post-BN is inserted unless insert_bn=False (with
+    # from_conv: from_bn, scales from the BNs and the post-BN the identity in eval mode)
+    _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn is not False, mode=mode,
+                                     init="from_bn" if init == "from_conv" else "default", report=report)
+    if insert_bn is None:
+        insert_bn = init == "fresh"
 
     # modules inside existing blocks are not touched
     existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
-    pairs, order, covered, skipped = _pair_by_regions(work)
+    pairs, order, covered, skipped = pair_by_regions(work)
     report.skipped += skipped
 
     def is_covered(name: str) -> bool:
@@ -284,7 +253,7 @@ def orepa_transform(
                 # inside a traced unit but never called as a module
                 sites.append(_ConvSite(name, m, None, "not called in the traced graph"))
             else:
-                sites.append(_ConvSite(name, m, _pair_by_order(work, name), "module order"))
+                sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order"))
     first_name = order[0] if order else (sites[0].name if sites else None)
     shortcuts = shortcut_convs(work) if block == "orepa" and rule == "paper" else set()
 
@@ -306,24 +275,37 @@ def orepa_transform(
         has_bn = site.bn_name is not None
         will_have_post = post_bn and (has_bn or insert_bn)
         try:
-            geom = ConvGeometry.from_module(conv, bias=conv.bias is not None and not will_have_post)
-            name = default_block_for(geom, block=block, first=site.name == first_name,  # type: ignore[assignment]
+            # from_conv keeps the conv's bias (eval mode: a BN does not absorb it)
+            geom = ConvGeometry.from_module(conv, bias=conv.bias is not None and (init == "from_conv"
+                                                                                 or not will_have_post))
+            # a stacked stem (orepa_large) cannot start as the conv's kernel: from_conv uses orepa
+            first = site.name == first_name and init == "fresh"
+            name = default_block_for(geom, block=block, first=first,  # type: ignore[assignment]
                                      shortcut=site.name in shortcuts, policy=rule) if choice == "default" else choice
             if name is None:
                 report.add(site.name, desc, "kept", "policy: a 1x1 on a residual shortcut stays plain (paper)")
                 continue
-            expr = build_block(name, geom, mode=mode, scaling=scaling, **options)
+            if name == "orepa_large" and choice == "default" and init == "from_conv":
+                name = "orepa"
+            expr = build_block(name, geom, mode=mode, scaling=scaling, **options).to(device=conv.weight.device,
+                                                                                     dtype=conv.weight.dtype)
+            init_note = "fresh (the conv's weights are not used)"
+            if init == "from_conv":
+                init_note = f"from_conv (branch {init_from_conv(expr, conv)!r} = the conv, other branches 0)"
         except RepCompilerError as exc:
-            report.add(site.name, desc, "refused", str(exc), count_params(conv), count_params(conv))
+            why = f"init='from_conv': {exc}" if init == "from_conv" else str(exc)
+            report.add(site.name, desc, "refused", why, count_params(conv), count_params(conv))
             continue
-        expr = expr.to(device=conv.weight.device, dtype=conv.weight.dtype)
         inserted = None
         if post_bn and not has_bn and insert_bn:
             inserted = _BN_FOR_DIMS[geom.dims](geom.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+            if init == "from_conv":
+                identity_bn_(inserted)
         cls = OnlineConv if mode == "online" else OfflineBlock
         new = cls(expr, inserted, block=name)
         new.bias_from_inserted_bn = inserted is not None and conv.bias is None
         new.train(conv.training)
+        copy_frozen(new, conv)  # a block made from a frozen conv is frozen
         _set(work, site.name, new)
         built[id(conv)] = new
         seen[id(conv)] = site.name
@@ -336,9 +318,12 @@ def orepa_transform(
             bn_note = "inserted"
         else:
             bn_note = "none"
-        reason = f"{name}, post-BN: {bn_note}" + ("" if site.how == "trace" else f" (BN pairing: {site.how})")
+        reason = f"{name}, post-BN: {bn_note}, init: {init_note}" + (
+            "" if site.how == "trace" else f" (BN pairing: {site.how})")
+        if not conv.weight.requires_grad:
+            reason += ", frozen"
         report.add(site.name, desc, "transformed", reason, count_params(conv), count_params(new),
-                   block=name, post_bn=bn_note)
+                   block=name, post_bn=bn_note, init=init_note, frozen=not conv.weight.requires_grad)
 
     report.convs_after = count_convs(work)
     report.params_after = count_params(work)

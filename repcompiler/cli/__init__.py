@@ -6,7 +6,9 @@ Subcommands: ``demo``, ``transform``, ``deploy``, ``fold``, ``export``, ``inspec
 Models are named as ``torchvision:resnet50``, ``timm:repvgg_a0`` (timm installed;
 never pretrained) or ``package.module:factory``, or given as a file holding a whole
 pickled model (only with ``--trust-pickle``: unpickling runs code from the file).
-``--weights FILE`` loads a state dict safely (``weights_only=True``). Every output is
+``--weights FILE`` loads a state dict safely (``weights_only=True``); ``transform
+--weights`` then starts every block as the pretrained conv it replaces
+(``orepa_transform(init="from_conv")``), so the weights are kept. Every output is
 written atomically. Errors print one line, ``repcompiler: error: ...``, on stderr;
 bad usage (an unknown option, a malformed ``--input-shape``/``--model-kwargs``/
 ``--policy``) prints argparse's usage line and the error. Exit codes: 0 success,

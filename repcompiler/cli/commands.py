@@ -89,7 +89,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
     """``repcompiler transform``: write the OREPA training form of MODEL."""
     model, n_before, _ = _load_apply_write(
         args, "transform",
-        lambda m: orepa_transform(m, inplace=True, return_report=True, **transform_kwargs(args)),
+        # pretrained --weights: each block starts as the conv it replaces (never discarded)
+        lambda m: orepa_transform(m, inplace=True, return_report=True, **transform_kwargs(args),
+                                  init="from_conv" if args.weights else "fresh"),
         orepa=False, whole=args.whole_model,
     )
     what = "whole model (pickled)" if args.whole_model else "state dict"

@@ -85,7 +85,7 @@ def transform_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         mode=args.mode,
         scaling=args.scaling,
         post_bn=not args.no_post_bn,
-        insert_bn=not args.no_insert_bn,
+        insert_bn=False if args.no_insert_bn else None,  # None: the transform's default for its init
     )
     if args.policy is not None:
         kwargs["policy"] = args.policy

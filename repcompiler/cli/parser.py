@@ -64,7 +64,7 @@ def _transform_parent(with_orepa_flag: bool) -> argparse.ArgumentParser:
     g.add_argument("--scaling", choices=["vector", "scalar", "none"], default="vector",
                    help="per-branch scaling (default: %(default)s)")
     g.add_argument("--no-post-bn", action="store_true", help="no BN after the branches are added")
-    g.add_argument("--no-insert-bn", action="store_true", help="do not insert a BN where no BN follows a conv")
+    g.add_argument("--no-insert-bn", action="store_true", help="do not insert a BN where no BN follows a conv (with transform --weights none is inserted anyway)")
     choice = g.add_mutually_exclusive_group()
     choice.add_argument("--skip", action="append", metavar="PATTERN",
                         help="leave convs whose qualified name matches this fnmatch pattern as they are (repeatable)")
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transform", parents=[common, _model_parent(), _transform_parent(False)], allow_abbrev=False,
                        help="replace every eligible conv by an online OREPA block; write the training-form model",
-                       description="Transform MODEL (--weights are the plain model's, loaded before transforming) "
-                                   "and write the transformed model's state dict (or, with --whole-model, the "
+                       description="Transform MODEL (--weights are the plain model's, loaded before transforming; "
+                                   "each block then starts as the conv it replaces: init='from_conv') and write the transformed model's state dict (or, with --whole-model, the "
                                    "pickled model).")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write (atomically)")
     p.add_argument("--whole-model", action="store_true",

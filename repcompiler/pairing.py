@@ -1,0 +1,87 @@
+"""Which BatchNorm follows each conv of a model: the pairing ``orepa_transform`` uses
+to decide where a block's post-BN already is.
+
+Traced parts (:func:`repcompiler.tracing.trace_units`) are analysed into linear regions
+(:func:`repcompiler.passes.find_regions.find_regions`): a conv whose only user is a
+BatchNorm in an exact region is paired with it. Parts that do not trace fall back to
+sibling order in the parent module (:func:`pair_by_order`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .passes.find_regions import Region, find_regions
+from .tracing import trace_units
+
+__all__ = ["region_pairs", "pair_by_regions", "pair_by_order"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = nn.modules.batchnorm._BatchNorm
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, _CONVS)
+
+
+def region_pairs(gm: nn.Module, region: Region) -> dict[str, str]:
+    """``conv -> bn`` targets of an exact region: a conv whose only user is a BatchNorm
+    (module calls, each called once: the analysis makes shared modules opaque). In a
+    ``chain`` region that is its first two ops; in a region of branches, per branch."""
+    if not region.exact:
+        return {}
+    inside, out = set(region.nodes), {}
+    for n in region.nodes:
+        users = list(n.users)
+        if n.op != "call_module" or not _is_conv(gm.get_submodule(str(n.target))) or len(users) != 1:
+            continue
+        u = users[0]
+        if u in inside and u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), _BNS) \
+                and u.args[:1] == (n,):
+            out[str(n.target)] = str(u.target)
+    return out
+
+
+def pair_by_regions(model: nn.Module) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
+    """``conv name -> following BN name or None`` for traced convs (the conv -> BN pairs
+    are the ``chain`` regions of the region analysis that start with a conv and its BN),
+    the traced conv names in graph order, and the module names covered by traced units."""
+    pairs: dict[str, str | None] = {}
+    order: list[str] = []
+    covered: set[str] = set()
+    skipped: list[tuple[str, str]] = []
+    try:
+        res = trace_units(model)
+    except Exception as exc:  # pragma: no cover - trace_units reports per unit
+        return pairs, order, covered, [("<root>", f"tracing failed ({exc}); BN pairing by module order")]
+    for path, reason in res.skipped:
+        skipped.append((path, f"{reason}; its convs are paired with BNs by module order"))
+    for unit in res.units:
+        prefix = unit.path + "." if unit.path else ""
+        covered.add(unit.path)
+        found = {c: b for r in find_regions(unit.gm) for c, b in region_pairs(unit.gm, r).items()}
+        for node in unit.gm.graph.nodes:
+            if node.op != "call_module" or not _is_conv(unit.gm.get_submodule(node.target)):
+                continue
+            qname = prefix + str(node.target)
+            if qname not in order:
+                order.append(qname)
+            bn = found.get(str(node.target))
+            bn = prefix + bn if bn is not None else None
+            if qname in pairs and pairs[qname] != bn:
+                bn = None  # reached from several units: no single post-BN
+            pairs[qname] = bn
+    return pairs, order, covered, skipped
+
+
+def pair_by_order(model: nn.Module, name: str) -> str | None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    names = [n for n, _ in parent.named_children()]
+    conv = getattr(parent, child)
+    i = names.index(child)
+    if i + 1 < len(names):
+        nxt = getattr(parent, names[i + 1])
+        if isinstance(nxt, _BNS) and nxt.num_features == conv.out_channels:
+            return (parent_name + "." if parent_name else "") + names[i + 1]
+    return None
