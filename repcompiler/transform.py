@@ -31,13 +31,28 @@ says how its block was initialised (``details["init"]``). ``requires_grad`` flag
 survive: a block made from a frozen conv is frozen (its branches and an inserted BN),
 its bias follows the conv's bias (:func:`repcompiler.conv_init.copy_frozen`).
 
-Which block (the *policy*); the default, for ``block="orepa"``:
+Which block (the *policy*); the default (``policy="paper"``, or ``None``), for
+``block="orepa"``, is the paper's OREPA-ResNet rule, stated so it applies to any model:
 
 * kxk convs (some kernel dim >= 2; grouped, depthwise, strided, dilated,
   asymmetric, 1-d/2-d/3-d) -> ``orepa``;
-* 1x1 convs -> ``orepa_1x1``;
-* the model's first conv, if every kernel dim is odd and some is >= 5 (a large stem)
-  -> ``orepa_large``.
+* a large odd kernel -> ``orepa_large`` (the linear deep stem): every conv whose kernel
+  dims are all odd with some >= 7, and the model's first conv already from 5;
+* 1x1 convs -> ``orepa_1x1``, **except a 1x1 on a residual shortcut**, which stays a
+  plain conv (+BN), as the official models keep ResNet's projection shortcuts: a 1x1
+  conv whose output (through BNs) is added to another value that its own input also
+  reaches (the graph analysis of the traced model); in parts that do not trace, a 1x1
+  whose qualified name contains ``downsample`` or ``shortcut``. On torchvision ResNets
+  this gives the official OREPA-ResNet: ResNet-18/34's 1x1 projections stay conv+BN,
+  ResNet-50's bottleneck 1x1s (``conv1``, ``conv3``) get ``orepa_1x1``.
+
+``policy="all"`` is the earlier rule: every 1x1 -> ``orepa_1x1``, ``orepa_large`` only for
+the first conv (odd kernel, some dim >= 5), every other kxk -> ``orepa``.
+
+``block_options`` (a dict) go to every block's builder that accepts them (e.g.
+``{"weight_init": "repcompiler"}``, the Tab. 2 switches ``{"prior": None}``,
+``{"depthwise_separable": False}``, ``{"reparam_1x1": False}``, ``{"deep_stem": False}``;
+see :mod:`repcompiler.blocks.orepa`); a key no block of the transform accepts raises.
 
 With another ``block`` name every conv gets that block (convs its builder rejects
 are left as they are and reported). ``policy`` refines per layer:
@@ -67,12 +82,11 @@ with one entry per conv: action ``"transformed"`` (``details["block"]``,
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Mapping
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -82,15 +96,14 @@ from .conv_init import INITS, copy_frozen, identity_bn_, init_from_conv
 from .errors import RegistrationError, RepCompilerError, UnsupportedError, check_choice
 from .online import OfflineBlock, OnlineConv
 from .pairing import pair_by_order, pair_by_regions
+from .policy import POLICIES, Policy, check_policy_and_options, default_block_for, policy_choice, shortcut_convs
 from .report import TransformReport, count_convs, count_params
 from .rules import has_forward_hooks
 from .entry import check_model, copy_model
 
-__all__ = ["orepa_transform", "Policy", "default_block_for"]
+__all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
 
 log = logging.getLogger(__name__)
-
-Policy = Union[None, Mapping[str, Union[str, None]], Callable[[str, nn.Module], Union[str, None]], Sequence[str]]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = nn.modules.batchnorm._BatchNorm
@@ -137,56 +150,6 @@ def _unsupported_reason(m: nn.Module) -> str | None:
     return None
 
 
-# -- policy ------------------------------------------------------------------------------
-
-
-def default_block_for(geom: ConvGeometry, *, block: str = "orepa", first: bool = False) -> str:
-    """The block the default policy gives a conv (see the module docstring)."""
-    if block != "orepa":
-        return block
-    if geom.is_pointwise_kernel:
-        return "orepa_1x1"
-    if first and all(k % 2 == 1 for k in geom.kernel_size) and max(geom.kernel_size) >= 5:
-        return "orepa_large"
-    return "orepa"
-
-
-def _checked_choice(choice: object, name: str) -> str | None:
-    """A policy's answer for conv ``name``: ``None``/``False`` (skip), ``True``/"default"
-    (the default policy) or a registered block name; anything else is the policy's
-    mistake, not the conv's, and raises (a typo must not silently leave convs plain)."""
-    if choice is None or choice is False:
-        return None
-    if choice is True or choice == "default":
-        return "default"
-    if not isinstance(choice, str):
-        raise UnsupportedError(f"policy for conv {name!r}: expected a block name, None, True or False, got {choice!r}")
-    try:
-        get_block(choice)
-    except RegistrationError as exc:
-        raise RegistrationError(f"policy for conv {name!r}: {exc}") from None
-    return choice
-
-
-def _policy_choice(policy: Policy, name: str, conv: nn.Module) -> tuple[str | None, bool]:
-    """``(choice, decided)``: ``choice`` a block name, ``None`` (skip) or "default"."""
-    if policy is None:
-        return "default", False
-    if callable(policy) and not isinstance(policy, Mapping):
-        return _checked_choice(policy(name, conv), name), True
-    if isinstance(policy, Mapping):
-        for pattern, choice in policy.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return _checked_choice(choice, name), True
-        return "default", False
-    if isinstance(policy, (list, tuple, set, frozenset)):
-        for pattern in policy:
-            if fnmatch.fnmatchcase(name, pattern):
-                return None, True
-        return "default", False
-    raise UnsupportedError(f"policy must be None, a dict, a callable or a list of names, got {type(policy).__name__}")
-
-
 # -- the transform -----------------------------------------------------------------------
 
 
@@ -207,6 +170,7 @@ def orepa_transform(
     mode: str = "online",
     scaling: str = "vector",
     post_bn: bool = True,
+    block_options: Mapping[str, Any] | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, TransformReport]:
     """Replace every eligible conv of ``model`` by a training-time block.
@@ -215,7 +179,8 @@ def orepa_transform(
         model: any ``nn.Module``; deep-copied first unless ``inplace``.
         block: ``"orepa"`` (the default policy: orepa / orepa_1x1 / orepa_large) or
             any registered block name, applied to every conv.
-        policy: per-layer choice (see the module docstring).
+        policy: ``"paper"`` (default; ``None`` too), ``"all"`` or a per-layer choice
+            (see the module docstring).
         inplace: edit ``model`` itself.
         init: ``"fresh"`` (default: every block gets new parameters, the conv's weight
             and bias are **not** used: training from scratch) or ``"from_conv"`` (each
@@ -232,6 +197,8 @@ def orepa_transform(
             feature map, a BN per branch: the DBB/RepVGG baseline).
         scaling: ``"vector"``, ``"scalar"`` or ``"none"`` branch scales (online).
         post_bn: ``False`` removes the post-BN (following BNs become ``nn.Identity``).
+        block_options: extra builder options, passed to each block that accepts them
+            (e.g. ``{"prior": None}``; see the module docstring).
         return_report: also return the :class:`TransformReport`.
 
     Returns:
@@ -243,6 +210,7 @@ def orepa_transform(
     check_choice("init", init, INITS, owner="orepa_transform")
     if block != "orepa":
         get_block(block)  # raises for an unknown name
+    rule, options = check_policy_and_options(policy, block, block_options)
     t0 = time.perf_counter()
     work = copy_model(model, "orepa_transform", inplace)
     report = TransformReport(title="orepa_transform", convs_before=count_convs(work), params_before=count_params(work))
@@ -287,6 +255,7 @@ def orepa_transform(
             else:
                 sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order"))
     first_name = order[0] if order else (sites[0].name if sites else None)
+    shortcuts = shortcut_convs(work) if block == "orepa" and rule == "paper" else set()
 
     for name, m in others:
         report.add(name, _describe(m), "refused", _unsupported_reason(m) or "not a conv")
@@ -299,7 +268,7 @@ def orepa_transform(
             _set(work, site.name, built[id(conv)])
             report.add(site.name, desc, "transformed", "shared module: the block of " + seen[id(conv)])
             continue
-        choice, _ = _policy_choice(policy, site.name, conv)
+        choice, _ = policy_choice(policy, site.name, conv)
         if choice is None:
             report.add(site.name, desc, "kept", "policy")
             continue
@@ -311,9 +280,15 @@ def orepa_transform(
                                                                                  or not will_have_post))
             # a stacked stem (orepa_large) cannot start as the conv's kernel: from_conv uses orepa
             first = site.name == first_name and init == "fresh"
-            name = default_block_for(geom, block=block, first=first) if choice == "default" else choice
-            expr = build_block(name, geom, mode=mode, scaling=scaling).to(device=conv.weight.device,
-                                                                          dtype=conv.weight.dtype)
+            name = default_block_for(geom, block=block, first=first,  # type: ignore[assignment]
+                                     shortcut=site.name in shortcuts, policy=rule) if choice == "default" else choice
+            if name is None:
+                report.add(site.name, desc, "kept", "policy: a 1x1 on a residual shortcut stays plain (paper)")
+                continue
+            if name == "orepa_large" and choice == "default" and init == "from_conv":
+                name = "orepa"
+            expr = build_block(name, geom, mode=mode, scaling=scaling, **options).to(device=conv.weight.device,
+                                                                                     dtype=conv.weight.dtype)
             init_note = "fresh (the conv's weights are not used)"
             if init == "from_conv":
                 init_note = f"from_conv (branch {init_from_conv(expr, conv)!r} = the conv, other branches 0)"

@@ -39,7 +39,7 @@ ORIGIN_BRANCHES = ["origin", "avg", "prior", "pw_kxk", "pointwise", "dw_pw"]
 
 
 def test_resnet18_block_state_dict_keys_and_a_weight_decay_rule():
-    model = rc.orepa_transform(torchvision.models.resnet18())
+    model = rc.orepa_transform(torchvision.models.resnet18(), policy="all")  # "all": the downsample 1x1 too
     keys = [k for k in model.state_dict() if k.startswith("layer1.0.")]
     conv = {
         "branches.origin.weight", "branches.origin.scale",

@@ -223,7 +223,7 @@ def test_requires_grad_flags_survive_per_layer() -> None:
 @pytest.mark.parametrize("mode", ["online", "offline"])
 def test_symbolic_trace_of_a_transformed_model(mode: str) -> None:
     torch.manual_seed(0)
-    train = rc.orepa_transform(torchvision.models.resnet18(), mode=mode).double()
+    train = rc.orepa_transform(torchvision.models.resnet18(), mode=mode, policy="all").double()  # "all": 1x1s too
     gm = torch.fx.symbolic_trace(train)
     blocks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is reparam_block_forward]
     assert len(blocks) == sum(isinstance(m, (OnlineConv, OfflineBlock)) for m in train.modules()) == 20

@@ -202,8 +202,9 @@ def test_inplace_and_1d_3d():
 def test_resnet18_names_state_dict_and_pickle(tmp_path):
     torch.manual_seed(0)
     plain = torchvision.models.resnet18(num_classes=10)
-    a = orepa_transform(plain)
-    b = orepa_transform(plain)
+    # policy="all": every 1x1 (the downsample too) becomes a block, so orepa_1x1 is covered
+    a = orepa_transform(plain, policy="all")
+    b = orepa_transform(plain, policy="all")
     assert type(a) is torchvision.models.ResNet
     names_plain = {n for n, _ in plain.named_modules()}
     names_a = {n for n, _ in a.named_modules()}

@@ -5,7 +5,8 @@ One way to declare a block, for users and built-ins alike: :class:`BlockConfig` 
 (:mod:`.parts`) into named expressions (:mod:`.named`), optionally with a hand-written
 kernel generator attached through :class:`KernelAccelerator` (:mod:`.accel`).
 
-Built in: ``orepa``, ``orepa_1x1``, ``orepa_large`` (:mod:`.orepa`), ``repvgg``,
+Built in: ``orepa``, ``orepa_1x1``, ``orepa_large``, ``orepa_vgg`` (:mod:`.orepa`,
+accelerated by :mod:`.orepa_accel`), ``repvgg``,
 ``dbb``, ``acnet`` (:mod:`.classic`). The frequency prior is in :mod:`.prior`.
 """
 
@@ -16,16 +17,10 @@ from .branch import Branch
 from .classic import build_acnet, build_dbb, build_repvgg
 from .config import BlockConfig
 from .named import BlockExpr, BranchExpr, ResidualConv, StackExpr
-from .orepa import (
-    Orepa1x1Accelerator,
-    OrepaAccelerator,
-    StackAccelerator,
-    build_orepa,
-    build_orepa_1x1,
-    build_orepa_large,
-)
+from .orepa import build_orepa, build_orepa_1x1, build_orepa_large, build_orepa_vgg
+from .orepa_accel import NestedAccelerator, Orepa1x1Accelerator, OrepaAccelerator, StackAccelerator
 from .parts import MODES, SCALINGS
-from .prior import dct_basis, frequency_prior
+from .prior import dct_basis, frequency_prior, official_prior
 from .registry import (
     ConvGeometry,
     available_blocks,
@@ -56,14 +51,17 @@ __all__ = [
     "OrepaAccelerator",
     "Orepa1x1Accelerator",
     "StackAccelerator",
+    "NestedAccelerator",
     "build_orepa",
     "build_orepa_1x1",
     "build_orepa_large",
+    "build_orepa_vgg",
     "build_repvgg",
     "build_dbb",
     "build_acnet",
     "dct_basis",
     "frequency_prior",
+    "official_prior",
     "MODES",
     "SCALINGS",
 ]
@@ -72,6 +70,7 @@ for _name, _build in (
     ("orepa", build_orepa),
     ("orepa_1x1", build_orepa_1x1),
     ("orepa_large", build_orepa_large),
+    ("orepa_vgg", build_orepa_vgg),
     ("repvgg", build_repvgg),
     ("dbb", build_dbb),
     ("acnet", build_acnet),

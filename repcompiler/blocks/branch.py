@@ -9,6 +9,7 @@ window); :meth:`Branch.parts` builds it for a geometry as named algebra parts, w
 Kinds: :meth:`Branch.conv` (any kernel, relative dilation, groups), :meth:`Branch.pointwise`,
 :meth:`Branch.depthwise`, :meth:`Branch.identity`, :meth:`Branch.avg`,
 :meth:`Branch.fixed` (a fixed per-channel pattern, e.g. OREPA's frequency prior),
+:meth:`Branch.block` (a whole declared block as one branch, e.g. OREPA-VGG's OREPA 3x3),
 :meth:`Branch.custom`. A *front* stage (``pointwise`` or ``depthwise``) chains in front
 of another with ``>>``: ``Branch.pointwise(init="residual") >> Branch.conv()``,
 ``Branch.depthwise(multiplier=8) >> Branch.pointwise()``.
@@ -57,6 +58,10 @@ class Branch:
         """The branch for ``geom`` as named algebra parts (fresh parameters)."""
         raise NotImplementedError
 
+    def build_parts(self, geom: ConvSpec, mode: str = "online", scaling: str = "vector") -> Parts:
+        """:meth:`parts`, told the block's branch ``scaling`` too (only a nested block uses it)."""
+        return self.parts(geom, mode)
+
     def front(self, geom: ConvSpec, mode: str) -> tuple[Parts, ConvSpec]:
         """As a front stage: its parts and the geometry the rest of the chain realises."""
         raise RegistrationError(f"{self!r} cannot stand in front of another branch (only pointwise/depthwise)")
@@ -88,9 +93,10 @@ class Branch:
         another branch, a channel mixer ``in -> out_channels`` (default: the conv's
         input width; an int or a callable of the geometry) with stride 1 and no padding.
         ``init``: ``"random"``; ``"identity"`` (the weight starts as the identity);
-        ``"residual"`` (identity plus a learnable weight starting at zero, as OREPA and
-        DBB: weight decay pulls it toward the identity); or a callable of the geometry
-        returning one of those. ``inner_bn``: in offline mode, a BatchNorm after the
+        ``"residual"`` (a fixed identity plus a learnable weight starting at zero, as
+        OREPA and DBB: weight decay pulls it toward the identity; for a width other than
+        the input's, the official OREPA code's stacked identity, row ``i`` reading input
+        channel ``i % (in/groups)``); or a callable of the geometry returning one of those. ``inner_bn``: in offline mode, a BatchNorm after the
         mixer that pads with its bias (DBB's BN-and-pad), so the offline block folds
         exactly too."""
         if not callable(init):
@@ -126,6 +132,15 @@ class Branch:
         if not callable(pattern):
             raise RegistrationError(f"Branch.fixed needs a callable, got {type(pattern).__name__}")
         return _Fixed(pattern)
+
+    @staticmethod
+    def block(build: Callable[..., A.Expr], label: str = "") -> "Branch":
+        """A whole block as one branch: ``build(geom, *, mode, scaling) -> Expr`` (e.g. a
+        :class:`~repcompiler.blocks.config.BlockConfig`), built in the enclosing block's
+        mode and scaling (OREPA-VGG: an OREPA 3x3 as RepVGG's kxk branch)."""
+        if not callable(build):
+            raise RegistrationError(f"Branch.block needs a callable (e.g. a BlockConfig), got {type(build).__name__}")
+        return _Custom(build, label or getattr(build, "name", "") or getattr(build, "__name__", "block"), nested=True)
 
     @staticmethod
     def custom(build: Callable[[ConvSpec], A.Expr], label: str = "") -> "Branch":
@@ -183,8 +198,9 @@ class _Pointwise(Branch):
         if m < 1 or m % g:
             raise UnsupportedError(f"{self!r}: width {m} is not a positive multiple of groups={g} ({geom.describe()})")
         one = (1,) * geom.dims
-        if init != "random" and m != c:
-            raise UnsupportedError(f"{self!r}: {init} init needs width == in_channels ({m} != {c})")
+        if init == "identity" and m != c:
+            raise UnsupportedError(f"{self!r}: identity init needs width == in_channels ({m} != {c}); "
+                                   f"'residual' starts any width as the (stacked) identity")
         if init == "residual":
             mixer: A.Expr = ResidualConv(torch.nn.Parameter(torch.zeros(m, c // g, *one)), groups=g)
         elif init == "identity":
@@ -291,21 +307,24 @@ class _Fixed(Branch):
 class _Custom(Branch):
     kind = "custom"
 
-    def __init__(self, build: Callable[[ConvSpec], A.Expr], label: str) -> None:
-        self._build, self.label = build, label
+    def __init__(self, build: Callable[..., A.Expr], label: str, nested: bool = False) -> None:
+        self._build, self.label, self.nested = build, label, nested
+
+    def build_parts(self, geom: ConvSpec, mode: str = "online", scaling: str = "vector") -> Parts:
+        expr = self._build(geom, mode=mode, scaling=scaling) if self.nested else self._build(geom)
+        if not isinstance(expr, A.Expr):
+            raise RegistrationError(f"{self!r} returned {type(expr).__name__}, not an algebra Expr")
+        return [("inner" if self.nested else "expr", expr)]
 
     def parts(self, geom: ConvSpec, mode: str = "online") -> Parts:
-        expr = self._build(geom)
-        if not isinstance(expr, A.Expr):
-            raise RegistrationError(f"custom({self.label}) returned {type(expr).__name__}, not an algebra Expr")
-        return [("expr", expr)]
+        return self.build_parts(geom, mode)
 
     def default_name(self, geom: ConvSpec) -> str:
         name = re.sub(r"\W", "_", self.label).strip("_") or "custom"
         return name if not name[0].isdigit() else "custom_" + name
 
     def __repr__(self) -> str:
-        return f"custom({self.label})"
+        return f"{'block' if self.nested else 'custom'}({self.label})"
 
 
 class _Chain(Branch):

@@ -40,7 +40,7 @@ from ..errors import RegistrationError, UnsupportedError, check_choice
 from .accel import KernelAccelerator
 from .branch import Branch, as_branch
 from .named import BlockExpr, BranchExpr, StackExpr, check_name
-from .parts import MODES, SCALINGS, branch_end
+from .parts import MODES, SCALINGS, WEIGHT_INITS, branch_end, weight_init_scope
 from .registry import ConvGeometry, check_geometry, register_block
 
 __all__ = ["BlockConfig", "BranchSpec"]
@@ -80,6 +80,7 @@ class BlockConfig:
         self._stages: StagePlan | None = None
         self._accelerators: list[KernelAccelerator] = []
         self._doc = ""
+        self._weight_init: str | None = None
 
     # -- declaration ----------------------------------------------------------------
     def branch(self, branch: Branch | str | Callable[[ConvSpec], A.Expr], *, name: str | None = None,
@@ -120,6 +121,16 @@ class BlockConfig:
         """A learnable bias after the branch sum: ``None`` (default) exactly when the
         conv needs one (it has a bias and no BN follows), or always/never."""
         self._bias = enabled
+        return self
+
+    def weight_init(self, kind: str | None) -> "BlockConfig":
+        """How fresh branch weights are drawn: ``"torch"`` (as ``nn.Conv*d``,
+        U(+-1/sqrt(fan_in))), ``"kaiming"`` (``kaiming_uniform_(a=0)``, U(+-sqrt(6/fan_in)),
+        the official OREPA code) or ``None`` (default: the enclosing block's style, else
+        ``"torch"``). Identity/zero-initialised weights are not affected."""
+        check_choice("weight_init", kind, WEIGHT_INITS, owner=f"block {self.name!r}", allow_none=True,
+                     error=RegistrationError)
+        self._weight_init = kind
         return self
 
     def describe(self, text: str) -> "BlockConfig":
@@ -210,6 +221,10 @@ class BlockConfig:
         """Build the block for ``geom`` (fresh parameters): a
         :class:`~repcompiler.blocks.named.BlockExpr` (a
         :class:`~repcompiler.blocks.named.StackExpr` for a stacked block)."""
+        with weight_init_scope(self._weight_init):
+            return self._build(geom, mode, scaling)
+
+    def _build(self, geom: ConvSpec, mode: str, scaling: str) -> A.Expr:
         check_choice("mode", mode, MODES, owner=f"block {self.name!r}")
         scaling = self._scaling or scaling
         check_choice("scaling", scaling, SCALINGS, owner=f"block {self.name!r}")
@@ -227,7 +242,7 @@ class BlockConfig:
             if entry.when is not None and not entry.when(geom):
                 continue
             try:
-                parts = entry.branch.parts(geom, mode)
+                parts = entry.branch.build_parts(geom, mode, scaling)
                 name = entry.name or _dedupe(entry.branch.default_name(geom), taken)
             except UnsupportedError as exc:
                 if entry.optional:

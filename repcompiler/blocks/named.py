@@ -8,7 +8,7 @@ instead of positions in an expression tree. A :class:`BranchExpr` is one branch:
 parts applied in sequence, optionally one conv whose ``weight``/``bias`` the branch
 holds itself (``branches.origin.weight``), then its end: a learnable ``scale``
 (online), a BatchNorm ``bn`` (offline) or nothing. :class:`ResidualConv` is a 1x1 that
-starts as the identity (``identity + weight``, the weight initialised to zero), and
+starts as the (stacked) identity (``identity + weight``, the weight initialised to zero), and
 :class:`StackExpr` a sequence of named stages (the linear deep stem).
 
 They are ordinary algebra expressions (``plan``/``fold``/``forward`` as the algebra
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .. import algebra as A
 from ..algebra import ConvSpec
 from ..errors import IncompatibleError, RegistrationError
+from .parts import stacked_identity
 
 __all__ = ["BranchExpr", "BlockExpr", "ResidualConv", "StackExpr", "HOLD", "check_name"]
 
@@ -211,26 +212,38 @@ class BranchExpr(A.Seq):
 
 
 class ResidualConv(A.Sum):
-    """``x + conv(x)`` for a 1x1 ``conv`` whose ``weight`` (and groups) this module
-    holds: a channel mixer that starts as the identity when the weight starts at zero
-    (OREPA's and DBB's identity-initialised 1x1; weight decay then pulls it toward the
-    identity, not toward zero)."""
+    """``id(x) + conv(x)`` for a 1x1 ``conv`` whose ``weight`` (and groups) this module
+    holds: a channel mixer that starts as its fixed ``id`` part when the weight starts at
+    zero (OREPA's and DBB's identity-initialised 1x1; weight decay then pulls it toward
+    ``id``, not toward zero). ``id`` is
+    :func:`~repcompiler.blocks.parts.stacked_identity`: the identity for a square weight
+    (``out == in``), else the official code's stacked identity (row ``i`` reads input
+    channel ``i % (in/groups)``; e.g. the identity twice for OREPA's 2C-wide 1x1 -> kxk)."""
 
     def __init__(self, weight: Tensor, groups: int = 1) -> None:
         nn.Module.__init__(self)
-        if weight.shape[0] != weight.shape[1] * groups or any(k != 1 for k in weight.shape[2:]):
-            raise IncompatibleError(f"ResidualConv needs a square 1x1 weight, got {tuple(weight.shape)} "
-                                    f"with groups={groups}")
+        if weight.shape[0] % groups or any(k != 1 for k in weight.shape[2:]):
+            raise IncompatibleError(f"ResidualConv needs a 1x1 weight with out channels divisible by groups, got "
+                                    f"{tuple(weight.shape)} with groups={groups}")
         _hold(self, "weight", weight)
         self.groups = int(groups)
-        self.identity = A.Identity(weight.shape[0], weight.dim() - 2)
+        self.square = weight.shape[0] == weight.shape[1] * groups
+        self.identity = A.Identity(weight.shape[0], weight.dim() - 2) if self.square else None
 
     def _conv(self) -> A.Conv:
         return A.Conv(self.weight, groups=self.groups)
 
+    def id_weight(self) -> Tensor:
+        """The fixed part as a 1x1 weight (shape and layout of :attr:`weight`)."""
+        w = self.weight
+        return stacked_identity(w.shape[0], w.shape[1], w.dim() - 2, dtype=w.dtype, device=w.device)
+
+    def _id_expr(self) -> A.Expr:
+        return self.identity if self.identity is not None else A.Conv(self.id_weight(), groups=self.groups)
+
     @property
     def terms(self) -> list[A.Expr]:  # type: ignore[override]
-        return [self._conv(), self.identity]
+        return [self._conv(), self._id_expr()]
 
     def plan(self) -> tuple[ConvSpec | None, tuple[str, ...]]:
         return _conv_spec(self.weight, None, self._geo()), ()
@@ -241,10 +254,15 @@ class ResidualConv(A.Sum):
 
     def fold(self, check: bool = True) -> A.Kernel:
         spec = _conv_spec(self.weight, None, self._geo())
+        if self.identity is None:
+            return A.Kernel(self.weight + self.id_weight(), None, spec)
         return A.add([A.Kernel(self.weight, None, spec), self.identity.fold(check=False)], check=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + A.Kernel(self.weight, None, _conv_spec(self.weight, None, self._geo())).apply(x)
+        k = A.Kernel(self.weight, None, _conv_spec(self.weight, None, self._geo()))
+        if self.identity is None:
+            return A.Kernel(self.weight + self.id_weight(), None, k.spec).apply(x)
+        return x + k.apply(x)
 
 
 class _Accelerated:

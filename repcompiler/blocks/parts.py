@@ -1,11 +1,14 @@
 """The one set of helpers every block is built from (built-in and user-declared alike):
 option checks, fresh parameters and their memory layouts, a sub-kernel placed in the
-conv's window, the fixed average and pattern kernels, branch ends (scale or BN)."""
+conv's window, the fixed average and pattern kernels, branch ends (scale or BN), and the
+weight-initialisation style fresh parameters get (:func:`weight_init_scope`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +22,9 @@ __all__ = [
     "SCALINGS",
     "check_options",
     "fresh_weight",
+    "WEIGHT_INITS",
+    "weight_init_scope",
+    "stacked_identity",
     "laid_out",
     "per_dim",
     "placed_parts",
@@ -41,11 +47,48 @@ def check_options(block: str, mode: str, scaling: str) -> None:
     check_choice("scaling", scaling, SCALINGS, owner=f"block {block!r}")
 
 
+#: weight-initialisation styles of fresh branch weights: ``"torch"`` as ``nn.Conv*d``
+#: (``kaiming_uniform_(a=sqrt(5))``, bound ``1/sqrt(fan_in)``); ``"kaiming"`` as the
+#: official OREPA code (``kaiming_uniform_(a=0)``, bound ``sqrt(6/fan_in)``, sqrt(6) larger)
+WEIGHT_INITS = ("torch", "kaiming")
+_WEIGHT_INIT: contextvars.ContextVar[str] = contextvars.ContextVar("repcompiler_weight_init", default="torch")
+
+
+@contextlib.contextmanager
+def weight_init_scope(kind: str | None) -> Iterator[None]:
+    """Within the block, :func:`fresh_weight` initialises in style ``kind`` (one of
+    :data:`WEIGHT_INITS`; ``None`` keeps the enclosing style)."""
+    if kind is None:
+        yield
+        return
+    check_choice("weight_init", kind, WEIGHT_INITS, owner="weight_init_scope")
+    token = _WEIGHT_INIT.set(kind)
+    try:
+        yield
+    finally:
+        _WEIGHT_INIT.reset(token)
+
+
 def fresh_weight(*shape: int) -> nn.Parameter:
-    """A new parameter initialised as ``nn.Conv*d`` initialises its weight
-    (kaiming-uniform with ``a=sqrt(5)``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
-    bound = 1.0 / math.sqrt(max(math.prod(shape[1:]), 1))
+    """A new parameter ``U(-bound, bound)`` with ``fan_in = prod(shape[1:])``: bound
+    ``1/sqrt(fan_in)`` as ``nn.Conv*d`` initialises its weight, or ``sqrt(6/fan_in)``
+    (``kaiming_uniform_(a=0)``, the official OREPA code) inside
+    ``weight_init_scope("kaiming")``."""
+    fan_in = max(math.prod(shape[1:]), 1)
+    bound = math.sqrt(6.0 / fan_in) if _WEIGHT_INIT.get() == "kaiming" else 1.0 / math.sqrt(fan_in)
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+def stacked_identity(rows: int, cols: int, dims: int, dtype: torch.dtype | None = None,
+                     device: torch.device | None = None) -> Tensor:
+    """The fixed part of an identity-initialised 1x1 ``[rows, cols, 1, ...]`` (``cols`` =
+    input channels per group): row ``i`` reads column ``i % cols``, as the official OREPA
+    code's ``id_tensor``. ``rows == cols * groups`` gives the (grouped) identity,
+    ``rows = 2 * in`` the identity stacked twice, ``rows < cols`` its first rows."""
+    w = torch.zeros(rows, cols, *(1,) * dims, dtype=dtype, device=device)
+    idx = torch.arange(rows, device=device)
+    w[(idx, idx % cols) + (0,) * dims] = 1.0
+    return w
 
 
 def laid_out(p: nn.Parameter, order: Sequence[int]) -> nn.Parameter:

@@ -13,6 +13,11 @@ frequency (``sum(u)``, then lexicographically); the constant (DC) function, whic
 average branch already provides, comes last, and output channel ``o`` gets basis
 function ``o mod prod(k)`` of that order. So no channel's prior is all-zero, and the
 first ``prod(k) - 1`` channels see distinct non-constant frequencies.
+
+:func:`official_prior` is the official code's prior, for exact reproduction (the
+``orepa`` block's ``prior="official"``; 2-d 3x3 only): the first half of the output
+channels get ``cos(pi (h + 1/2) (o + 1) / 3)`` (along the kernel's rows), the second half
+``cos(pi (w + 1/2) (o + 1 - O/2) / 3)`` (along its columns), ``O/2`` a float as there.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dct_basis", "frequency_prior"]
+__all__ = ["dct_basis", "frequency_prior", "official_prior", "PRIORS"]
+
+#: the ``orepa`` block's ``prior`` option: the DCT-II prior (default), the official
+#: code's 1-d 3x3 prior, or ``None`` (no prior branch: the paper's Tab. 2 ablation)
+PRIORS = ("dct", "official", None)
 
 
 def _frequencies(kernel_size: Sequence[int]) -> list[tuple[int, ...]]:
@@ -56,3 +65,20 @@ def frequency_prior(out_channels: int, kernel_size: Sequence[int], dtype: torch.
     basis = dct_basis(kernel_size, dtype)
     idx = torch.arange(out_channels) % basis.shape[0]
     return basis[idx].contiguous()
+
+
+def official_prior(out_channels: int, kernel_size: Sequence[int], dtype: torch.dtype | None = None) -> Tensor:
+    """The official OREPA code's prior ``[out_channels, 3, 3]`` (see the module
+    docstring; channels with frequency ``3 (mod 6)`` are all zero, as there). Raises
+    ``ValueError`` for any kernel but 2-d 3x3, the only one the official code builds."""
+    if tuple(int(k) for k in kernel_size) != (3, 3):
+        raise ValueError(f"the official OREPA prior exists for 3x3 kernels only, got {tuple(kernel_size)}")
+    half = out_channels / 2
+    t = torch.arange(3, dtype=torch.float64) + 0.5
+    out = torch.empty(out_channels, 3, 3, dtype=torch.float64)
+    for o in range(out_channels):
+        if o < half:
+            out[o] = torch.cos(math.pi * t * (o + 1) / 3)[:, None].expand(3, 3)
+        else:
+            out[o] = torch.cos(math.pi * t * (o + 1 - half) / 3)[None, :].expand(3, 3)
+    return out.to(dtype or torch.get_default_dtype())

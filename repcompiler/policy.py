@@ -1,0 +1,160 @@
+"""The default policy of :func:`~repcompiler.transform.orepa_transform`: which block
+each conv gets (the rule is documented in :mod:`repcompiler.transform`), the
+residual-shortcut analysis behind the paper's OREPA-ResNet rule, the per-layer policy
+forms (dict, callable, list) and the check of ``block_options``."""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+from torch import fx, nn
+
+from .blocks import ConvGeometry, get_block
+from .blocks.registry import accepted_options
+from .errors import RegistrationError, UnsupportedError, check_choice
+from .tracing import trace_units
+
+__all__ = ["Policy", "POLICIES", "default_block_for", "shortcut_convs", "policy_choice", "check_policy_and_options"]
+
+Policy = Union[None, str, Mapping[str, Union[str, None]], Callable[[str, nn.Module], Union[str, None]], Sequence[str]]
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = nn.modules.batchnorm._BatchNorm
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, _CONVS)
+
+
+#: the built-in default policies (``policy=None`` is ``"paper"``)
+POLICIES = ("paper", "all")
+
+
+def _odd_large(geom: ConvGeometry, k: int) -> bool:
+    return all(x % 2 == 1 for x in geom.kernel_size) and max(geom.kernel_size) >= k
+
+
+def default_block_for(geom: ConvGeometry, *, block: str = "orepa", first: bool = False, shortcut: bool = False,
+                      policy: str = "paper") -> str | None:
+    """The block the default policy gives a conv (see the module docstring); ``None``:
+    the conv stays as it is (a residual-shortcut 1x1 under ``policy="paper"``)."""
+    check_choice("policy", policy, POLICIES, owner="default_block_for")
+    if block != "orepa":
+        return block
+    if geom.is_pointwise_kernel:
+        return None if shortcut and policy == "paper" else "orepa_1x1"
+    if (first and _odd_large(geom, 5)) or (policy == "paper" and _odd_large(geom, 7)):
+        return "orepa_large"
+    return "orepa"
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+def _reaches(src: fx.Node, dst: fx.Node) -> bool:
+    """Whether ``src`` is ``dst`` or one of its inputs, transitively."""
+    seen, todo = set(), [dst]
+    while todo:
+        n = todo.pop()
+        if n is src:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def shortcut_convs(model: nn.Module) -> set[str]:
+    """Qualified names of the 1x1 convs on a residual shortcut (see the module docstring)."""
+    out: set[str] = set()
+    convs = {n for n, m in model.named_modules() if _is_conv(m) and all(k == 1 for k in m.kernel_size)}
+    if not convs:
+        return out
+    res = trace_units(model)
+    for unit in res.units:
+        prefix = unit.path + "." if unit.path else ""
+        for add in (n for n in unit.gm.graph.nodes if _is_add(n)):
+            args = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+            if len(args) != 2:
+                continue
+            for mine, other in (args, args[::-1]):
+                n = mine
+                while n.op == "call_module" and isinstance(unit.gm.get_submodule(str(n.target)), (_BNS, nn.Identity)):
+                    n = n.args[0]  # type: ignore[assignment]
+                if n.op == "call_module" and prefix + str(n.target) in convs and isinstance(n.args[0], fx.Node) \
+                        and _reaches(n.args[0], other):
+                    out.add(prefix + str(n.target))
+    traced = [u.path for u in res.units]
+    for name in convs:  # parts that did not trace: by name
+        untraced = not any(p == "" or name.startswith(p + ".") for p in traced)
+        if untraced and any(w in name for w in ("downsample", "shortcut")):
+            out.add(name)
+    return out
+
+
+def _checked_choice(choice: object, name: str) -> str | None:
+    """A policy's answer for conv ``name``: ``None``/``False`` (skip), ``True``/"default"
+    (the default policy) or a registered block name; anything else is the policy's
+    mistake, not the conv's, and raises (a typo must not silently leave convs plain)."""
+    if choice is None or choice is False:
+        return None
+    if choice is True or choice == "default":
+        return "default"
+    if not isinstance(choice, str):
+        raise UnsupportedError(f"policy for conv {name!r}: expected a block name, None, True or False, got {choice!r}")
+    try:
+        get_block(choice)
+    except RegistrationError as exc:
+        raise RegistrationError(f"policy for conv {name!r}: {exc}") from None
+    return choice
+
+
+def policy_choice(policy: Policy, name: str, conv: nn.Module) -> tuple[str | None, bool]:
+    """``(choice, decided)``: ``choice`` a block name, ``None`` (skip) or "default"."""
+    if policy is None or isinstance(policy, str):
+        return "default", False
+    if callable(policy) and not isinstance(policy, Mapping):
+        return _checked_choice(policy(name, conv), name), True
+    if isinstance(policy, Mapping):
+        for pattern, choice in policy.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return _checked_choice(choice, name), True
+        return "default", False
+    if isinstance(policy, (list, tuple, set, frozenset)):
+        for pattern in policy:
+            if fnmatch.fnmatchcase(name, pattern):
+                return None, True
+        return "default", False
+    raise UnsupportedError(f"policy must be None, a dict, a callable or a list of names, got {type(policy).__name__}")
+
+
+def check_policy_and_options(policy: Policy, block: str,
+                              block_options: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The default rule (``"paper"``/``"all"``) and the checked ``block_options``: each key
+    must be accepted by a builder the transform may use, and none may be ``mode``/``scaling``."""
+    rule = "paper"
+    if isinstance(policy, str):
+        check_choice("policy", policy, POLICIES, owner="orepa_transform")
+        rule = policy
+    options = dict(block_options or {})
+    if not isinstance(block_options, (Mapping, type(None))):
+        raise UnsupportedError(f"orepa_transform: block_options must be a dict, got {type(block_options).__name__}")
+    clash = sorted(set(options) & {"mode", "scaling"})
+    if clash:
+        raise UnsupportedError(f"orepa_transform: block_options {clash} are orepa_transform's own arguments")
+    names = ("orepa", "orepa_1x1", "orepa_large") if block == "orepa" else (block,)
+    known = {k for n in names for k in accepted_options(get_block(n), options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UnsupportedError(f"orepa_transform: block_options {unknown} are not accepted by block(s) "
+                               f"{', '.join(names)}")
+    return rule, options
+
+
