@@ -89,7 +89,8 @@ def assert_pipeline_matches_fold(net: nn.Module, x: torch.Tensor, **options) -> 
     assert count_convs(gm) == count_convs(folded)
     # fold's model-level rows for BatchNorms left (repcompiler.leftovers) come after the pipeline
     assert _entries(report) == [e for e in _entries(want_report) if e[2] != "left"]
-    assert res.modified == bool(report.folded)
+    # every fold modifies the graph; without folds Cleanup may still drop identity calls
+    assert res.modified or not report.folded
     return report
 
 
