@@ -341,3 +341,18 @@ def test_randomize_bn_settings():
     for bad in (dict(var_range=(0.0, 1.0)), dict(flip_prob=1.5), dict(draw_dtype=torch.int64)):
         with pytest.raises(rc.UnsupportedError, match="randomize_bn"):
             rc.testing.randomize_bn(net(), **bad)
+
+
+def test_randomize_bn_takes_an_int_seed_and_refuses_junk() -> None:
+    import pytest
+    from torch import nn
+
+    from repcompiler.errors import UnsupportedError
+    from repcompiler.testing import randomize_bn
+
+    a, b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    randomize_bn(a, 3)
+    randomize_bn(b, torch.Generator().manual_seed(3))
+    assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.weight, b.weight)
+    with pytest.raises(UnsupportedError, match="generator must be"):
+        randomize_bn(a, "3")

@@ -16,7 +16,7 @@ __all__ = ["randomize_bn", "randomize_module"]
 
 def randomize_bn(
     module: nn.Module,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     *,
     mean_std: float = 0.5,
     var_range: tuple[float, float] = (0.5, 2.0),
@@ -39,9 +39,9 @@ def randomize_bn(
 
     Args:
         module: a model, or a single BatchNorm.
-        generator: where the random numbers come from (default: a new generator
-            seeded with 0, so the result is deterministic). Pass your own to chain
-            draws, e.g. after :func:`randomize_module`.
+        generator: where the random numbers come from: a ``torch.Generator`` (pass
+            your own to chain draws, e.g. after :func:`randomize_module`), an ``int``
+            seed, or ``None`` (a new generator seeded with 0: deterministic).
         mean_std: standard deviation of the running means.
         var_range: ``(low, high)``, the range of the running variances (``low > 0``).
         bias_std: standard deviation of the BN biases (beta).
@@ -60,7 +60,10 @@ def randomize_bn(
         raise UnsupportedError(f"randomize_bn: flip_prob must be in [0, 1], got {flip_prob}")
     if not draw_dtype.is_floating_point:
         raise UnsupportedError(f"randomize_bn: draw_dtype must be a floating dtype, got {draw_dtype}")
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    if isinstance(generator, bool) or not isinstance(generator, (torch.Generator, int, type(None))):
+        raise UnsupportedError(f"randomize_bn: generator must be a torch.Generator, an int seed or None, "
+                               f"got {type(generator).__name__}")
+    g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(generator or 0)
 
     def rand(c: int) -> Tensor:
         return torch.rand(c, generator=g, dtype=draw_dtype)
