@@ -118,13 +118,18 @@ class DemoResult:
         body = []
         for form, c in self.cost.items():
             body.append([form] + [f"{c.seconds[b] * 1000:.0f} ms" for b in batches]
-                        + [f"{c.fixed * 1000:.0f} ms", f"{c.per_sample * 1000:.1f} ms", f"{c.peak / 2**20:.0f} MB"])
+                        + [f"{c.fixed * 1000:.0f} ms" if c.fixed >= 0 else "n/a*", f"{c.per_sample * 1000:.1f} ms",
+                           f"{c.peak / 2**20:.0f} MB"])
         widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
         fmt = [" | ".join(cell.ljust(wd) if i == 0 else cell.rjust(wd) for i, (cell, wd) in enumerate(zip(r, widths)))
                for r in [head] + body]
         note = (f"medians of {self.repeats} steps per cell on {self.device}; fixed + per sample: the line through "
                 "the two batch sizes")
-        return [*fmt, note, *textwrap.wrap(MEANING, max(len(f) for f in fmt))]
+        lines = [*fmt, note]
+        if any(c.fixed < 0 for c in self.cost.values()):
+            lines.append("* n/a: this form's step grew faster than linearly in the batch here (memory-bound), "
+                         "so the line has no meaningful fixed part")
+        return [*lines, *textwrap.wrap(MEANING, max(len(f) for f in fmt))]
 
     def __str__(self) -> str:
         return self.table()
