@@ -22,13 +22,7 @@ from helpers import randomize_bn, rel_err
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add (large, under load) overhead
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")  # conftest: tiny tensors, one intra-op thread
 
 
 # -- user layers ----------------------------------------------------------------------------
