@@ -330,11 +330,11 @@ def linearize(
     report = TransformReport(title="linearize")
     report.convs_before, report.params_before = count_convs(model), count_params(model)
     inputs = as_inputs(example_inputs, "linearize")
-    # inputs the model does not run on are refused before any work
-    want = _forward_eval(model, inputs) if inputs is not None else None
+    # with verify, inputs the model does not run on are refused before any work
+    want = _forward_eval(model, inputs) if inputs is not None and verify else None
     work = copy_model(model, "linearize", inplace)
     linearize_regions(work, scaling=scaling, post_bn=post_bn, init=init, rules=rules, verify=verify, report=report)
-    if want is not None and verify:
+    if want is not None:
         got = _forward_eval(work, inputs)
         if init == "from_bn":  # with fresh scales (init="default") only the run itself is checked
             compare_outputs(want, got, "linearize(init='from_bn')", "linearized model (eval mode)")
