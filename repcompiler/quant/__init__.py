@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 from .fake import (
+    channel_observer,
     channel_sqnr_db,
     fake_quantize_per_tensor,
     fake_quantize_weight,
     qrange,
     sqnr_db,
+    tensor_observer,
     weight_scale,
 )
 from .report import quant_report
@@ -27,6 +29,8 @@ __all__ = [
     "fake_quantize_per_tensor",
     "weight_scale",
     "qrange",
+    "tensor_observer",
+    "channel_observer",
     "sqnr_db",
     "channel_sqnr_db",
 ]
