@@ -299,7 +299,8 @@ def _linearize_unit(unit: TracedUnit, cands: list[LinearizeCandidate], handled: 
             log.warning("linearize: %s: %s", where, exc)
             report.notes.append(f"{where}: {exc}")
             continue
-        for d in done:
+        for c, d in zip(group, done):
+            d.convs = list(dict.fromkeys([*d.convs, *c.convs]))  # with convs traced into (DBB's 1x1)
             handled |= set(d.convs)
             report.add(
                 d.region, "branches", "linearized",

@@ -264,6 +264,21 @@ def _scan_refusals(gm: fx.GraphModule, covered: set[fx.Node]) -> list[tuple[fx.N
     return out
 
 
+def _traced_into_convs(unit: TracedUnit, region: Region) -> list[str]:
+    """Conv modules whose ``forward`` was traced into and whose ops are in ``region``
+    (e.g. DBB's identity-based 1x1): they belong to the block as much as called convs."""
+    out: list[str] = []
+    for n in region.nodes:
+        for p in node_owner(n):
+            try:
+                m = unit.module.get_submodule(p)
+            except AttributeError:
+                continue
+            if isinstance(m, _CONVS) and p not in out:
+                out.append(p)
+    return out
+
+
 def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | None = None) -> list[LinearizeCandidate]:
     """The multi-branch BN blocks of one traced unit (linearizable ones carry their
     region) and the refused sums, with qualified names. ``regions``: the unit's regions
@@ -280,7 +295,8 @@ def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | 
         cands.append(LinearizeCandidate(
             name=qualify(unit.path, r.name) if not unit.path else f"{unit.path}: {r.name}",
             owner=qualify(unit.path, region_owner(r)),
-            convs=[qualify(unit.path, t) for t, m in mods if isinstance(m, _CONVS)],
+            convs=[qualify(unit.path, t) for t in [*(t for t, m in mods if isinstance(m, _CONVS)),
+                                                   *_traced_into_convs(unit, r)]],
             bns=[qualify(unit.path, n) for n, _ in branch_bns(gm, r)],
             reason=why,
             kind=r.kind,

@@ -143,8 +143,13 @@ def test_dbb_linearizes_to_one_online_conv_per_block_float64(groups):
     lin(x).square().sum().backward()
     names = [n for n, p in lin.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not names, names
-    if groups == 1:
+    if groups == 1:  # the identity-based 1x1 is traced into: part of the block, its weight trains
         assert lin[0].dbb_1x1_kxk.idconv1.weight.grad is not None
+        convs = {c for e in report.by_action("linearized") for c in e.details["convs"]}
+        assert {"0.dbb_1x1_kxk.idconv1", "2.dbb_1x1_kxk.idconv1"} <= convs
+        _, rep = rc.orepa_transform(model, return_report=True)
+        assert len(rep.by_action("linearized")) == 2 and not rep.by_action("transformed")
+        assert not rep.by_action("refused"), [(e.name, e.reason) for e in rep.by_action("refused")]
 
 
 def test_dbb_bn_and_pad_in_training_mode_only_when_its_bn_becomes_a_scale():
