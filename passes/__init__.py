@@ -21,6 +21,9 @@ pass                        what it does
 ``PushBias``                a conv's bias into the eval BNs its output reaches
                             (:mod:`.push_bias`)
 ``Cleanup``                 drop identity calls and dead constants (:mod:`.cleanup`)
+``FoldLinearBN``            Linear/BatchNorm1d pairs on ``(N, C)`` features (no 0-d convs in
+                            the algebra): ``fold`` runs it on each traced unit first
+                            (:mod:`.fold_linear_bn`)
 ==========================  ==============================================================
 
 :func:`~repcompiler.passes.squeeze.fold_passes` is ``FindRegions -> SqueezeRegions ->

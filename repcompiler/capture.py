@@ -39,7 +39,9 @@ What it adds (each seen in real code, see ``tests/fixtures_thirdparty.py``):
   (random inputs, two sizes) and rewrites the nodes to ``bn(F.pad(x))`` (a plain
   ``F.pad`` then the BN leaf, which the fold rules lower); otherwise the nodes stay
   and the reason is recorded in :func:`capture_info`. In training mode the pattern is
-  left alone (batch statistics make the two differ).
+  left alone (batch statistics make the two differ), unless the tracer has
+  ``bns_become_scales`` (``linearize``: the BN becomes a learnable affine, for which
+  the rewritten form is exact in both modes; see :mod:`repcompiler.capture_patterns`).
 
 Input-shape arithmetic (``x.shape[0]`` used as a Python int) is **not** captured:
 that would specialise the graph on one input size; such modules stay untraced.
@@ -97,6 +99,10 @@ class CaptureInfo:
     used: list[tuple[str, str]] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)
+    scaled_bns: list[str] = field(default_factory=list)
+    """Targets of training-mode BNs whose BN-and-pad layer was rewritten because they
+    become learnable affines (``bns_become_scales``): the rewritten graph is exact only
+    where they do."""
 
     @property
     def needed(self) -> bool:
@@ -217,7 +223,8 @@ class CaptureTracerMixin:
         finally:
             self._concrete = {}
         if isinstance(self.root, nn.Module):  # type: ignore[attr-defined]
-            rewrite_bn_pad_borders(graph, self.root, self.capture.rewrites, self.capture.declined)  # type: ignore[attr-defined]
+            rewrite_bn_pad_borders(graph, self.root, self.capture.rewrites, self.capture.declined,  # type: ignore[attr-defined]
+                                   scaled=self.capture.scaled_bns if getattr(self, "bns_become_scales", False) else None)
         setattr(graph, _INFO_ATTR, self.capture)
         return graph
 

@@ -21,6 +21,19 @@ the padded tensor before the last write, and the original nodes and the rewritte
 agree numerically on random inputs of two sizes (so which pixels are written, and
 with what, is checked rather than parsed from the slices). Otherwise the graph is left
 as traced and the reason is returned.
+
+**Training mode** (the decision for ``linearize``). With a BN in training mode the two
+forms differ (the interior is normalised with batch statistics, the border holds the
+running-statistics constant), so by default the pattern is not rewritten. But
+``linearize`` replaces every branch BN by a learnable per-channel affine ``a`` (BnToScale,
+initialised from the BN's running statistics with ``init="from_bn"``), and for an
+affine the BN-and-pad layer *is* "zero pad, then ``a``" in both modes (its border, the
+layer's output for a zero input, is ``a(0)``). So when the caller says the BNs become
+affines (``scaled`` given: the tracer's ``bns_become_scales``), a training-mode BN is
+accepted: the same structural checks apply, the numeric check runs with the BN in eval
+mode (its running statistics are not touched), and the BN's target is appended to
+``scaled``. The caller must then only use the rewritten graph where that BN does
+become an affine (``linearize`` refuses to rewrite an owner where it would stay a BN).
 """
 
 from __future__ import annotations
@@ -71,31 +84,35 @@ def _spatial_dims(bn: nn.Module, pad: Any) -> int:
     return max(1, len(pad) // 2)
 
 
-def _match(node: fx.Node, root: nn.Module) -> tuple[fx.Node, nn.Module, list[fx.Node]] | None:
+def _match(node: fx.Node, root: nn.Module, training_ok: bool) -> tuple[fx.Node, nn.Module, list[fx.Node]] | None:
     """``(bn node, bn module, setitem nodes)`` if ``node`` is ``F.pad(bn(x))`` written
-    into afterwards (structure only), else ``None``."""
+    into afterwards (structure only), else ``None``. A BN in training mode only when
+    ``training_ok``."""
     if node.op != "call_function" or node.target is not F.pad or not node.args:
         return None
     y = node.args[0]
     if not isinstance(y, fx.Node) or y.op != "call_module" or len(y.users) != 1 or len(y.args) != 1 or y.kwargs:
         return None
     bn = root.get_submodule(str(y.target))
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or (bn.training and not training_ok) \
+            or bn.running_mean is None:
         return None
     writes = [u for u in node.users if u.op == "call_function" and u.target is operator.setitem
               and u.args and u.args[0] is node]
     return (y, bn, writes) if writes else None
 
 
-def rewrite_bn_pad_borders(graph: fx.Graph, root: nn.Module, rewrites: list[str], declined: list[str]) -> int:
+def rewrite_bn_pad_borders(graph: fx.Graph, root: nn.Module, rewrites: list[str], declined: list[str],
+                           scaled: list[str] | None = None) -> int:
     """Rewrite every checked BN-and-pad border pattern of ``graph`` (whose modules live
     under ``root``) into ``bn(F.pad(x))`` (see the module docstring). Appends a line per
     rewrite to ``rewrites`` and per refused candidate (with the reason) to
-    ``declined``; returns the number of rewrites."""
+    ``declined``; returns the number of rewrites. ``scaled``: the BNs become affines
+    (training-mode BNs accepted; their targets are appended to it)."""
     done = 0
     order = {n: i for i, n in enumerate(graph.nodes)}
     for pad in list(graph.nodes):
-        found = _match(pad, root)
+        found = _match(pad, root, scaled is not None)
         if found is None:
             continue
         y, bn, writes = found
@@ -106,6 +123,8 @@ def rewrite_bn_pad_borders(graph: fx.Graph, root: nn.Module, rewrites: list[str]
             log.info("%s", declined[-1])
             continue
         _rewrite(graph, pad, y, writes)
+        if bn.training and scaled is not None:
+            scaled.append(str(y.target))
         rewrites.append(f"{where}: F.pad({y.target}(x)) + border writes -> {y.target}(F.pad(x)) (checked)")
         log.debug("%s", rewrites[-1])
         done += 1
@@ -151,14 +170,18 @@ def _numeric_check(order: dict[fx.Node, int], pad: fx.Node, y: fx.Node, bn: nn.M
     ref_t = bn.running_var
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
+    training = bn.training
     for size in ((5,) * dims, tuple(6 + i for i in range(dims))):
         x = torch.randn((2, bn.num_features, *size), generator=gen).to(ref_t)
         try:
+            bn.train(False)  # the eval affine (a training-mode BN: the affine it becomes)
             with torch.no_grad():
                 got = runner(x)
                 want = bn(F.pad(x, list(amounts)))
         except Exception as exc:
             return f"running the pattern failed ({type(exc).__name__}: {exc})"
+        finally:
+            bn.train(training)
         if got.shape != want.shape:
             return f"shapes differ ({tuple(got.shape)} vs {tuple(want.shape)})"
         scale = float(want.abs().max()) or 1.0

@@ -2,8 +2,15 @@
 
 Pipeline (each step a pass of :mod:`repcompiler.passes` or a module of its own)::
 
-    capture (trace_units: fallback to the largest traceable submodules) -> find regions
-    -> fold + verify each region -> rewrite the module hierarchy in place -> verify
+    capture (trace_units, once: fallback to the largest traceable submodules) -> per unit:
+    Linear/BN1d pairs (FoldLinearBN) -> find regions -> fold + verify each region ->
+    rewrite the module hierarchy in place -> verify -> explain every BN left
+
+Every step reads the graphs of the one capture: the Linear/BN1d pass runs on them, and
+the BNs left are explained from them (:mod:`repcompiler.leftovers`, with a map from the
+folded regions' nodes to the modules that now compute them), not from a new trace.
+Only an owner whose ``forward`` is rewritten is traced again, alone
+(:func:`repcompiler.rewrite.owner_graph`), to produce its own code.
 
 **How the hierarchy is edited** (names, ``state_dict`` keys and user methods survive
 outside the rewritten regions; the owner of a region with function calls keeps its
@@ -27,6 +34,7 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_map
@@ -34,7 +42,8 @@ from torch.utils._pytree import tree_map
 from .entry import check_model, copy_model
 from .errors import RepCompilerError, UnsupportedError, VerificationError
 from .passes.base import run_passes
-from .passes.fold_linear_bn import fold_linear_bn
+from .passes.find_regions import Region
+from .passes.fold_linear_bn import FoldLinearBN
 from .passes.squeeze import fold_passes, set_submodule, squeeze_region
 from .passes.state import PipelineState
 from .report import FoldReport, count_convs, count_params
@@ -124,11 +133,12 @@ def compile_folds(
         ref_out, unit_args, unit_outs = _run_capturing(work, inputs, traced.units)
 
     shared = _shared_modules(work)
+    pairs: list[tuple[str, str]] = []
+    replaced: dict[fx.Node, str] = {}
     with _few_threads():
         for unit in traced.units:
-            _fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path), merge_convs)
-        # Linear/BN1d pairs: the kernel algebra has no 0-d convs, a dedicated pass folds them
-        _, pairs = fold_linear_bn(work, inputs if traced.whole else None, inplace=True)
+            replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path),
+                                       merge_convs, pairs))
     for linear, bn in pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
@@ -155,7 +165,8 @@ def compile_folds(
 
     for path, reason in opaque_reasons(work, rules):
         report.add(path, type(dict(work.named_modules())[path]).__name__, "opaque", reason)
-    explain_left_bns(work, report, rules)  # every BatchNorm left gets a row saying why
+    # every BatchNorm left gets a row saying why, read from the graphs traced above (no re-trace)
+    explain_left_bns(work, report, rules, traced, replaced)
     report.convs_after = count_convs(work)
     report.params_after = count_params(work)
     report.seconds = time.perf_counter() - t0
@@ -240,32 +251,51 @@ def _fold_unit(
     verify: bool,
     report: FoldReport,
     args: tuple | None,
-    merge_convs: bool = False,
-) -> None:
-
+    merge_convs: bool,
+    linear_pairs: list[tuple[str, str]],
+) -> dict[fx.Node, str]:
+    """Fold one traced unit: Linear/BN1d pairs (:class:`FoldLinearBN`), then the conv
+    regions (:func:`fold_passes`), whose plans are applied by the owner rewrite.
+    Appends the folded Linear/BN pairs to ``linear_pairs``; returns, for the nodes of
+    ``unit.gm`` a folded region replaced, the qualified name of the module now
+    computing that region (the graph is not re-traced afterwards: this says what its
+    stale nodes became)."""
     gm = unit.gm
+    prefix = unit.path + "." if unit.path else ""
     if args is not None:
         try:
             ShapeProp(gm).propagate(*args)
         except Exception as exc:  # shapes are only a hint
             log.debug("shape propagation of %s failed: %s", unit.path or "<root>", exc)
-    # analysis and folding are the pass pipeline; applying the plans rewrites owners
+    # analysis and folding are the pass pipeline; applying the plans rewrites owners.
+    # Linear/BN1d pairs first (the kernel algebra has no 0-d convs: a dedicated pass;
+    # a BN it folds reads a 2-d value, which no conv region holds)
+    linear_bn = FoldLinearBN(unit.module)
     state = PipelineState()
-    run_passes(gm, fold_passes(rules, shared_modules=shared, merge_convs=merge_convs, verify=verify,
-                               prefix=unit.path + "." if unit.path else "", report=report, rewrite=False),
+    run_passes(gm, [linear_bn, *fold_passes(rules, shared_modules=shared, merge_convs=merge_convs, verify=verify,
+                                            prefix=prefix, report=report, rewrite=False)],
                state=state, lint=False)
+    linear_pairs += [(prefix + a, prefix + b) for a, b in linear_bn.folded]
     plans = [(p.region, p.folded, p.params_before) for p in state.plans]
     if not plans:
-        return
+        return {}
+
+    replaced: dict[fx.Node, str] = {}
+
+    def applied(region: Region, target: str | None) -> None:
+        for n in region.nodes:
+            replaced[n] = qualify(unit.path, target or "")
 
     groups, direct = group_by_owner(plans, lambda plan: plan[0])
     for owner, group in groups.items():
         try:
             og = owner_graph(unit, owner, [r for r, _, _ in group])
-            replaced: dict = {}
+            squeezed: dict = {}
+            targets = []
             for r, (orig, folded, _) in zip(og.regions, group):
                 target = conv_target(unit.module, orig)
-                squeeze_region(og.gm, r, folded, og.local(target), replaced=replaced)
+                targets.append(target)
+                squeeze_region(og.gm, r, folded, og.local(target), replaced=squeezed)
             og.finish()
         except RepCompilerError as exc:
             for plan in group:
@@ -275,7 +305,8 @@ def _fold_unit(
                     report.add_region(plan[0], "refused", f"could not rewrite the forward of "
                                       f"{qualify(unit.path, owner) or '<root>'}: {exc}")
             continue
-        for r, folded, before in group:
+        for (r, folded, before), target in zip(group, targets):
+            applied(r, target)
             report.add_region(r, "folded", params_before=before,
                               params_after=sum(p.numel() for p in folded.parameters()))
 
@@ -283,5 +314,7 @@ def _fold_unit(
         target = conv_target(unit.module, r)
         for t in r.module_targets():
             set_submodule(unit.module, t, folded if t == target else nn.Identity())
+        applied(r, target)
         report.add_region(r, "folded", params_before=before,
                           params_after=sum(p.numel() for p in folded.parameters()))
+    return replaced

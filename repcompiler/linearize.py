@@ -10,8 +10,10 @@ gets OREPA's training cost without rewriting the model::
 
 What it does (arXiv 2204.00826, Sec. 3), as one pipeline shared with ``fold``:
 
-1. **capture**: trace the model once (:func:`repcompiler.tracing.trace_units`, in
-   training mode; untraceable parts are skipped and reported);
+1. **capture**: trace the model once (:func:`repcompiler.multibranch.analyse_model`:
+   :func:`repcompiler.tracing.trace_units` in training mode, each unit's regions found
+   once; untraceable parts are skipped and reported; ``orepa_transform`` passes its own
+   analysis, which it also pairs convs with BNs from);
 2. **analysis**: find linear regions (:func:`passes.find_regions.find_regions`, BNs
    lowered as BNs) and **select** the multi-branch BN blocks
    (:mod:`repcompiler.multibranch`): a region that adds (or concatenates) branches
@@ -37,6 +39,23 @@ What it does (arXiv 2204.00826, Sec. 3), as one pipeline shared with ``fold``:
 7. **verify** (:func:`passes.squeeze.verify_region`, :mod:`repcompiler.verify`): each
    online block in eval mode against the original region (``init="from_bn"``) or its
    own unfolded branches, and with ``example_inputs`` the whole model.
+
+**Training-mode capture: BNs that become scales** (the decision for DBB). Linearize
+replaces every branch BN by a learnable per-channel affine (BnToScale; with
+``init="from_bn"`` initialised from the BN's running statistics). The official DBB's
+BN-and-pad layer (``F.pad(bn(x))`` with its border overwritten by the BN's output for a
+zero input) equals "zero pad, then the BN" only in eval mode, and linearize traces the
+training forward. But once its BN is an affine ``a``, the layer *is* "zero pad, then
+``a``" in both modes (its border is ``a(0)``). So linearize captures with
+``bns_become_scales=True``: the BN-and-pad rewrite (:mod:`repcompiler.capture_patterns`)
+accepts a training-mode BN (checked numerically with the BN in eval mode), and an owner
+whose forward would be regenerated with such a layer whose BN is *not* in a block
+linearized there is left as it is (reported in ``notes``: the rewritten form would not
+be the original in training mode). DBB's identity-based 1x1 (a conv subclass computing
+``F.conv2d(x, weight + id)``, with no ``training``-dependent code) is traced into in
+training mode too, and a conv whose weight is such a sum lowers as a sum of convs, so
+its weight stays a live parameter of the online block. ``fold`` traces in eval mode
+and keeps its checks: a live (training-mode) BN is never rewritten there.
 
 Nonlinear parts (activations, SE/attention, drop-path, anything without a rule) stay
 where they are. An op without a rule *between* two sums of a block ends the region:
@@ -96,7 +115,7 @@ from .blocks.accel import LinearizedSumAccelerator
 from .entry import check_model, copy_model
 from .inputs import as_inputs, run_example
 from .errors import RepCompilerError, VerificationError, check_choice
-from .multibranch import LinearizeCandidate, analyse_unit, find_linearizable
+from .multibranch import LinearizeCandidate, ModelAnalysis, analyse_model, analyse_unit, find_linearizable
 from .online import OnlineConv
 from .passes.base import run_passes
 from .passes.bn_to_scale import META_LINEARIZE, BnToScale, branch_bns, check_options
@@ -104,9 +123,10 @@ from .passes.find_regions import Region
 from .passes.insert_post_bn import META_POST_BN, InsertPostBN
 from .passes.squeeze import region_reference, squeeze_region, verify_region
 from .report import TransformReport, count_convs, count_params
-from .rewrite import OwnerGraph, conv_target, group_by_owner, owner_graph, qualify
+from .capture import capture_info
+from .rewrite import OwnerGraph, conv_target, group_by_owner, is_under, owner_graph, qualify
 from .rules import RuleRegistry, default_rules
-from .tracing import TracedUnit, trace_units
+from .tracing import TracedUnit
 from .verify import compare_outputs, eval_mode
 
 __all__ = ["linearize", "linearize_regions", "find_linearizable", "LinearizeCandidate"]
@@ -206,6 +226,7 @@ def linearize_regions(
     rules: RuleRegistry | None = None,
     verify: bool = True,
     report: TransformReport | None = None,
+    analysis: ModelAnalysis | None = None,
 ) -> tuple[nn.Module, set[str]]:
     """Linearize every multi-branch BN block of ``model`` **in place**; the hook
     :func:`repcompiler.orepa_transform` calls before wrapping convs.
@@ -215,20 +236,31 @@ def linearize_regions(
     with ``mode="offline"``, of the convs of the linearizable blocks, which are left as
     they are (they already are the offline, BN-per-branch form). Either way the caller
     should not wrap those convs. ``report`` (if given) gets one entry per block.
+
+    ``analysis``: the model's capture and region analysis in training mode
+    (:func:`~repcompiler.multibranch.analyse_model` with ``training=True`` and
+    ``bns_become_scales=True``), when the
+    caller needs it too (``orepa_transform`` pairs the remaining convs with their BNs
+    from the same regions); by default the model is traced and analysed here. The
+    units' graphs are rewritten by the linearization: read what else is needed from
+    them first.
     """
     check_options(scaling, init)
     check_choice("mode", mode, MODES, owner="linearize")
     rules = rules if rules is not None else default_rules
     report = report if report is not None else TransformReport(title="linearize")
+    if analysis is None:  # traces are specialised on .training: trace the training forward
+        analysis = analyse_model(model, rules=rules, training=True, bns_become_scales=True)
+    elif not analysis.training:
+        raise RepCompilerError("linearize_regions: the analysis must be traced in training mode")
     modules = list(model.modules())
     flags = [m.training for m in modules]
     handled: set[str] = set()
     try:
-        model.train()  # traces are specialised on .training: trace the training forward
-        traced = trace_units(model, rules=rules)
-        report.skipped += traced.skipped
-        for unit in traced.units:
-            cands = analyse_unit(unit, rules)
+        model.train()  # owners are re-traced for their rewrite in the mode the units were traced in
+        report.skipped += analysis.traced.skipped
+        for unit in analysis.units:
+            cands = analyse_unit(unit, rules, analysis.regions[unit.path])
             for c in cands:
                 if not c.ok and c.inner:
                     report.add(c.name, c.kind, "kept", f"{c.reason}; the block(s) inside it linearized on their "
@@ -254,8 +286,10 @@ def _linearize_unit(unit: TracedUnit, cands: list[LinearizeCandidate], handled: 
     groups, direct = group_by_owner(cands, lambda c: c.region)
     for c in direct:  # a block always holds a sum or concat: never only module calls
         groups.setdefault("", []).append(c)  # pragma: no cover
+    scaled = capture_info(unit.gm).scaled_bns  # BN-and-pad layers rewritten for BNs that become scales
     for owner, group in groups.items():
         try:
+            _check_scaled(unit, owner, group, scaled)
             og = owner_graph(unit, owner, [c.region for c in group])
             done = _linearize_owner(og, unit, [c.name for c in group], **options)
         except RepCompilerError as exc:
@@ -265,7 +299,8 @@ def _linearize_unit(unit: TracedUnit, cands: list[LinearizeCandidate], handled: 
             log.warning("linearize: %s: %s", where, exc)
             report.notes.append(f"{where}: {exc}")
             continue
-        for d in done:
+        for c, d in zip(group, done):
+            d.convs = list(dict.fromkeys([*d.convs, *c.convs]))  # with convs traced into (DBB's 1x1)
             handled |= set(d.convs)
             report.add(
                 d.region, "branches", "linearized",
@@ -274,6 +309,19 @@ def _linearize_unit(unit: TracedUnit, cands: list[LinearizeCandidate], handled: 
                 d.params_before, d.params_after,
                 target=d.target, convs=d.convs, bns=d.bns, post_bn=d.post_bn,
             )
+
+
+def _check_scaled(unit: TracedUnit, owner: str, group: list[LinearizeCandidate], scaled: list[str]) -> None:
+    """Refuse to rewrite ``owner`` if its forward holds a BN-and-pad layer captured in its
+    affine form (:mod:`repcompiler.capture_patterns`) whose BN would stay a BN: the
+    rewritten forward would not be the original in training mode."""
+    mine = {t for c in group for t, _ in branch_bns(unit.gm, c.region)}  # type: ignore[arg-type]
+    left = [t for t in scaled if is_under(t, owner) and t not in mine]
+    if left:
+        raise RepCompilerError(
+            f"the BN-and-pad layer of {', '.join(qualify(unit.path, t) for t in left)} is captured as 'zero pad, "
+            "then the BN's affine', which is exact only where its BN becomes a scale, and it is not in a block "
+            "linearized here: its owner is left as it is")
 
 
 def _sync_new_modules(model: nn.Module, old: set[int]) -> None:

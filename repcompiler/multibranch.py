@@ -9,8 +9,11 @@ branch that is not linear. Sums outside every selected region whose branches end
 an unusable BN (``BN -> activation -> add``, ``track_running_stats=False``) are
 reported too, with the reason.
 
-This module owns :class:`LinearizeCandidate`, :func:`analyse_unit` (one traced unit)
-and :func:`find_linearizable` (a whole model, read-only).
+This module owns :class:`ModelAnalysis` and :func:`analyse_model` (the one capture and
+region analysis of a model that ``linearize`` and ``orepa_transform`` share: each unit
+traced once, its regions found once, before any rewrite), :class:`LinearizeCandidate`,
+:func:`analyse_unit` (one traced unit) and :func:`find_linearizable` (a whole model,
+read-only).
 """
 
 from __future__ import annotations
@@ -30,15 +33,56 @@ from .passes.find_regions import Region, find_regions, node_owner
 from .passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES
 from .rewrite import qualify, region_owner
 from .rules import RuleRegistry, default_rules
-from .tracing import TracedUnit, trace_units
+from .tracing import TracedUnit, TraceResult, trace_units
 
-__all__ = ["LinearizeCandidate", "analyse_unit", "find_linearizable", "is_sum", "is_activation"]
+__all__ = ["ModelAnalysis", "analyse_model", "LinearizeCandidate", "analyse_unit", "find_linearizable", "is_sum",
+           "is_activation"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SUM_TARGETS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_"}
+
+
+@dataclass
+class ModelAnalysis:
+    """One capture and one region analysis of a model (:func:`analyse_model`).
+
+    ``traced``: the units that traced and the parts that did not; ``regions``: each
+    unit's linear regions (:func:`~repcompiler.passes.find_regions.find_regions`, keyed
+    by the unit's path), found on the graphs as traced, before anything rewrote them;
+    ``training``: the mode the model was traced in (traces are specialised on it).
+    """
+
+    traced: TraceResult
+    regions: dict[str, list[Region]]
+    training: bool
+
+    @property
+    def units(self) -> list[TracedUnit]:
+        return self.traced.units
+
+
+def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, training: bool | None = None,
+                  bns_become_scales: bool = False) -> ModelAnalysis:
+    """Trace ``model`` once (:func:`~repcompiler.tracing.trace_units`) and find each
+    unit's regions once. ``training``: trace in that mode (every module's flag is put
+    back afterwards); ``None`` traces in the modes the modules are in.
+    ``bns_become_scales``: the caller replaces branch BNs by affines (``linearize``;
+    see :mod:`repcompiler.tracing`)."""
+    rules = rules if rules is not None else default_rules
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    try:
+        if training is not None:
+            model.train(training)
+        traced = trace_units(model, rules=rules, bns_become_scales=bns_become_scales)
+        regions = {u.path: find_regions(u.gm, rules) for u in traced.units}
+    finally:
+        for m, f in zip(modules, flags):
+            m.training = f
+    return ModelAnalysis(traced, regions, model.training if training is None else training)
 
 
 @dataclass
@@ -220,13 +264,29 @@ def _scan_refusals(gm: fx.GraphModule, covered: set[fx.Node]) -> list[tuple[fx.N
     return out
 
 
-def analyse_unit(unit: TracedUnit, rules: RuleRegistry) -> list[LinearizeCandidate]:
+def _traced_into_convs(unit: TracedUnit, region: Region) -> list[str]:
+    """Conv modules whose ``forward`` was traced into and whose ops are in ``region``
+    (e.g. DBB's identity-based 1x1): they belong to the block as much as called convs."""
+    out: list[str] = []
+    for n in region.nodes:
+        for p in node_owner(n):
+            try:
+                m = unit.module.get_submodule(p)
+            except AttributeError:
+                continue
+            if isinstance(m, _CONVS) and p not in out:
+                out.append(p)
+    return out
+
+
+def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | None = None) -> list[LinearizeCandidate]:
     """The multi-branch BN blocks of one traced unit (linearizable ones carry their
-    region) and the refused sums, with qualified names."""
+    region) and the refused sums, with qualified names. ``regions``: the unit's regions
+    if already found (:class:`ModelAnalysis`), else they are found here."""
     gm = unit.gm
     cands: list[LinearizeCandidate] = []
     covered: set[fx.Node] = set()
-    for r in find_regions(gm, rules):
+    for r in (regions if regions is not None else find_regions(gm, rules)):
         why = _classify(gm, r)
         if why is None:
             continue
@@ -235,7 +295,8 @@ def analyse_unit(unit: TracedUnit, rules: RuleRegistry) -> list[LinearizeCandida
         cands.append(LinearizeCandidate(
             name=qualify(unit.path, r.name) if not unit.path else f"{unit.path}: {r.name}",
             owner=qualify(unit.path, region_owner(r)),
-            convs=[qualify(unit.path, t) for t, m in mods if isinstance(m, _CONVS)],
+            convs=[qualify(unit.path, t) for t in [*(t for t, m in mods if isinstance(m, _CONVS)),
+                                                   *_traced_into_convs(unit, r)]],
             bns=[qualify(unit.path, n) for n, _ in branch_bns(gm, r)],
             reason=why,
             kind=r.kind,
@@ -260,6 +321,6 @@ def find_linearizable(
     """Analyse ``model`` without changing it: the multi-branch BN blocks (linearizable
     or refused with the reason) and the parts that did not trace ``(path, reason)``."""
     rules = rules if rules is not None else default_rules
-    res = trace_units(model, rules=rules)
-    cands = [c for unit in res.units for c in analyse_unit(unit, rules)]
-    return cands, list(res.skipped)
+    analysis = analyse_model(model, rules=rules)
+    cands = [c for unit in analysis.units for c in analyse_unit(unit, rules, analysis.regions[unit.path])]
+    return cands, list(analysis.traced.skipped)

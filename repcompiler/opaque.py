@@ -10,17 +10,22 @@ conv), a BatchNorm without running statistics (``track_running_stats=False``
 normalizes with batch statistics even in eval mode), a non-zero padding mode, or the
 rule declining for another reason.
 
-Owns :func:`opaque_reasons`; ``fold``/``deploy`` add its rows to their report with
-action ``"opaque"``.
+Owns :func:`opaque_reasons` (``fold``/``deploy`` add its rows to their report with
+action ``"opaque"``) and :func:`conv_reason`, the one place that decides why a conv is
+not a plain conv (``orepa_transform`` refuses such a conv with that reason): the
+registry's decision (no rule, e.g. a transposed conv; the conv rule declining it; forward
+hooks) plus, for a block target, what a block cannot carry over (uninitialised lazy
+parameters, a weight parametrization, which the rule folds at its current value).
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .rules import LowerInfo, RuleRegistry, default_rules, has_forward_hooks
 
-__all__ = ["opaque_reasons"]
+__all__ = ["opaque_reasons", "conv_reason"]
 
 _CONV_BN = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
 _DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
@@ -40,7 +45,7 @@ def _info(module: nn.Module, path: str) -> LowerInfo:
 
 def _reason(module: nn.Module, base: type) -> str:
     if has_forward_hooks(module):
-        return "has forward hooks (a fold would drop them; hook-based weight/spectral norm live there)"
+        return "has forward hooks (a fold or a block would drop them; hook-based weight/spectral norm live there)"
     if type(module).forward is not base.forward:
         return (f"{type(module).__name__} overrides forward(); the rule for {base.__name__} does not describe "
                 "what it computes")
@@ -50,6 +55,40 @@ def _reason(module: nn.Module, base: type) -> str:
     if mode != "zeros":
         return f"padding_mode={mode!r}: only zero padding is linear in the kernel"
     return f"the rule for {base.__name__} declines this instance"
+
+
+def _declined(module: nn.Module, path: str, rules: RuleRegistry) -> str | None:
+    """Why ``module`` (which has a rule) is opaque, or ``None`` when its rule lowers it."""
+    if not has_forward_hooks(module):
+        try:
+            if rules.lower_module(module, _info(module, path)) is not None:
+                return None
+        except Exception as exc:  # a rule that fails on this instance: opaque too
+            return f"its rule raised {type(exc).__name__}: {exc}"
+    return _reason(module, _ruled_base(module, rules))
+
+
+def conv_reason(module: nn.Module, rules: RuleRegistry | None = None, *, block: bool = False) -> str | None:
+    """Why the conv ``module`` is not a plain conv, or ``None`` when it is one.
+
+    The registry decides (the module docstring): a conv type without a rule (transposed
+    convs), a rule that declines the instance (``padding_mode``, a subclass overriding
+    ``forward``), forward hooks. With ``block`` (the conv would be replaced by a training
+    block, :func:`repcompiler.orepa_transform`) also a lazy conv with uninitialised
+    parameters and a parametrized weight (the rule folds its current value; a block
+    would drop the parametrization).
+    """
+    rules = rules if rules is not None else default_rules
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed conv (no lowering rule: not a plain conv, not a block target)"
+    if block and isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy conv with uninitialised parameters"
+    if rules.lookup(module) is None:
+        return f"{type(module).__name__} has no lowering rule (not a plain conv)"
+    if block and parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())  # type: ignore[union-attr]
+        return f"parametrized {names} (e.g. spectral_norm, weight_norm): a block would drop the parametrization"
+    return _declined(module, "", rules)
 
 
 def opaque_reasons(model: nn.Module, rules: RuleRegistry | None = None) -> list[tuple[str, str]]:
@@ -66,12 +105,7 @@ def opaque_reasons(model: nn.Module, rules: RuleRegistry | None = None) -> list[
             continue
         if any(path.startswith(p + ".") for p, _ in out):
             continue
-        if not has_forward_hooks(module):
-            try:
-                if rules.lower_module(module, _info(module, path)) is not None:
-                    continue
-            except Exception as exc:  # a rule that fails on this instance: opaque too
-                out.append((path, f"its rule raised {type(exc).__name__}: {exc}"))
-                continue
-        out.append((path, _reason(module, _ruled_base(module, rules))))
+        why = _declined(module, path, rules)
+        if why is not None:
+            out.append((path, why))
     return out

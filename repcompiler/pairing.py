@@ -1,18 +1,20 @@
 """Which BatchNorm follows each conv of a model: the pairing ``orepa_transform`` uses
 to decide where a block's post-BN already is.
 
-Traced parts (:func:`repcompiler.tracing.trace_units`) are analysed into linear regions
-(:func:`repcompiler.passes.find_regions.find_regions`): a conv whose only user is a
-BatchNorm in an exact region is paired with it. Parts that do not trace fall back to
-sibling order in the parent module (:func:`pair_by_order`).
+The pairing reads the model's one capture and region analysis
+(:class:`repcompiler.multibranch.ModelAnalysis`: traced units and their linear regions,
+the same analysis ``linearize`` selects its multi-branch blocks from, so
+``orepa_transform`` traces each unit once): a conv whose only user is a BatchNorm in
+an exact region is paired with it. Parts that do not trace fall back to sibling order
+in the parent module (:func:`pair_by_order`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .passes.find_regions import Region, find_regions
-from .tracing import trace_units
+from .multibranch import ModelAnalysis, analyse_model
+from .passes.find_regions import Region
 
 __all__ = ["region_pairs", "pair_by_regions", "pair_by_order"]
 
@@ -42,24 +44,28 @@ def region_pairs(gm: nn.Module, region: Region) -> dict[str, str]:
     return out
 
 
-def pair_by_regions(model: nn.Module) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
+def pair_by_regions(
+    model: nn.Module, analysis: ModelAnalysis | None = None
+) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
     """``conv name -> following BN name or None`` for traced convs (the conv -> BN pairs
     are the ``chain`` regions of the region analysis that start with a conv and its BN),
-    the traced conv names in graph order, and the module names covered by traced units."""
+    the traced conv names in graph order, the module names covered by traced units and
+    the parts that did not trace ``(path, reason)``.
+
+    ``analysis``: the model's capture and regions (read before anything rewrote the
+    units' graphs); by default the model is traced and analysed here."""
     pairs: dict[str, str | None] = {}
     order: list[str] = []
     covered: set[str] = set()
     skipped: list[tuple[str, str]] = []
-    try:
-        res = trace_units(model)
-    except Exception as exc:  # pragma: no cover - trace_units reports per unit
-        return pairs, order, covered, [("<root>", f"tracing failed ({exc}); BN pairing by module order")]
+    analysis = analysis if analysis is not None else analyse_model(model)
+    res = analysis.traced
     for path, reason in res.skipped:
         skipped.append((path, f"{reason}; its convs are paired with BNs by module order"))
     for unit in res.units:
         prefix = unit.path + "." if unit.path else ""
         covered.add(unit.path)
-        found = {c: b for r in find_regions(unit.gm) for c, b in region_pairs(unit.gm, r).items()}
+        found = {c: b for r in analysis.regions[unit.path] for c, b in region_pairs(unit.gm, r).items()}
         for node in unit.gm.graph.nodes:
             if node.op != "call_module" or not _is_conv(unit.gm.get_submodule(node.target)):
                 continue

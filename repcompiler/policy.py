@@ -15,7 +15,7 @@ from torch import fx, nn
 from .blocks import ConvGeometry, get_block
 from .blocks.registry import accepted_options
 from .errors import RegistrationError, UnsupportedError, check_choice
-from .tracing import trace_units
+from .tracing import TraceResult, trace_units
 
 __all__ = ["Policy", "POLICIES", "default_block_for", "shortcut_convs", "policy_choice", "check_policy_and_options"]
 
@@ -71,13 +71,16 @@ def _reaches(src: fx.Node, dst: fx.Node) -> bool:
     return False
 
 
-def shortcut_convs(model: nn.Module) -> set[str]:
-    """Qualified names of the 1x1 convs on a residual shortcut (see the module docstring)."""
+def shortcut_convs(model: nn.Module, traced: TraceResult | None = None) -> set[str]:
+    """Qualified names of the 1x1 convs on a residual shortcut (see the module docstring).
+
+    ``traced``: the model's capture, when the caller has it (``orepa_transform`` reads
+    its one analysis); by default the model is traced here."""
     out: set[str] = set()
     convs = {n for n, m in model.named_modules() if _is_conv(m) and all(k == 1 for k in m.kernel_size)}
     if not convs:
         return out
-    res = trace_units(model)
+    res = traced if traced is not None else trace_units(model)
     for unit in res.units:
         prefix = unit.path + "." if unit.path else ""
         for add in (n for n in unit.gm.graph.nodes if _is_add(n)):

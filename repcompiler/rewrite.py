@@ -152,7 +152,7 @@ def owner_graph(unit: TracedUnit, owner: str, regions: Sequence[Region]) -> Owne
         mapped = list(regions)
     else:
         module = unit.module.get_submodule(owner)
-        gm = trace_model(module)
+        gm = trace_model(module, **unit.options)  # traced as the unit was
         mapping = _map_nodes(unit.gm, gm, owner)
         mapped = [_map_region(r, mapping) for r in regions]
     _adopt(gm, module)

@@ -9,8 +9,10 @@
   ``forward`` is traced, so e.g. timm's ``BatchNormAct2d`` with a ReLU becomes
   ``F.batch_norm`` (which folds) followed by the ReLU. A module in training mode stays
   a leaf (its traced ``forward`` would bake the training branch, batch statistics and
-  all, into a rewritten owner's code), and so does one with forward hooks of its own
-  (tracing into it would run the hooks on proxies);
+  all, into a rewritten owner's code) unless it is a conv subclass whose ``forward``
+  does not read ``self.training`` (DBB's identity-based 1x1: the same code in both
+  modes), and so does one with forward hooks of its own (tracing into it would run
+  the hooks on proxies);
 * the usual ``torch.nn`` leaves (activations, pooling, linear, ... but not containers);
 * torchvision's op modules that do not trace (RoI ops, deformable conv, ...),
 
@@ -18,7 +20,12 @@ and it autowraps ``math`` and the ``torchvision.ops`` functions, as torchvision'
 feature extractor does.
 
 Traces are specialised on ``module.training``: :func:`trace_units` traces in whatever
-mode the model is in, and the compiler puts the model in eval mode first.
+mode the model is in, and the compiler puts the model in eval mode first (``linearize``
+traces the training forward). ``bns_become_scales=True`` (``linearize``, whose branch
+BNs become learnable affines) lets capture rewrite DBB's BN-and-pad layer around a BN
+in training mode too (:mod:`repcompiler.capture_patterns`); the traced units remember
+the option (``TracedUnit.options``), so an owner re-traced for its rewrite
+(:func:`repcompiler.rewrite.owner_graph`) is traced the same way.
 
 Where a whole model does not trace (torchvision's detection models iterate over
 proxies; RAFT has data-dependent control flow), :func:`trace_units` falls back to the
@@ -69,8 +76,10 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
     """``fx.Tracer`` whose leaves are rule-registered modules plus the usual ``torch.nn``
     leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
 
-    def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()) -> None:
+    def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
+                 bns_become_scales: bool = False) -> None:
         super().__init__(autowrap_modules=(math, tvops))
+        self.bns_become_scales = bns_become_scales
         self.rules = rules if rules is not None else default_rules
         self.extra_leaves = tuple(extra_leaves) + _TV_LEAVES
         self._declined: dict[int, bool] = {}
@@ -88,7 +97,8 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
         """Whether ``m``'s rule declines it (cached per module; asked before tracing,
         since fx patches parameter access while it traces)."""
         if id(m) not in self._declined:
-            self._declined[id(m)] = not m.training and not has_forward_hooks(m) and self.rules.declines(m)
+            self._declined[id(m)] = ((not m.training or _mode_free_conv(m)) and not has_forward_hooks(m)
+                                     and self.rules.declines(m))
         return self._declined[id(m)]
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
@@ -99,13 +109,21 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
         return super().trace(root, concrete_args)
 
 
-def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()) -> fx.GraphModule:
+def _mode_free_conv(m: nn.Module) -> bool:
+    """A conv subclass whose own ``forward`` does not read ``self.training``: tracing
+    into it gives the same code in training and eval mode."""
+    fwd = getattr(type(m).forward, "__code__", None)
+    return isinstance(m, nn.modules.conv._ConvNd) and fwd is not None and "training" not in fwd.co_names
+
+
+def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
+                bns_become_scales: bool = False) -> fx.GraphModule:
     """Trace ``model`` whole with :class:`RepTracer`; raise :class:`TraceError` naming the
     model and the reason if it does not trace. The ``GraphModule`` shares the leaf
-    modules (not copies) with ``model``."""
+    modules (not copies) with ``model``. ``bns_become_scales``: see the module docstring."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace_model expects an nn.Module, got {type(model).__name__}")
-    tracer = RepTracer(rules, extra_leaves)
+    tracer = RepTracer(rules, extra_leaves, bns_become_scales)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many exception types
@@ -138,11 +156,14 @@ def _resolve_string_types(graph: fx.Graph, forward: Any) -> None:
 
 @dataclass
 class TracedUnit:
-    """A submodule that traced: ``path`` ('' for the root), the module and its graph."""
+    """A submodule that traced: ``path`` ('' for the root), the module and its graph;
+    ``options``: the tracing options it was traced with (:func:`trace_model` keywords),
+    for a re-trace of a part of it to match."""
 
     path: str
     module: nn.Module
     gm: fx.GraphModule
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,23 +192,26 @@ def _has_forward(m: nn.Module) -> bool:
 
 
 def trace_units(
-    model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = ()
+    model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
+    bns_become_scales: bool = False,
 ) -> TraceResult:
     """Trace ``model``, falling back to the largest submodules that trace.
 
     Modules that are leaves themselves (have a rule, or are standard ``torch.nn``
     leaves) are not traced on their own: there is nothing inside them to rewrite.
+    ``bns_become_scales``: see the module docstring.
     """
     rules = rules if rules is not None else default_rules
     result = TraceResult()
     tracer_probe = RepTracer(rules, extra_leaves)
+    options = {"bns_become_scales": True} if bns_become_scales else {}
 
     def visit(path: str, m: nn.Module) -> None:
         if _has_forward(m):
             if path and tracer_probe.is_leaf_module(m, path):
                 return
             try:
-                gm = trace_model(m, rules=rules, extra_leaves=extra_leaves)
+                gm = trace_model(m, rules=rules, extra_leaves=extra_leaves, **options)
             except TraceError as exc:
                 reason = str(exc.__cause__ and _short(exc.__cause__) or exc)
                 has_params = any(True for _ in m.parameters(recurse=False)) or any(
@@ -196,7 +220,7 @@ def trace_units(
                 result.skipped.append((path or "<root>", reason + (" (own tensors not folded)" if has_params else "")))
                 log.info("could not trace %s (%s); tracing its children", path or "<root>", reason)
             else:
-                result.units.append(TracedUnit(path, m, gm))
+                result.units.append(TracedUnit(path, m, gm, options))
                 return
         for name, child in m.named_children():
             visit(f"{path}.{name}" if path else name, child)

@@ -6,11 +6,14 @@ untouched) by an :class:`~repcompiler.online.OnlineConv` (``mode="online"``) or 
 :class:`~repcompiler.online.OfflineBlock` (``mode="offline"``) with the same call
 signature, built from a registered block (:mod:`repcompiler.blocks`).
 
-Post-BN: the model is traced with ``torch.fx`` (:func:`repcompiler.tracing.trace_units`;
-where a part does not trace, sibling order in the parent module is used for that part,
-and the report says so) and analysed into linear regions
-(:func:`repcompiler.passes.find_regions.find_regions`): a ``chain`` region that starts
-with a conv and the BatchNorm that is its only user (each called once) pairs them. Such
+Post-BN: the model is traced with ``torch.fx`` **once**, in training mode, and analysed
+into linear regions once (:func:`repcompiler.multibranch.analyse_model`; where a part
+does not trace, sibling order in the parent module is used for that part, and the
+report says so). The same capture and regions serve the linearization of existing
+multi-branch blocks (below), the residual-shortcut analysis of the policy and the
+pairing (:mod:`repcompiler.pairing`, read before the linearization rewrites the
+graphs): a ``chain`` region that starts with a conv and the BatchNorm that is its only
+user (each called once) pairs them. Such
 a conv already has its post-addition BN: it stays where it is in the model.
 Where no BN follows, one is inserted inside the block (``insert_bn=True``, for
 training from scratch). ``post_bn=False`` (the paper's ablation) inserts none and
@@ -62,9 +65,11 @@ are left as they are and reported). ``policy`` refines per layer:
 * a callable ``(qualified_name, conv) -> block name | None | "default"``;
 * a list/tuple/set of name patterns to skip.
 
-Left as they are and reported with the reason: transposed convs, ``padding_mode``
-other than ``'zeros'``, conv subclasses that override ``forward``, lazy convs, and
-convs a block's builder rejects. A model with no transformed conv comes back
+Left as they are and reported with the reason: convs that are not plain convs, as the
+rule registry decides (:func:`repcompiler.opaque.conv_reason`: transposed convs,
+``padding_mode`` other than ``'zeros'``, conv subclasses that override ``forward``,
+forward hooks; and, for a block, lazy convs and parametrized weights), and convs a
+block's builder rejects. A model with no transformed conv comes back
 unchanged with a ``UserWarning``.
 
 Models that already have multi-branch training blocks (a region of branches, each
@@ -89,16 +94,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
 from .conv_init import INITS, copy_frozen, identity_bn_, init_from_conv
-from .errors import RegistrationError, RepCompilerError, UnsupportedError, check_choice
+from .errors import RepCompilerError, check_choice
 from .online import OfflineBlock, OnlineConv
+from .linearize import linearize_regions
+from .multibranch import analyse_model
 from .pairing import pair_by_order, pair_by_regions
 from .policy import POLICIES, Policy, check_policy_and_options, default_block_for, policy_choice, shortcut_convs
 from .report import TransformReport, count_convs, count_params
-from .rules import has_forward_hooks
+from .opaque import conv_reason
 from .entry import check_model, copy_model
 
 __all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
@@ -106,9 +112,7 @@ __all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
 log = logging.getLogger(__name__)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BNS = nn.modules.batchnorm._BatchNorm
 _BN_FOR_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
 
 # -- finding "conv followed by BN" ------------------------------------------------------
@@ -129,25 +133,6 @@ def _is_conv(m: nn.Module) -> bool:
 def _inside_block(name: str, blocks: list[str]) -> bool:
     return any(name == b or name.startswith(b + ".") for b in blocks)
 
-
-
-def _unsupported_reason(m: nn.Module) -> str | None:
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return "transposed conv (not a block target)"
-    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():  # type: ignore[attr-defined]
-        return "lazy conv with uninitialised parameters"
-    if not _is_conv(m):
-        return None
-    if m.padding_mode != "zeros":
-        return f"padding_mode={m.padding_mode!r} (only 'zeros' folds into a plain conv)"
-    if type(m).forward not in _CONV_FORWARDS:
-        return f"{type(m).__name__} overrides forward (its computation is not a plain conv)"
-    if parametrize.is_parametrized(m):
-        names = ", ".join(m.parametrizations.keys())  # type: ignore[union-attr]
-        return f"parametrized {names} (e.g. spectral_norm, weight_norm): a block would drop the parametrization"
-    if has_forward_hooks(m):
-        return "has forward hooks (e.g. hook-based spectral_norm, weight_norm): a block would drop them"
-    return None
 
 
 # -- the transform -----------------------------------------------------------------------
@@ -215,28 +200,34 @@ def orepa_transform(
     work = copy_model(model, "orepa_transform", inplace)
     report = TransformReport(title="orepa_transform", convs_before=count_convs(work), params_before=count_params(work))
 
+    # One capture and one region analysis (training mode: linearize needs the training
+    # forward) serve both steps below: the conv -> BN pairing and the shortcut analysis
+    # are read from the units' graphs first, since linearizing rewrites them.
+    analysis = analyse_model(work, training=True, bns_become_scales=True)
+    pairs, order, covered, skipped = pair_by_regions(work, analysis)
+    shortcuts = shortcut_convs(work, analysis.traced) if block == "orepa" and rule == "paper" else set()
+
     # Existing multi-branch blocks (RepVGG, DBB, ACNet, MobileOne, ...; issue 7): each is
     # linearized whole into one online conv (mode="offline": left in its BN-per-branch
     # form) instead of wrapping each of its convs; see repcompiler.linearize.
-    from .linearize import linearize_regions
-
-    # their branch BNs become scales, so a post-BN is inserted unless insert_bn=False (with
+    # Their branch BNs become scales, so a post-BN is inserted unless insert_bn=False (with
     # from_conv: from_bn, scales from the BNs and the post-BN the identity in eval mode)
     _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn is not False, mode=mode,
-                                     init="from_bn" if init == "from_conv" else "default", report=report)
+                                     init="from_bn" if init == "from_conv" else "default", report=report,
+                                     analysis=analysis)
+    report.skipped += skipped
+    order = [n for n in order if n not in in_blocks]  # the first conv left (a stem) after linearizing
     if insert_bn is None:
         insert_bn = init == "fresh"
 
     # modules inside existing blocks are not touched
     existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
-    pairs, order, covered, skipped = pair_by_regions(work)
-    report.skipped += skipped
 
     def is_covered(name: str) -> bool:
         return any(c == "" or name == c or name.startswith(c + ".") for c in covered)
 
     sites: list[_ConvSite] = []
-    others: list[tuple[str, nn.Module]] = []
+    others: list[tuple[str, str]] = []
     seen: dict[int, str] = {}
     for name, m in work.named_modules(remove_duplicate=False):
         if not name or _inside_block(name, existing) or isinstance(m, (OnlineConv, OfflineBlock)):
@@ -244,8 +235,9 @@ def orepa_transform(
         if name in in_blocks:  # part of an existing multi-branch block (see above)
             continue
         if isinstance(m, nn.modules.conv._ConvNd):
-            if not _is_conv(m) or _unsupported_reason(m):
-                others.append((name, m))
+            why = conv_reason(m, block=True)  # the registry decides what is a plain conv
+            if not _is_conv(m) or why:
+                others.append((name, why or "not a conv"))
                 continue
             if name in pairs:
                 sites.append(_ConvSite(name, m, pairs[name], "trace"))
@@ -255,10 +247,9 @@ def orepa_transform(
             else:
                 sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order"))
     first_name = order[0] if order else (sites[0].name if sites else None)
-    shortcuts = shortcut_convs(work) if block == "orepa" and rule == "paper" else set()
 
-    for name, m in others:
-        report.add(name, _describe(m), "refused", _unsupported_reason(m) or "not a conv")
+    for name, why in others:
+        report.add(name, _describe(work.get_submodule(name)), "refused", why)
 
     built: dict[int, nn.Module] = {}
     for site in sites:

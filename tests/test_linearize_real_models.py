@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 import repcompiler as rc
-from fixtures_thirdparty import ACNetBlock, YoloConv, YoloRepConv
+from fixtures_thirdparty import ACNetBlock, DBBBlock, DBBBNAndPad, YoloConv, YoloRepConv
+from repcompiler.capture import capture_info
+from repcompiler.tracing import trace_units
 from repcompiler.online import OnlineConv
 from helpers import first_tensor, randomized_eval
 
@@ -46,6 +48,11 @@ def _linearize_and_deploy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module,
 
 
 FIXTURES: dict[str, tuple[Callable[[], nn.Module], int, type]] = {
+    # the official DBB code: BN-and-pad layers (captured as "zero pad, then the BN's
+    # affine", exact once the BN is a scale) and the identity-based 1x1 (traced into)
+    "dbb": (lambda: nn.Sequential(DBBBlock(8, 8), nn.ReLU(), DBBBlock(8, 16, stride=2)), 8, DBBBlock),
+    "dbb_depthwise": (lambda: nn.Sequential(DBBBlock(8, 8, groups=8), nn.ReLU(), DBBBlock(8, 8, groups=8)), 8,
+                      DBBBlock),
     "acnet": (lambda: nn.Sequential(ACNetBlock(8, 8), nn.ReLU(), ACNetBlock(8, 8, k=5, padding=2)), 8, ACNetBlock),
     "acnet_cropped": (lambda: nn.Sequential(ACNetBlock(8, 8, padding=0), nn.ReLU(),
                                             ACNetBlock(8, 8, k=5, padding=1)), 8, ACNetBlock),
@@ -112,3 +119,76 @@ def test_timm_family_linearizes_every_block(name):
     blocks = sum(type(m).__name__ == block for m in model.modules())
     assert not report.by_action("refused"), [(e.name, e.reason) for e in report.by_action("refused")]
     assert len(report.by_action("linearized")) == blocks > 0
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_dbb_linearizes_to_one_online_conv_per_block_float64(groups):
+    """Issue 15: every DBB block becomes one online conv; eval output equal to the
+    original with ``init="from_bn"`` and ``deploy`` equal to the linearized model
+    (float64); in training mode one conv runs per block and the gradient reaches every
+    branch parameter, the identity-based 1x1's weight and the BN-and-pad's scale
+    included (they stay live in the expression, not snapshots)."""
+    torch.manual_seed(0)
+    model = _randomized(nn.Sequential(DBBBlock(8, 8, groups=groups), nn.ReLU(),
+                                      DBBBlock(8, 8, groups=groups, stride=2)).double())
+    x = torch.randn(2, 8, 13, 13, dtype=torch.float64)
+    lin, report = rc.linearize(model, x, init="from_bn", return_report=True)
+    assert _online(lin) == len(report.by_action("linearized")) == 2 and not report.by_action("refused")
+    with torch.no_grad():
+        want = model(x)
+        got = lin.eval()(x)
+        assert _rel(got, want) < 1e-12
+        assert _rel(rc.deploy(lin)(x), got) < 1e-12
+    lin.train()
+    lin(x).square().sum().backward()
+    names = [n for n, p in lin.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not names, names
+    if groups == 1:  # the identity-based 1x1 is traced into: part of the block, its weight trains
+        assert lin[0].dbb_1x1_kxk.idconv1.weight.grad is not None
+        convs = {c for e in report.by_action("linearized") for c in e.details["convs"]}
+        assert {"0.dbb_1x1_kxk.idconv1", "2.dbb_1x1_kxk.idconv1"} <= convs
+        _, rep = rc.orepa_transform(model, return_report=True)
+        assert len(rep.by_action("linearized")) == 2 and not rep.by_action("transformed")
+        assert not rep.by_action("refused"), [(e.name, e.reason) for e in rep.by_action("refused")]
+
+
+def test_dbb_bn_and_pad_in_training_mode_only_when_its_bn_becomes_a_scale():
+    """The BN-and-pad layer of a training-mode BN is rewritten only when the tracer is
+    told the BNs become affines (linearize), checked with the BN in eval mode (its
+    running statistics untouched); fold's capture (eval mode) is unchanged."""
+    block = DBBBlock(8, 8, groups=8)
+    _randomized(block).train()
+    stats = {k: v.clone() for k, v in block.state_dict().items()}
+    plain = capture_info(trace_units(block).units[0].gm)
+    assert plain.rewrites == [] and plain.scaled_bns == []
+    scaled = capture_info(trace_units(block, bns_become_scales=True).units[0].gm)
+    assert len(scaled.rewrites) == 1 and scaled.scaled_bns == ["dbb_1x1_kxk.bn1.bn"]
+    assert all(torch.equal(v, block.state_dict()[k]) for k, v in stats.items())
+    block.eval()
+    evaluated = capture_info(trace_units(block).units[0].gm)
+    assert len(evaluated.rewrites) == 1 and evaluated.scaled_bns == []
+
+
+class _BlockThenBNAndPad(nn.Module):
+    """A RepVGG-like sum and, in the same forward, a BN-and-pad layer outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.pad = DBBBNAndPad(1, 8)
+
+    def forward(self, x):
+        return self.pad(torch.relu(self.bn_a(self.a(x)) + self.bn_b(self.b(x))))
+
+
+def test_bn_and_pad_outside_a_block_keeps_its_owner():
+    """Rewriting this forward would install the BN-and-pad layer in its affine form
+    around a BN that stays a BN (not the original in training mode): the owner is left
+    as it is, and the report says why."""
+    model = _randomized(_BlockThenBNAndPad())
+    lin, report = rc.linearize(model, init="from_bn", return_report=True)
+    assert _online(lin) == 0 and not report.by_action("linearized")
+    assert any("pad.bn" in n and "stays a BN" not in n and "not in a block linearized here" in n
+               for n in report.notes), report.notes
+    assert type(lin) is _BlockThenBNAndPad

@@ -301,7 +301,9 @@ class LoweredGraph:
                 rule = self.rules.lookup(target)
                 args = fx.node.map_arg(n.args, lambda a: INPUT if a is inp else self.value(a))
                 kwargs = fx.node.map_arg(n.kwargs, lambda a: INPUT if a is inp else self.value(a))
-                expr = None if rule is None else rule(FunctionCall(target, tuple(args), dict(kwargs)), info)
+                calls = self._split_weight(n, target, tuple(args), dict(kwargs))
+                exprs = [None if rule is None else rule(c, info) for c in calls]
+                expr = None if any(e is None for e in exprs) else exprs[0] if len(exprs) == 1 else A.Sum(*exprs)
             spec = None if expr is None else expr.plan()[0]
         except Exception as exc:  # a rule that cannot lower this instance: opaque
             log.debug("lowering %s failed: %s", n, exc)
@@ -319,6 +321,49 @@ class LoweredGraph:
         self._set(self.chan, inp, spec.in_channels)  # e.g. an online block whose cin came from its rule
         self._set(self.dims, n, spec.dims)
         return True
+
+    def _weight_terms(self, w: Any) -> list[fx.Node] | None:
+        """The terms of a constant conv weight computed as a sum (``p + c``, nested) of
+        same-shape tensors, one of them an ``nn.Parameter``; ``None`` otherwise."""
+        if not (isinstance(w, fx.Node) and w.op == "call_function" and w.target in (operator.add, torch.add)
+                and len(w.args) == 2 and not w.kwargs and all(isinstance(a, fx.Node) for a in w.args)
+                and self.constant(w)):
+            return None
+        terms: list[fx.Node] = []
+        for a in w.args:
+            terms += self._weight_terms(a) or [a]
+        values = [self.value(t) for t in terms]
+        if not all(isinstance(v, torch.Tensor) and v.shape == values[0].shape for v in values):
+            return None
+        return terms if any(isinstance(v, nn.Parameter) for v in values) else None
+
+    def _split_weight(self, n: fx.Node, target: Any, args: tuple, kwargs: dict) -> list[FunctionCall]:
+        """A conv call whose weight is a sum with a parameter term (DBB's identity-based
+        1x1: ``F.conv2d(x, weight + id_tensor)``) as one call per term (a conv is linear
+        in its weight; the bias goes with the first): lowered as their ``Sum``, the
+        parameter stays live in the expression, so an online block made from it trains
+        it (the evaluated sum would be a snapshot). Otherwise the call as it is."""
+        call = FunctionCall(target, args, kwargs)
+        if target not in CONV_FUNCTIONS:
+            return [call]
+        in_kwargs = "weight" in n.kwargs
+        terms = self._weight_terms(n.kwargs["weight"] if in_kwargs else (n.args[1] if len(n.args) > 1 else None))
+        if terms is None:
+            return [call]
+        out = []
+        for i, t in enumerate(terms):
+            a, k = list(args), dict(kwargs)
+            if in_kwargs:
+                k["weight"] = self.value(t)
+            else:
+                a[1] = self.value(t)
+            if i:  # the bias once
+                if "bias" in k:
+                    k["bias"] = None
+                elif len(a) > 2:
+                    a[2] = None
+            out.append(FunctionCall(target, tuple(a), k))
+        return out
 
     def alias_chain(self, n: fx.Node, d: fx.Node) -> list[fx.Node] | None:
         """The identity calls from ``n`` back to ``d`` (``n`` first, ``d`` excluded) if
