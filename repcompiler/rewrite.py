@@ -103,7 +103,8 @@ def group_by_owner(items: Sequence[T], region_of: Callable[[T], Region]) -> tupl
     """Split ``items`` into ``{outermost owner: items}`` for regions holding a function
     call (their owner's forward is rewritten, once, nested owners included) and the
     items whose regions are made only of module calls and lie under no such owner."""
-    owners = sorted({region_owner(region_of(i)) for i in items if not region_of(i).all_modules}, key=len)
+    # dict, not set: owners of equal depth keep the items' (graph) order, so reports are deterministic
+    owners = sorted(dict.fromkeys(region_owner(region_of(i)) for i in items if not region_of(i).all_modules), key=len)
     top: list[str] = []
     for o in owners:
         if not any(is_under(o, t) for t in top):

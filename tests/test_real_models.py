@@ -245,3 +245,29 @@ def test_every_batch_norm_left_is_reported_with_its_reason():
     folded, report = rc.fold(untraced, torch.randn(1, 4, 8, 8), return_report=True)
     left = {e.name: e.reason for e in report.by_action("left")}
     assert list(left) == ["1.bn"] and "inside 1, which did not trace" in left["1.bn"], report
+
+
+_REPORT_ORDER_SCRIPT = """
+import torch, timm, repcompiler as rc
+m = timm.create_model("repvgg_a0", pretrained=False).eval()
+_, rep = rc.fold(m, torch.randn(1, 3, 32, 32), return_report=True, verify=False)
+print("\\n".join(f"{e.name}|{e.action}" for e in rep.entries))
+"""
+
+
+def test_fold_report_order_is_deterministic() -> None:
+    """The report lists regions in graph order whatever Python's string hashing: owners
+    of equal depth (timm's ``stages.0.0``, ``stages.1.0``...) were once ordered as a set."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("timm")
+    outs = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        proc = subprocess.run([sys.executable, "-c", _REPORT_ORDER_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc.stdout)
+    assert outs[0] == outs[1] and outs[0].count("\n") > 10
