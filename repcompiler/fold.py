@@ -51,6 +51,7 @@ from .rewrite import conv_target, group_by_owner, owner_graph, qualify
 from .rules import RuleRegistry, default_rules
 from .inputs import as_inputs, check_weights
 from .leftovers import explain_left_bns
+from .online import block_calls_as_modules
 from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_units
 from .verify import compare_outputs
@@ -118,6 +119,7 @@ def compile_folds(
     report.params_before = count_params(model)
 
     work = copy_model(model, title, inplace)
+    block_calls_as_modules(work)  # a model fx-traced after orepa_transform: its blocks become module calls again
     work.eval()
     traced = trace_units(work, rules=rules)
     report.skipped = list(traced.skipped)

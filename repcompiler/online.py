@@ -56,7 +56,7 @@ from .rules import LowerInfo, register_rule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnlineConv", "OfflineBlock", "reparam_block_forward"]
+__all__ = ["OnlineConv", "OfflineBlock", "reparam_block_forward", "block_calls_as_modules"]
 
 
 def reparam_block_forward(block: nn.Module, input: Tensor) -> Tensor:
@@ -66,6 +66,48 @@ def reparam_block_forward(block: nn.Module, input: Tensor) -> Tensor:
 
 
 torch.fx.wrap("reparam_block_forward")
+
+
+def block_calls_as_modules(model: nn.Module) -> int:
+    """In every ``torch.fx.GraphModule`` inside ``model`` (``model`` included), rewrite each
+    ``reparam_block_forward(<get_attr block>, x)`` call - how a model traced *after*
+    ``orepa_transform`` (``fx.symbolic_trace``, a feature extractor) calls its blocks - into
+    a ``call_module`` of the block, as tracing the untraced model gives. Same computation;
+    the block is then a module call that ``fold``/``deploy`` can see and replace. Modifies
+    ``model`` in place (callers pass their working copy); returns the number of calls
+    rewritten."""
+    count = 0
+    for gm in model.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        # torchvision's feature extractors (DualGraphModule) keep a train and an eval graph
+        # and swap them in on .train()/.eval(): rewrite every graph the module holds
+        graphs = {id(g): g for g in (gm.graph, getattr(gm, "train_graph", None), getattr(gm, "eval_graph", None))
+                  if isinstance(g, torch.fx.Graph)}
+        changed = sum(_block_calls_in(g) for g in graphs.values())
+        if changed:
+            gm.recompile()
+            count += changed
+    return count
+
+
+def _block_calls_in(graph: torch.fx.Graph) -> int:
+    changed = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not reparam_block_forward or n.kwargs or len(n.args) != 2:
+            continue
+        holder = n.args[0]
+        if not isinstance(holder, torch.fx.Node) or holder.op != "get_attr":
+            continue
+        with graph.inserting_before(n):
+            call = graph.call_module(str(holder.target), (n.args[1],))
+        call.meta.update(n.meta)
+        n.replace_all_uses_with(call)
+        graph.erase_node(n)
+        if not holder.users:
+            graph.erase_node(holder)
+        changed += 1
+    return changed
 
 
 def _deploy_expr(expr: A.Expr, post_bn: nn.Module | None) -> A.Expr:

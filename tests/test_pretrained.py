@@ -264,3 +264,36 @@ def test_create_feature_extractor_of_a_transformed_resnet50() -> None:
     assert set(got) == {"c2", "c3", "c5"}
     for k in got:
         assert rel_err(got[k], want[k]) == 0.0, k
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_deploy_of_an_fx_traced_transformed_model(mode: str) -> None:
+    """``rc.deploy(fx.symbolic_trace(orepa_transform(m)))``: the traced graph calls each block
+    as ``reparam_block_forward(<get_attr>, x)``; deploy turns those calls back into module
+    calls on its copy and folds every block (it left them all online before, silently), the
+    user's traced module is untouched, and the outputs are equal (float64, eval, random BN)."""
+    torch.manual_seed(0)
+    train = randomize_bn(rc.orepa_transform(torchvision.models.resnet18(num_classes=10), mode=mode)).double().eval()
+    gm = torch.fx.symbolic_trace(train)
+    code_before = gm.code
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    deployed, report = rc.deploy(gm, x, return_report=True)
+    assert not any(isinstance(m, (OnlineConv, OfflineBlock)) for m in deployed.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == 20
+    assert gm.code == code_before and any(isinstance(m, OnlineConv if mode == "online" else OfflineBlock)
+                                          for m in gm.modules())
+    with torch.no_grad():
+        assert rel_err(deployed(x), gm(x)) <= 1e-12
+    # a feature extractor (fx-built, returns a dict) deploys the same way
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    fx_model = create_feature_extractor(train, return_nodes={"layer2": "c3", "layer4": "c5"})
+    dep = rc.deploy(fx_model, x)
+    assert not any(isinstance(m, (OnlineConv, OfflineBlock)) for m in dep.modules())
+    with torch.no_grad():
+        got, want = dep(x), fx_model(x)
+    assert all(rel_err(got[k], want[k]) <= 1e-12 for k in want)
+    dep.train()  # the extractor's training graph (swapped in by .train()) calls the plain convs too
+    assert all(n.target is not reparam_block_forward for n in dep.graph.nodes)
+    dep(x)
