@@ -4,6 +4,8 @@ Public API (see the README for a tour):
 
 * :mod:`repcompiler.algebra` - the kernel algebra (expressions that fold to one conv).
 * errors - :class:`RepCompilerError` and its subclasses.
+* :func:`quant_report` - will the (deployed) model survive INT8? (:mod:`repcompiler.quant`,
+  imported on first use).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
+_QUANT = ("quant_report", "QuantReport", "QuantLayerRow")
+
 
 def __getattr__(name: str):
     # ``repcompiler.testing`` (hypothesis strategies and checkers) is imported on first
@@ -49,6 +53,8 @@ def __getattr__(name: str):
     # (``from . import testing`` here would recurse: it looks the name up with getattr)
     if name == "testing":
         return importlib.import_module(".testing", __name__)
+    if name in _QUANT:  # issue 19: the INT8 report (torch.ao.quantization observers), on first use
+        return getattr(importlib.import_module(".quant", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -89,4 +95,7 @@ __all__ = [
     "Branch",
     "config",
     "testing",
+    "quant_report",
+    "QuantReport",
+    "QuantLayerRow",
 ]
