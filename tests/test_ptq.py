@@ -78,6 +78,7 @@ def test_ptq_end_to_end(quantized):
     assert _weight_scales(per_tensor.path) and all(s in ((), (1,)) for s in _weight_scales(per_tensor.path))
     assert {(8,), (16,)} <= set(_weight_scales(per_channel.path))
     assert run_onnx(per_channel.path, x, batch_size=10).shape == (64, 10)
+    assert rc.quant.quantize_onnx is quantize_onnx  # rc.quant resolves without importing it first
 
 
 def test_missing_onnxruntime_names_the_extra(monkeypatch, tmp_path):
