@@ -1,7 +1,7 @@
 """The ``repcompiler`` command line (also ``python -m repcompiler``).
 
 Subcommands: ``demo``, ``transform``, ``deploy``, ``fold``, ``export``, ``inspect``,
-``bench``. Run ``repcompiler COMMAND --help`` for each one's options.
+``quant-report``, ``bench``. Run ``repcompiler COMMAND --help`` for each one's options.
 
 Models are named as ``torchvision:resnet50``, ``timm:repvgg_a0`` (timm installed;
 never pretrained) or ``package.module:factory``, or given as a file holding a whole
@@ -15,7 +15,7 @@ bad usage (an unknown option, a malformed ``--input-shape``/``--model-kwargs``/
 1 error, 2 bad usage, 3 verification failed, 130 interrupted.
 
 Layout: :mod:`.common` (exit codes, argument types, loading MODEL), :mod:`.commands`,
-:mod:`.bench`, :mod:`.parser`; this module owns :func:`main` (logging, error
+:mod:`.bench`, :mod:`.quant`, :mod:`.parser`; this module owns :func:`main` (logging, error
 reporting, exit codes).
 """
 

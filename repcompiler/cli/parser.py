@@ -15,6 +15,7 @@ from ..exporting.formats import FORMATS, ONNX_EXPORTERS, TORCHSCRIPT_METHODS
 from .bench import cmd_bench
 from .commands import cmd_demo, cmd_deploy, cmd_export, cmd_inspect, cmd_transform
 from .common import PROG, json_object_arg, policy_arg, shape_arg
+from .quant import add_quant_report_parser
 
 __all__ = ["build_parser"]
 
@@ -31,6 +32,7 @@ examples:
   repcompiler transform torchvision:resnet18 -o resnet18_orepa.pt
   repcompiler deploy torchvision:resnet18 --orepa --weights trained.pt -o resnet18_deploy.pt
   repcompiler export torchvision:resnet18 --orepa --weights trained.pt -o resnet18.onnx
+  repcompiler quant-report torchvision:resnet18 --input-shape 8,3,224,224 --per-channel
   repcompiler bench --quick
 
 exit codes: 0 ok, 1 error, 2 bad usage, 3 verification failed, 130 interrupted
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transform", action="store_true", help="only show what fold/deploy does to MODEL as is")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence checks")
     p.set_defaults(func=cmd_inspect)
+
+    add_quant_report_parser(sub, [common, _model_parent(), _transform_parent(True)])
 
     p = sub.add_parser("bench", parents=[common], allow_abbrev=False,
                        help="training-cost benchmark (benchmarks/train_cost.py) or a quick in-process timing",

@@ -107,13 +107,13 @@ def _flag(row: QuantLayerRow, n_measured: int, e2e: float, *, bits: int, weight_
             f"{row.sqnr_per_channel_db:.0f} dB; worst channel {row.worst_channel_sqnr_per_tensor_db:.0f} dB)")
     sqnr = row.sqnr_per_tensor_db if weight_mode == "per_tensor" else row.sqnr_per_channel_db
     if sqnr < min_sqnr_db:
-        row.flags.append(f"{weight_mode.replace('_', '-')} weight SQNR {sqnr:.0f} dB < {min_sqnr_db:g} dB")
+        row.flags.append(f"{weight_mode.replace('_', '-')} weight SQNR {sqnr:.1f} dB < {min_sqnr_db:g} dB")
     if row.act_channel_range_ratio is not None and row.act_channel_range_ratio > act_ratio_threshold:
         row.flags.append(
             f"activation outlier: output channel range ratio {row.act_channel_range_ratio:.0f}x > "
             f"{act_ratio_threshold:g}x, per-tensor INT{bits} output SQNR {row.act_sqnr_db:.0f} dB")
     elif row.act_sqnr_db is not None and row.act_sqnr_db < min_sqnr_db:
-        row.flags.append(f"output activation SQNR {row.act_sqnr_db:.0f} dB < {min_sqnr_db:g} dB "
+        row.flags.append(f"output activation SQNR {row.act_sqnr_db:.1f} dB < {min_sqnr_db:g} dB "
                          f"(range [{row.act_min:.3g}, {row.act_max:.3g}])")
     if n_measured >= 2 and row.error_share is not None and row.error_share > dominate_share:
         row.flags.append(
