@@ -207,6 +207,22 @@ def test_transform_policy_options(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert code == EXIT_USAGE and "not allowed with argument" in err
 
 
+def test_transform_builtin_policies(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--policy paper`` (the default) keeps ResNet's 1x1 projection shortcuts as plain convs;
+    ``--policy all`` gives them a block; any other bare word is a usage error naming the choices."""
+    sds = {}
+    for policy in ("paper", "all"):
+        out_path = tmp_path / f"{policy}.pt"
+        code, _, err = run(capsys, "transform", "torchvision:resnet18", "-o", str(out_path), "--policy", policy, "-q")
+        assert code == EXIT_OK, err
+        sds[policy] = torch.load(out_path, weights_only=True)
+    assert "layer2.0.downsample.0.weight" in sds["paper"]
+    assert "layer2.0.downsample.0.weight" not in sds["all"]
+    assert any(k.startswith("layer2.0.downsample.0.") for k in sds["all"])
+    code, _, err = run(capsys, "transform", TINY, "-o", str(tmp_path / "x.pt"), "--policy", "papr", "-q")
+    assert code == EXIT_USAGE and "'papr'" in err and "paper, all" in err
+
+
 def test_inspect_report(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "inspect", TINY, *SHAPE, "-q")
     assert code == EXIT_OK, err

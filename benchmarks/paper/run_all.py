@@ -36,7 +36,7 @@ import cost  # noqa: E402
 
 PRESETS = {
     # seeds, learning rates, epochs per data set, cost: (batch, size, steps, warmup, quick cells)
-    "full": dict(seeds=5, lrs=[0.02, 0.1, 0.3], epochs={"digits": 6, "mnist1d": 4}, batch=128,
+    "full": dict(seeds=5, lrs=[0.02, 0.1, 0.3, 1.0], epochs={"digits": 6, "mnist1d": 4}, batch=128,
                  cost=(16, 64, 3, 1, False)),
     "quick": dict(seeds=2, lrs=[0.02, 0.1, 0.3], epochs={"digits": 2, "mnist1d": 1}, batch=128,
                   cost=(8, 64, 2, 1, True)),

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import RepCompilerError
 from ..io import check_output_path, load_model, parse_shape
+from ..policy import POLICIES
 from ..transform import orepa_transform
 
 __all__ = [
@@ -70,8 +71,15 @@ def json_object_arg(text: str) -> dict[str, Any]:
     return value
 
 
-def policy_arg(text: str) -> dict[str, str | None]:
-    """argparse type of ``--policy``: a JSON object of name pattern -> block name or null."""
+def policy_arg(text: str) -> str | dict[str, str | None]:
+    """argparse type of ``--policy``: a built-in policy name (``paper``, ``all``: see
+    :data:`repcompiler.policy.POLICIES`) or a JSON object of name pattern -> block name or null."""
+    if text in POLICIES:
+        return text
+    if not text.lstrip().startswith("{"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a built-in policy ({', '.join(POLICIES)}) or a JSON object of pattern -> block name "
+            "or null")
     value = _json(text, "'{\"layer4.*\": \"dbb\", \"fc\": null}'")
     if not isinstance(value, dict) or not all(isinstance(v, (str, type(None))) for v in value.values()):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of pattern -> block name or null")

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 from .fake import (
+    channel_observer,
     channel_sqnr_db,
     fake_quantize_per_tensor,
     fake_quantize_weight,
     qrange,
     sqnr_db,
+    tensor_observer,
     weight_scale,
 )
 from .ptq import ACTIVATION_TYPES, Evaluation, QuantizedModel, cpu_has_vnni, evaluate, quantize_onnx, run_onnx
@@ -30,6 +32,8 @@ __all__ = [
     "fake_quantize_per_tensor",
     "weight_scale",
     "qrange",
+    "tensor_observer",
+    "channel_observer",
     "sqnr_db",
     "channel_sqnr_db",
     "ACTIVATION_TYPES",

@@ -83,7 +83,7 @@ def _find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     inside: list[str] = []
     for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
+        if any(p == "" or name.startswith(p + ".") for p in inside):  # "": the model itself is a block
             continue
         if isinstance(m, _BLOCK_TYPES):
             found.append((name, m))
