@@ -51,8 +51,8 @@ def __getattr__(name: str):
     # ``repcompiler.testing`` (hypothesis strategies and checkers) is imported on first
     # use only, so ``import repcompiler`` stays light
     # (``from . import testing`` here would recurse: it looks the name up with getattr)
-    if name == "testing":
-        return importlib.import_module(".testing", __name__)
+    if name in ("testing", "quant"):  # ``rc.quant.quantize_onnx`` without importing the subpackage first
+        return importlib.import_module("." + name, __name__)
     if name in _QUANT:  # issue 19: the INT8 report (torch.ao.quantization observers), on first use
         return getattr(importlib.import_module(".quant", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ from repcompiler.errors import IncompatibleError, RegistrationError, Unsupported
 
 from helpers import randomize_bn, rel_err
 
-BUILTIN = ["orepa", "orepa_1x1", "orepa_large", "repvgg", "dbb", "acnet"]
+BUILTIN = ["orepa", "orepa_1x1", "orepa_large", "repvgg", "dbb", "acnet", "qarepvgg"]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -130,7 +130,7 @@ def test_fast_fold_equals_generic_fold(name, gm):
     d=st.integers(1, 2),
     gidx=st.integers(0, 2),
     pad_extra=st.integers(-1, 1),
-    name=st.sampled_from(["orepa", "repvgg", "dbb", "acnet"]),
+    name=st.sampled_from(["orepa", "repvgg", "dbb", "acnet", "qarepvgg"]),
     mode=st.sampled_from(["online", "offline"]),
 )
 def test_block_geometry_property(dims, k, s, d, gidx, pad_extra, name, mode):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +88,15 @@ def _similarity_summary(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def train_run(data: Split, config: str, lr: float, seed: int, epochs: int, batch: int = 64) -> dict[str, Any]:
-    """Train one configuration once; returns accuracies, divergence, deploy check, similarity."""
+def train_run(data: Split, config: str, lr: float, seed: int, epochs: int, batch: int = 64,
+              make: Callable[[str, str], nn.Module] | None = None) -> dict[str, Any]:
+    """Train one configuration once; returns accuracies, divergence, deploy check, similarity.
+    ``make(config, dataset)`` builds the model (default :func:`build`; other experiments,
+    e.g. ``benchmarks/quant``, pass their own configurations and keep the model it
+    returns: it is trained in place) after seeding torch."""
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model = build(config, data.name)
+    model = (make or build)(config, data.name)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     n = len(data.y_train)
     steps_per_epoch = math.ceil(n / batch)

@@ -7,7 +7,7 @@ kernel generator attached through :class:`KernelAccelerator` (:mod:`.accel`).
 
 Built in: ``orepa``, ``orepa_1x1``, ``orepa_large``, ``orepa_vgg`` (:mod:`.orepa`,
 accelerated by :mod:`.orepa_accel`), ``repvgg``,
-``dbb``, ``acnet`` (:mod:`.classic`). The frequency prior is in :mod:`.prior`.
+``dbb``, ``acnet`` (:mod:`.classic`), ``qarepvgg`` (:mod:`.qarepvgg`). The frequency prior is in :mod:`.prior`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .classic import build_acnet, build_dbb, build_repvgg
 from .config import BlockConfig
 from .named import BlockExpr, BranchExpr, ResidualConv, StackExpr
 from .orepa import build_orepa, build_orepa_1x1, build_orepa_large, build_orepa_vgg
+from .qarepvgg import build_qarepvgg
 from .orepa_accel import NestedAccelerator, Orepa1x1Accelerator, OrepaAccelerator, StackAccelerator
 from .parts import MODES, SCALINGS
 from .prior import dct_basis, frequency_prior, official_prior
@@ -59,6 +60,7 @@ __all__ = [
     "build_repvgg",
     "build_dbb",
     "build_acnet",
+    "build_qarepvgg",
     "dct_basis",
     "frequency_prior",
     "official_prior",
@@ -74,6 +76,7 @@ for _name, _build in (
     ("repvgg", build_repvgg),
     ("dbb", build_dbb),
     ("acnet", build_acnet),
+    ("qarepvgg", build_qarepvgg),
 ):
     if _name not in available_blocks():
         register_block(_name, _build)

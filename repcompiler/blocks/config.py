@@ -43,9 +43,12 @@ from .named import BlockExpr, BranchExpr, StackExpr, check_name
 from .parts import MODES, SCALINGS, WEIGHT_INITS, branch_end, weight_init_scope
 from .registry import ConvGeometry, check_geometry, register_block
 
-__all__ = ["BlockConfig", "BranchSpec"]
+__all__ = ["BlockConfig", "BranchSpec", "BRANCH_ENDS"]
 
 log = logging.getLogger(__name__)
+
+#: how a declared branch ends: ``"default"`` (scale online / BN offline) or ``"none"``
+BRANCH_ENDS = ("default", "none")
 
 StagePlan = Callable[[ConvSpec], Sequence[tuple[ConvSpec, "BlockConfig"]]]
 
@@ -60,6 +63,7 @@ class BranchSpec:
     init: float
     optional: bool
     when: Callable[[ConvSpec], bool] | None
+    end: str = "default"
 
 
 class BlockConfig:
@@ -85,21 +89,25 @@ class BlockConfig:
     # -- declaration ----------------------------------------------------------------
     def branch(self, branch: Branch | str | Callable[[ConvSpec], A.Expr], *, name: str | None = None,
                init: float = 1.0, optional: bool = False,
-               when: Callable[[ConvSpec], bool] | None = None) -> "BlockConfig":
+               when: Callable[[ConvSpec], bool] | None = None, end: str = "default") -> "BlockConfig":
         """Add a branch. ``branch``: a :class:`Branch`, an alias (``"kxk"``, ``"1x1"``,
         ``"identity"``, ``"avg"``, ``"1x1>kxk"``, ``"1x1>avg"``) or a callable
         ``geom -> Expr``. ``name``: the branch's module name (a Python identifier;
         default: after its kind, e.g. ``conv3x3``, deduplicated). ``init``: its initial
         scale (online) / BN gamma (offline). ``optional``: drop the branch (instead of
         rejecting the conv) where it cannot be built, as RepVGG drops its identity.
-        ``when``: build the branch only for geometries with ``when(geom)`` true."""
+        ``when``: build the branch only for geometries with ``when(geom)`` true.
+        ``end``: ``"default"`` (a learnable scale online, a BN offline, as ``scaling``
+        says) or ``"none"``: the branch ends with neither in both modes (QARepVGG's
+        1x1 and identity; ``init`` then does not apply)."""
         if self._stages is not None:
             raise RegistrationError(f"block {self.name!r} is stacked; it has no branches of its own")
         if name is not None:
             check_name(name, f"block {self.name!r}")
         if when is not None and not callable(when):
             raise RegistrationError(f"block {self.name!r}: when= needs a callable predicate")
-        self._branches.append(BranchSpec(as_branch(branch), name, float(init), bool(optional), when))
+        check_choice("end", end, BRANCH_ENDS, owner=f"block {self.name!r}", error=RegistrationError)
+        self._branches.append(BranchSpec(as_branch(branch), name, float(init), bool(optional), when, end))
         return self
 
     def requires(self, predicate: Callable[[ConvSpec], bool], reason: str) -> "BlockConfig":
@@ -179,7 +187,7 @@ class BlockConfig:
 
         A branch is an alias string, a :class:`Branch`, a callable ``geom -> Expr``, or
         a dict: ``branch`` (any of those) or the :meth:`Branch.conv` keywords
-        ``kernel_size``/``dilation``/``groups``, plus ``name``, ``init`` and ``optional``."""
+        ``kernel_size``/``dilation``/``groups``, plus ``name``, ``init``, ``optional`` and ``end``."""
         known = {"name", "description", "branches", "scaling", "bias", "requires"}
         unknown = set(spec) - known
         if unknown:
@@ -193,7 +201,7 @@ class BlockConfig:
             if isinstance(item, dict):
                 item = dict(item)
                 init, optional = float(item.pop("init", 1.0)), bool(item.pop("optional", False))
-                name = item.pop("name", None)
+                name, end = item.pop("name", None), item.pop("end", "default")
                 if "branch" in item:
                     b = item.pop("branch")
                 else:
@@ -201,7 +209,7 @@ class BlockConfig:
                                     groups=item.pop("groups", None))
                 if item:
                     raise RegistrationError(f"block {cfg.name!r}: unknown branch keys {sorted(item)}")
-                cfg.branch(b, name=name, init=init, optional=optional)
+                cfg.branch(b, name=name, init=init, optional=optional, end=end)
             else:
                 cfg.branch(item)
         if "scaling" in spec:
@@ -251,7 +259,8 @@ class BlockConfig:
                     continue
                 raise UnsupportedError(f"block {self.name!r}, branch {entry.branch!r}: {exc}") from None
             taken.add(name)
-            end = branch_end(geom.out_channels, geom.dims, entry.init, mode, scaling)
+            end = branch_end(geom.out_channels, geom.dims, entry.init, mode,
+                             scaling) if entry.end == "default" else {}
             pairs.append((name, BranchExpr(parts, **end)))
         if not pairs:
             raise UnsupportedError(f"block {self.name!r}: no branch applies to {geom.describe()}")
@@ -325,7 +334,8 @@ class BlockConfig:
         lines = [f"BlockConfig({self.name!r}{', ' + repr(self._doc) if self._doc else ''})"]
         for e in self._branches:
             lines.append(f"  + {(e.name + ': ') if e.name else ''}{e.branch!r} "
-                         f"(init {e.init:g}{', optional' if e.optional else ''})")
+                         f"(init {e.init:g}{', optional' if e.optional else ''}"
+                         f"{', no scale/BN at its end' if e.end == 'none' else ''})")
         if self._stages is not None:
             lines.append("  stacked")
         for _, reason in self._requires:

@@ -4,6 +4,8 @@
   layer weight and activation ranges, SQNRs, simulated end-to-end and per-layer errors,
   flags with reasons (:mod:`.report`, :mod:`.rows`, :mod:`.sim`).
 * symmetric fake quantization and SQNR helpers (:mod:`.fake`).
+* post-training quantization checked end to end: :func:`quantize_onnx` (onnxruntime
+  static QDQ), :func:`run_onnx`, :func:`evaluate` (:mod:`.ptq`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .fake import (
     tensor_observer,
     weight_scale,
 )
+from .ptq import ACTIVATION_TYPES, Evaluation, QuantizedModel, cpu_has_vnni, evaluate, quantize_onnx, run_onnx
 from .report import quant_report
 from .rows import QuantLayerRow, QuantReport
 
@@ -33,4 +36,11 @@ __all__ = [
     "channel_observer",
     "sqnr_db",
     "channel_sqnr_db",
+    "ACTIVATION_TYPES",
+    "Evaluation",
+    "QuantizedModel",
+    "cpu_has_vnni",
+    "evaluate",
+    "quantize_onnx",
+    "run_onnx",
 ]
