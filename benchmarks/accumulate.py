@@ -15,7 +15,9 @@ single batch of 64:
 The forms are alternated round by round (robust to the machine's load drift) and the
 time per optimizer step is the median over the rounds. Peak memory of one step is
 measured once per form afterwards (:func:`repcompiler.profiling.step_peak_bytes`: bytes
-live at the step's start plus the running peak of the allocator events). ``kept``
+live at the step's start plus the running peak of the allocator events; the gradients
+are cleared before, as the step's own ``zero_grad`` would, so that their frees are not
+missed by the profiler and counted twice). ``kept``
 is what ``rc.accumulate`` keeps across the micro-batches: every online kernel and its
 accumulated gradient.
 
@@ -102,13 +104,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     load.append(os.getloadavg()[0])
 
-    peaks = {}
-    for name, (model, opt, batches, step) in forms.items():
-        peaks[name] = step_peak_bytes(step, model, opt, *[t for xy in batches for t in xy])[0]
+    def peak(step, model, opt, batches) -> int:
+        # every step starts with zero_grad(set_to_none=True); done here first, the gradients
+        # it frees are out of the base (the profiler drops frees of blocks allocated before it
+        # started, so freeing them inside the profile would count them twice)
+        opt.zero_grad(set_to_none=True)
+        return step_peak_bytes(step, model, opt, *[t for xy in batches for t in xy])[0]
+
+    peaks = {name: peak(step, model, opt, batches) for name, (model, opt, batches, step) in forms.items()}
     online_model, online_opt = forms[f"online, 1 x {n * b}"][:2]
     micro_step = make_step(online_model, online_opt, micro[:1], False)
     micro_step()  # warm-up, as every form had
-    peaks[f"online, 1 x {b}"] = step_peak_bytes(micro_step, online_model, online_opt, *micro[0])[0]
+    peaks[f"online, 1 x {b}"] = peak(micro_step, online_model, online_opt, micro[:1])
     with torch.no_grad():
         kernels = sum(m.generate().weight.numel() + (m.generate().bias.numel() if m.generate().bias is not None
                                                      else 0)

@@ -7,7 +7,11 @@ cross-entropy, backward, optimizer step); :func:`step_times` times it after warm
 The peak is the bytes live when the step starts (parameters, buffers, gradients,
 optimizer state and the given tensors, each storage counted once) plus the maximum
 running sum of the allocation/free events that
-``torch.profiler.profile(profile_memory=True)`` records during the step. The profiler's
+``torch.profiler.profile(profile_memory=True)`` records during the step. The profiler
+does not record frees of blocks allocated before it started, so whatever the step frees
+of what was live at its start (the gradients its ``zero_grad(set_to_none=True)`` drops)
+stays counted while the step allocates their successors: for an exact peak, clear the
+gradients before calling :func:`step_peak_bytes` (``benchmarks/accumulate.py`` does). The profiler's
 native library (kineto) writes its own log lines to the process's stderr (``USDT: ...
 profiler_start``, ``ERROR: ... gpuGetDeviceCount failed`` on machines without a GPU,
 allocator warnings) whatever Python's logging says; :func:`step_peak_bytes` routes file

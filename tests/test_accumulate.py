@@ -230,6 +230,52 @@ def test_backward_after_the_context_is_refused():
         loss.backward()
 
 
+def _spy_leaves(monkeypatch) -> list:
+    """Weak references to every leaf kernel a context hands out (its ``_kernel``, wrapped)."""
+    import sys
+    import weakref
+
+    mod = sys.modules["repcompiler.accumulate"]
+    refs, original = [], mod.accumulate._kernel
+
+    def spy(self, block, generate):
+        leaf = original(self, block, generate)
+        refs.append((weakref.ref(leaf.weight), weakref.ref(self._kept[id(block)].generated.weight)))
+        return leaf
+
+    monkeypatch.setattr(mod.accumulate, "_kernel", spy)
+    return refs
+
+
+def test_kernels_and_their_gradients_are_freed_on_exit(monkeypatch):
+    """Nothing the context kept outlives it (no reference cycle left for the garbage
+    collector: a whole model's kernels and kernel gradients would live through the
+    optimizer step); a caller holding the last loss keeps the leaves (its graph references
+    them) but not their gradients."""
+    import gc
+
+    refs = _spy_leaves(monkeypatch)
+    model = make("orepa")
+    batches = micro_batches()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        accumulated_loop(model, batches)
+        assert refs and all(leaf() is None and gen() is None for leaf, gen in refs)
+        refs.clear()
+        with rc.accumulate(model):
+            for x, y in batches:
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+        held = [leaf() for leaf, _ in refs if leaf() is not None]
+        assert held and all(t.grad is None for t in held)
+        del loss, held
+        assert all(leaf() is None for leaf, _ in refs)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_bad_arguments():
     with pytest.raises(UnsupportedError, match="nn.Module"):
         rc.accumulate("model")  # type: ignore[arg-type]
