@@ -22,7 +22,8 @@ pytestmark = pytest.mark.zoo_full
 
 def test_compiled_training_step_matches_eager():
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    # a 7x7 stem (the paper policy's stacked-kernel stem block, with a one-hot placement)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 7, padding=3), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
     eager = rc.orepa_transform(plain)

@@ -12,6 +12,9 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from torch import nn
+
+import repcompiler as rc
 from hypothesis import strategies as st
 
 from repcompiler.blocks import ConvGeometry, OrepaAccelerator, build_block
@@ -385,3 +388,32 @@ def test_scratch_made_in_inference_mode_serves_training():
     t.start()
     t.join()
     assert not errors, errors
+
+
+def test_dynamo_traces_the_accelerated_stem_block_without_breaks_or_recompiles() -> None:
+    """The large-kernel stem block (stacked OREPA kernels, the first 3x3 placed by a one-hot
+    ``Placement``) compiles in one graph and stays compiled: the accelerator reads the
+    placement's tap from Python ints (a ``nonzero()`` of the buffer was a data-dependent
+    graph break) and neither reads nor writes its pattern cache while dynamo traces (the
+    replayed cache write made the second call recompile, then fail in inductor with
+    dynamic shapes: found compiling a ResNet-18 training step)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    stem = rc.orepa_transform(nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(8)))
+    block = stem[0]
+    assert any(type(m).__name__ == "Placement" for m in block.modules())  # the case this test is about
+    x = torch.randn(2, 3, 16, 16)
+    want = block(x)
+    for m in block.modules():  # start from no cache, as a model compiled before any eager call
+        if hasattr(m, "accel_cache"):
+            m.accel_cache = None
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            got = compiled(x)
+            got.sum().backward()
+    torch._dynamo.reset()
+    assert rel_err(got, want) <= 1e-6
+    assert all(getattr(m, "accel_cache", None) is None for m in block.modules())

@@ -25,10 +25,10 @@ import torch
 
 from .. import algebra as A
 from ..algebra import ConvSpec
-from .accel import KernelAccelerator
+from .accel import KernelAccelerator, plain_ops_required
 from .named import BlockExpr, BranchExpr, ResidualConv, StackExpr
 from .orepa_kernel import OrepaPatterns, orepa_kernel
-from .parts import laid_out
+from .parts import Placement, laid_out
 
 __all__ = ["OrepaAccelerator", "Orepa1x1Accelerator", "StackAccelerator", "NestedAccelerator"]
 
@@ -47,10 +47,15 @@ def _tap(parts: dict[str, A.Expr], frame: ConvSpec) -> tuple[int, ...] | None:
     if "place" in parts:
         place = parts["place"]
         spec = A.sequence(place.spec, spec).spec
-        hot = place.weight[0, 0].nonzero()
-        if hot.shape[0] != 1:
-            return None
-        idx = tuple(int(i) for i in hot[0])
+        if isinstance(place, Placement) and plain_ops_required():
+            # while torch.compile traces: the tap as built, without a data-dependent read of
+            # the buffer (eager calls read it, so an edited buffer falls back to the generic fold)
+            idx = place.tap
+        else:
+            hot = place.weight[0, 0].nonzero()
+            if hot.shape[0] != 1:
+                return None
+            idx = tuple(int(i) for i in hot[0])
     plan = A.parallel([frame, replace(spec, has_bias=False)])
     if plan.spec is None or plan.spec.kernel_size != frame.kernel_size or plan.spec.dilation != frame.dilation:
         return None
@@ -162,11 +167,17 @@ class OrepaAccelerator(KernelAccelerator):
 
     def generate(self, expr: A.Expr) -> A.Kernel:
         assert isinstance(expr, BlockExpr)
-        cache = expr.accel_cache
         b = expr.branches
         w0 = b["origin"].weight
-        key = (w0.dtype, w0.device, _buffers_key(expr))
-        if cache is None or cache[0] != key or key[2] is None or type(w0) not in (torch.Tensor, torch.nn.Parameter):
+        # while torch.compile/torch.export trace, the structure and patterns are traced into
+        # the graph: the cache is neither read (its key reads buffer versions: data-dependent
+        # guards) nor written (dynamo would replay the write after the graph, with real
+        # tensors, and the next call would recompile)
+        tracing = plain_ops_required()
+        key = None if tracing else (w0.dtype, w0.device, _buffers_key(expr))
+        cache = None if tracing else expr.accel_cache
+        if cache is None or cache[0] != key or key is None or key[2] is None \
+                or type(w0) not in (torch.Tensor, torch.nn.Parameter):
             found = self.structure(expr)
             if found is None:  # a fixed part was edited out of OREPA's structure (e.g. a placement buffer)
                 return expr.fold(check=False)
@@ -176,8 +187,8 @@ class OrepaAccelerator(KernelAccelerator):
                 if isinstance(mixer, ResidualConv) else None
             cache = (key, frame, M, self.patterns(expr, frame, w0), ident, _zeros(b, frame, E, w0))
             # never keep tensors seen while torch.compile/torch.export trace (fake tensors)
-            if type(w0) in (torch.Tensor, torch.nn.Parameter) and type(cache[3].table) is torch.Tensor \
-                    and key[2] is not None:
+            if not tracing and type(w0) in (torch.Tensor, torch.nn.Parameter) \
+                    and type(cache[3].table) is torch.Tensor and key is not None and key[2] is not None:
                 expr.accel_cache = cache
         _, frame, M, pats, ident, zero = cache
         O, C, G, ks = frame.out_channels, frame.in_channels, frame.groups, frame.kernel_size

@@ -18,6 +18,7 @@ from ..algebra import ConvSpec
 from ..errors import UnsupportedError, check_choice
 
 __all__ = [
+    "Placement",
     "MODES",
     "SCALINGS",
     "check_options",
@@ -144,9 +145,22 @@ def placed_parts(weight: Tensor, geom: ConvSpec, dilation: Sequence[int], groups
     for i, off, delta in place_dims:
         u = geom.dilation[i] if off % geom.dilation[i] == 0 == delta % geom.dilation[i] else 1  # the conv's grid
         pk[i], ppad[i], idx[i], pdil[i] = delta // u + 1, geom.padding[i], off // u, u
-    onehot = torch.zeros(c, 1, *pk)
-    onehot[(slice(None), 0) + tuple(idx)] = 1.0
-    return [("place", A.Conv(onehot, padding=tuple(ppad), dilation=tuple(pdil), groups=c)), ("", conv)]
+    return [("place", Placement(c, pk, idx, padding=ppad, dilation=pdil)), ("", conv)]
+
+
+class Placement(A.Conv):
+    """The fixed one-hot depthwise conv of :func:`placed_parts` (shifts/crops the input so
+    a small branch window sits on its tap of a larger conv's window). ``tap`` is the hot
+    index, fixed by the geometry and kept as Python ints, so code that needs it while
+    ``torch.compile`` traces (the OREPA accelerator's structure check) need not read the
+    buffer: a ``nonzero()`` of it was a data-dependent graph break on every forward."""
+
+    def __init__(self, channels: int, kernel_size: Sequence[int], tap: Sequence[int], *,
+                 padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> None:
+        onehot = torch.zeros(channels, 1, *kernel_size)
+        onehot[(slice(None), 0) + tuple(tap)] = 1.0
+        super().__init__(onehot, padding=tuple(padding), dilation=tuple(dilation), groups=channels)
+        self.tap = tuple(int(i) for i in tap)
 
 
 def placed(weight: Tensor, geom: ConvSpec, dilation: Sequence[int], groups: int,
