@@ -149,3 +149,23 @@ def test_lazy_names_are_only_built_for_messages():
     assert not calls
     b = A.ConvSpec(1, 1, 1, (3,), (1,), ((1, 1),), (1,))
     assert "X" in A.sequence(b, b, name, name).reasons[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(c=st.sampled_from([2, 3, 4, 6]), e=st.integers(1, 3), g2=st.sampled_from([1, 2, 3, 6]),
+       o_per=st.integers(1, 3), k=st.sampled_from([(3, 3), (1, 3), (2, 2)]), stride=st.integers(1, 2),
+       dil=st.integers(1, 2), pw_stride=st.integers(1, 2), pad=st.integers(0, 2))
+def test_depthwise_multiplier_then_pointwise_composes_exactly(c, e, g2, o_per, k, stride, dil, pw_stride, pad):
+    """A depthwise kxk with channel multiplier ``e`` then a (grouped) 1x1 - OREPA's dw -> pw
+    branch - folds to the conv of the two in sequence (float64); the pointwise groups that
+    hold whole E-bundles take the per-group einsum, the others the dense route."""
+    assume((e * c) % g2 == 0)
+    torch.manual_seed(0)
+    dw = A.Conv(torch.randn(e * c, 1, *k, dtype=torch.float64), stride=stride, padding=pad, dilation=dil, groups=c)
+    pw = A.Conv(torch.randn(g2 * o_per, e * c // g2, 1, 1, dtype=torch.float64),
+                torch.randn(g2 * o_per, dtype=torch.float64), stride=pw_stride, groups=g2)
+    expr = A.Seq(dw, pw)
+    assume(expr.exactness().exact)
+    x = torch.randn(2, c, 11, 10, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(expr.fold().apply(x), pw(dw(x))) < 1e-12
