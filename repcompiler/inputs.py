@@ -79,16 +79,19 @@ def check_tolerances(title: str, **tolerances: float | None) -> None:
             raise UnsupportedError(f"{title}: {name} must be >= 0, got {value}")
 
 
-def check_weights(model: nn.Module, title: str) -> None:
+def check_weights(model: nn.Module, title: str, *, allow_meta: bool = False) -> None:
     """Refuse a model whose weights cannot be folded and verified: parameters or buffers
-    on the ``meta`` device (no data), or floating parameters/buffers holding NaN or inf
-    (every check of a rewrite would fail on them and blame the rewrite).
+    on the ``meta`` device (no data; unless ``allow_meta``, e.g. for ``orepa_transform``,
+    which builds new weights and can work on a meta model), or floating parameters/buffers
+    holding NaN or inf (every check of a rewrite would fail on them and blame the rewrite).
 
     The message names up to three tensors by their qualified name.
     """
     tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())]
     meta = [n for n, t in tensors if t.is_meta]
-    if meta:
+    if allow_meta:
+        tensors = [(n, t) for n, t in tensors if not t.is_meta]
+    elif meta:
         raise UnsupportedError(
             f"{title}: {type(model).__name__} has {len(meta)} tensor(s) on the meta device (no data), e.g. "
             f"{', '.join(meta[:3])}; folding computes new weights from the old ones - materialize the model "

@@ -106,6 +106,7 @@ from .policy import POLICIES, Policy, check_policy_and_options, default_block_fo
 from .report import TransformReport, count_convs, count_params
 from .opaque import conv_reason
 from .entry import check_model, copy_model
+from .inputs import check_weights
 
 __all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
 
@@ -190,6 +191,7 @@ def orepa_transform(
         The transformed model (and the report).
     """
     check_model(model, "orepa_transform")
+    check_weights(model, "orepa_transform", allow_meta=True)  # NaN/inf would be copied into (from_conv) or kept
     check_choice("mode", mode, MODES, owner="orepa_transform")
     check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")
     check_choice("init", init, INITS, owner="orepa_transform")

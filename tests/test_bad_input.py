@@ -132,6 +132,8 @@ ROWS: list[tuple[str, Callable[[], Any], Callable[[Any, Path], Any], type | None
      UnsupportedError, "atol must be >= 0", None),
     ("fold-nan-weight", with_nan, lambda m, d: rc.fold(m), UnsupportedError, "non-finite weights in 1 tensor(s): 3.weight",
      None),
+    ("transform-nan-weight", with_nan, lambda m, d: rc.orepa_transform(m, init="from_conv"), UnsupportedError,
+     "orepa_transform: Sequential has non-finite weights in 1 tensor(s): 3.weight", None),
     ("export-inf-buffer", with_inf_buffer, lambda m, d: rc.export(m, _out(d, "m.onnx"), X), UnsupportedError,
      "4.running_var (0 NaN, 1 inf)", None),
     ("export-opset-dynamo", conv_bn, lambda m, d: rc.export(m, _out(d, "m.onnx"), X, opset=7, onnx_exporter="dynamo"),
