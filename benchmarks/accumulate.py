@@ -38,7 +38,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
     from repcompiler.online import OnlineConv
-    from repcompiler.profiling import step_peak_bytes
+    from repcompiler.profiling import alternated_times, step_peak_bytes
 
     torch.manual_seed(0)
     n, b = args.n_micro, args.micro
@@ -93,15 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for _, _, _, step in forms.values():  # warm-up
         step()
-    times: dict[str, list[float]] = {name: [] for name in forms}
     load = [os.getloadavg()[0]]
-    for r in range(args.rounds):
-        for name, (_, _, _, step) in forms.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
-              file=sys.stderr)
+    times = alternated_times({name: f[3] for name, f in forms.items()}, args.rounds,
+                             lambda line: print(line, file=sys.stderr))
     load.append(os.getloadavg()[0])
 
     def peak(step, model, opt, batches) -> int:
@@ -117,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     micro_step()  # warm-up, as every form had
     peaks[f"online, 1 x {b}"] = peak(micro_step, online_model, online_opt, micro[:1])
     with torch.no_grad():
-        kernels = sum(m.generate().weight.numel() + (m.generate().bias.numel() if m.generate().bias is not None
-                                                     else 0)
-                      for m in online_model.modules() if isinstance(m, OnlineConv))
+        generated = [m.generate() for m in online_model.modules() if isinstance(m, OnlineConv)]
+        kernels = sum(k.weight.numel() + (k.bias.numel() if k.bias is not None else 0) for k in generated)
     kept = 2 * kernels * 4  # float32 kernel + its accumulated gradient
 
     med = {k: statistics.median(v) for k, v in times.items()}

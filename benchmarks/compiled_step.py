@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.profiling import sgd_step
+    from repcompiler.profiling import alternated_times, sgd_step
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -61,15 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         step()  # warm-up (compilation for the compiled forms)
         compile_s[name] = time.perf_counter() - t
         steps[name] = step
-    times: dict[str, list[float]] = {n: [] for n in steps}
     load = [os.getloadavg()[0]]
-    for r in range(args.rounds):
-        for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
-              file=sys.stderr)
+    times = alternated_times(steps, args.rounds, lambda line: print(line, file=sys.stderr))
     load.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     compile_only = {k: max(0.0, compile_s[k] - 2 * med[k]) for k in steps}

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
     from repcompiler.online import OnlineConv
-    from repcompiler.profiling import sgd_step, step_times
+    from repcompiler.profiling import alternated_times, sgd_step, step_times
 
     torch.manual_seed(0)
     plain = torchvision.models.resnet18().train()
@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         steps[name] = sgd_step(model, opt, x, y)
         step_times(steps[name], 2, 0)
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            times[name] += step_times(step, 0, 1)
+    times = alternated_times(steps, args.rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "batch": args.batch, "size": args.size,
               "rounds": args.rounds, "threads": torch.get_num_threads(), "median_s": med,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sgd_step", "step_times", "live_bytes", "step_peak_bytes"]
+__all__ = ["sgd_step", "step_times", "alternated_times", "live_bytes", "step_peak_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,20 @@ def step_times(step: Callable[[], None], warmup: int, steps: int) -> list[float]
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    return times
+
+
+def alternated_times(steps: dict[str, Callable[[], None]], rounds: int,
+                     report: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Wall-clock seconds of each named step, the steps alternated round by round (one call
+    of each per round, in order), so a machine that drifts slows every form alike. Warm-up
+    is the caller's. ``report`` (e.g. a print to stderr) gets one line per round."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            times[name] += step_times(step, 0, 1)
+        if report is not None:
+            report(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     return times
 
 
