@@ -235,6 +235,10 @@ def squeeze_region(
     region.exit.replace_all_uses_with(new)
     if replaced is not None:
         replaced[region.exit] = new
+    body = set(region.nodes)
+    for n in region.nodes:  # reads of a value's dims (the only uses outside, see find_regions): the
+        if n is not region.exit:  # region's input has those dims too, and is defined before them
+            n.replace_all_uses_with(entry, delete_user_cb=lambda u: u not in body)
     for n in reversed(region.nodes):
         graph.erase_node(n)
     for t in region.module_targets():

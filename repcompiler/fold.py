@@ -52,6 +52,7 @@ from .rules import RuleRegistry, default_rules
 from .inputs import as_inputs, check_weights
 from .leftovers import explain_left_bns
 from .online import block_calls_as_modules
+from .norm_act import folded_norms, owned_nodes, strip_folded_norms
 from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_units
 from .verify import compare_outputs
@@ -137,10 +138,18 @@ def compile_folds(
     shared = _shared_modules(work)
     pairs: list[tuple[str, str]] = []
     replaced: dict[fx.Node, str] = {}
+    norms: set[str] = set()
     with _few_threads():
         for unit in traced.units:
-            replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path),
-                                       merge_convs, pairs))
+            owned = owned_nodes(unit.gm)  # before the rewrite edits the unit's graph
+            done = _fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path), merge_convs, pairs)
+            replaced.update(done)
+            norms |= folded_norms(owned, unit.path + "." if unit.path else "", done)
+    # a norm-plus-activation module whose norm folded away keeps only its activation
+    for path, match in strip_folded_norms(work, norms, rules):
+        report.add(path, type(match.module).__name__, "folded",
+                   f"its norm folded into the conv before it; {match.activation} stays after it",
+                   activation=match.activation)
     for linear, bn in pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 

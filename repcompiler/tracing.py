@@ -11,7 +11,9 @@
   a leaf (its traced ``forward`` would bake the training branch, batch statistics and
   all, into a rewritten owner's code) unless it is a conv subclass whose ``forward``
   does not read ``self.training`` (DBB's identity-based 1x1: the same code in both
-  modes), and so does one with forward hooks of its own (tracing into it would run
+  modes), and so does one with forward hooks of its own. A norm-plus-activation module
+  (:mod:`repcompiler.norm_act`: timm's ``SyncBatchNormAct``, whose rule does not
+  decline for lack of a declared geometry) is traced into in eval mode too (tracing into it would run
   the hooks on proxies);
 * the usual ``torch.nn`` leaves (activations, pooling, linear, ... but not containers);
 * torchvision's op modules that do not trace (RoI ops, deformable conv, ...),
@@ -98,7 +100,7 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
         since fx patches parameter access while it traces)."""
         if id(m) not in self._declined:
             self._declined[id(m)] = ((not m.training or _mode_free_conv(m)) and not has_forward_hooks(m)
-                                     and self.rules.declines(m))
+                                     and (self.rules.declines(m) or (not m.training and _norm_act(m, self.rules))))
         return self._declined[id(m)]
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
@@ -107,6 +109,14 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
                 if self.rules.lookup(m) is not None:
                     self._declines(m)
         return super().trace(root, concrete_args)
+
+
+def _norm_act(m: nn.Module, rules: RuleRegistry) -> bool:
+    """A norm-plus-activation module (:mod:`repcompiler.norm_act`): traced into in eval
+    mode, so its norm folds and its activation stays."""
+    from .norm_act import match_norm_act  # traces with this module's tracer: imported late
+
+    return match_norm_act(m, rules) is not None
 
 
 def _mode_free_conv(m: nn.Module) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .dominance import Candidate
 from .expression import build_region
-from .lowering import CONV_FUNCTIONS, PLAIN_LEAVES, LoweredGraph, fetch_attr, is_identity_call
+from .lowering import CONV_FUNCTIONS, PLAIN_LEAVES, LoweredGraph, fetch_attr, is_identity_call, is_rank_read
 from .region import Region
 
 __all__ = ["choose_region", "not_worth", "worth_alone", "region_cost"]
@@ -107,6 +107,7 @@ def _n_convs(g: LoweredGraph, reg: Region) -> int:
 def _cuts_pair(g: LoweredGraph, d: fx.Node, body: set[fx.Node]) -> bool:
     """True if the region would start with per-channel ops that belong with the linear
     op before them (e.g. take a BN away from its conv)."""
-    if not g.linear(d) or any(u not in body for u in d.users):
+    users = [u for u in d.users if not is_rank_read(u)]
+    if not g.linear(d) or any(u not in body for u in users):
         return False
-    return all(g.kind.get(u) == "unary" and isinstance(g.lowered.get(u), PLAIN_LEAVES) for u in d.users)
+    return all(g.kind.get(u) == "unary" and isinstance(g.lowered.get(u), PLAIN_LEAVES) for u in users)
