@@ -66,6 +66,11 @@ class NormAct:
     activation: str
     num_features: int
 
+    def tail_of(self, module: nn.Module) -> fx.GraphModule:
+        """The tail as a module holding ``module``'s children as they are now (a fold may
+        have replaced a folded identity child by another identity)."""
+        return fx.GraphModule(module, self.tail.graph, type(self.tail).__name__)
+
 
 def _owns_norm_tensors(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, "_buffers", {}).get(t), torch.Tensor) for t in _NORM_TENSORS)
@@ -97,7 +102,8 @@ _PLAIN_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _state_key(m: nn.Module) -> tuple:
-    return (type(m), tuple((n, id(c), type(c)) for n, c in m._modules.items()),
+    # children by type: a fold replacing a folded identity drop by a new identity keeps the match
+    return (type(m), tuple((n, type(c)) for n, c in m._modules.items()),
             tuple(sorted(m._parameters)), tuple(sorted(m._buffers)))
 
 
@@ -268,7 +274,8 @@ def norm_owner(n: fx.Node) -> str | None:
 
 def owned_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """For each module path in the traced graph ``gm``, the nodes its own ``forward``
-    created that compute data: not a child's call, a constant, or a read of dims.
+    created that compute data, elementwise ops (an activation) aside: not a child's
+    call, a constant, or a read of dims.
     Taken before a fold rewrites the graph, for :func:`folded_norms`."""
     from .passes.regions.lowering import is_rank_read
 
@@ -286,12 +293,19 @@ def owned_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 
     out: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if n.op not in ("call_function", "call_method") or constant(n) or dims_only(n):
+        if n.op not in ("call_function", "call_method") or constant(n) or dims_only(n) or _elementwise_call(n):
             continue
         owner = norm_owner(n)
         if owner:
             out.setdefault(owner, []).append(n)
     return out
+
+
+def _elementwise_call(n: fx.Node) -> bool:
+    from .passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS
+
+    return (n.op == "call_function" and n.target in ELEMENTWISE_FUNCS) or (
+        n.op == "call_method" and n.target in ELEMENTWISE_METHODS)
 
 
 def folded_norms(owned: dict[str, list[fx.Node]], prefix: str, replaced: Container[fx.Node]) -> set[str]:
@@ -317,6 +331,6 @@ def strip_folded_norms(model: nn.Module, paths: Iterable[str],
             continue
         *parent, last = path.split(".")
         owner = model.get_submodule(".".join(parent)) if parent else model
-        setattr(owner, last, match.tail)
+        setattr(owner, last, match.tail_of(m))
         out.append((path, match))
     return out

@@ -310,7 +310,8 @@ def orepa_transform(
             bn_note = f"{site.bn_name} (existing{stays})"
         elif has_bn:
             # a norm-plus-activation module loses its norm only: its activation stays
-            _set(work, site.bn_name, norm_act.tail if norm_act is not None else nn.Identity())
+            _set(work, site.bn_name, norm_act.tail_of(work.get_submodule(site.bn_name)) if norm_act is not None
+                 else nn.Identity())
             bn_note = f"{site.bn_name} removed (post_bn=False{stays})"
         elif inserted is not None:
             bn_note = "inserted"
