@@ -50,7 +50,8 @@ from torch import nn
 from . import algebra as A
 from .rules import RuleRegistry, default_rules
 
-__all__ = ["NormAct", "match_norm_act", "norm_owner", "owned_nodes", "folded_norms", "strip_folded_norms"]
+__all__ = ["NormAct", "match_norm_act", "norm_owner", "owned_nodes", "folded_norms", "strip_folded_norms", "leaf_uses",
+           "unused_modules"]
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +299,64 @@ def owned_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
         owner = norm_owner(n)
         if owner:
             out.setdefault(owner, []).append(n)
+    return out
+
+
+def leaf_uses(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """For each module path in the traced graph ``gm`` whose ``forward`` was traced
+    into, the data nodes that compute with it: those its ``forward`` created and the
+    first data users of its parameters and buffers (through constant computations,
+    e.g. ``self.weight + self.id_tensor``). When a fold replaced all of them, nothing
+    computes with the module any more (:func:`unused_modules`). Taken before the
+    rewrite edits the graph."""
+    from .passes.regions.lowering import is_rank_read
+
+    const: dict[fx.Node, bool] = {}
+
+    def constant(n: fx.Node) -> bool:
+        if n not in const:
+            const[n] = n.op == "get_attr" or (n.op in ("call_function", "call_method") and bool(n.all_input_nodes)
+                                              and all(constant(a) for a in n.all_input_nodes))
+        return const[n]
+
+    out: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method") and not constant(n) and not is_rank_read(n):
+            owner = norm_owner(n)
+            if owner:
+                out.setdefault(owner, []).append(n)
+        elif n.op == "get_attr" and "." in str(n.target):
+            path = str(n.target).rsplit(".", 1)[0]
+            stack, seen = [n], set()
+            while stack:
+                a = stack.pop()
+                for u in a.users:
+                    if u in seen:
+                        continue
+                    seen.add(u)
+                    if constant(u):
+                        stack.append(u)
+                    else:
+                        out.setdefault(path, []).append(u)
+    return out
+
+
+def unused_modules(model: nn.Module, uses: dict[str, list[fx.Node]], prefix: str,
+                   replaced: Container[fx.Node]) -> list[str]:
+    """Paths (with ``prefix``) of conv and BatchNorm modules without children that
+    nothing computes with after a fold: every node of ``uses`` (:func:`leaf_uses`)
+    was folded (is in ``replaced``). E.g. DBB's identity-based 1x1, a conv subclass
+    computing its kernel in ``forward``, traced into and folded into its block's conv."""
+    out = []
+    for p, nodes in uses.items():
+        path = prefix + p
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) and not m._modules \
+                and nodes and all(n in replaced for n in nodes):
+            out.append(path)
     return out
 
 
