@@ -100,6 +100,9 @@ class CaptureInfo:
     used: list[tuple[str, str]] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)
+    opaque_calls: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, reason)`` of submodules kept as opaque calls because their own
+    ``forward`` does not trace (:func:`repcompiler.tracing.trace_model`)."""
     scaled_bns: list[str] = field(default_factory=list)
     """Targets of training-mode BNs whose BN-and-pad layer was rewritten because they
     become learnable affines (``bns_become_scales``): the rewritten graph is exact only
