@@ -46,7 +46,7 @@ def code_blocks(path: Path) -> list[Block]:
     i = 0
     while i < len(lines):
         m = FENCE.match(lines[i])
-        if not m:
+        if not m or (m["fence"][0] == "`" and "`" in m["info"]):  # CommonMark: inline code, not a fence
             i += 1
             continue
         indent, fence = m["indent"], m["fence"]
@@ -57,14 +57,14 @@ def code_blocks(path: Path) -> list[Block]:
             body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
         if j == len(lines):
-            raise AssertionError(f"{path.relative_to(ROOT)}:{i + 1}: fence never closed")
+            raise AssertionError(f"{_page_id(path)}:{i + 1}: fence never closed")
         blocks.append(Block(lang, i + 2, "\n".join(body) + "\n"))
         i = j + 1
     return blocks
 
 
 def _page_id(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
 
 
 RUNNABLE = [p for p in PAGES if any(b.lang in RUN for b in code_blocks(p))]
@@ -109,10 +109,22 @@ def test_code_blocks_run(page: Path, tmp_path, monkeypatch) -> None:
 def test_collector_sees_every_kind_of_block(tmp_path) -> None:
     page = tmp_path / "p.md"
     page.write_text("text\n```python\nx = 1\n```\n\n* item\n\n    ```pycon\n    >>> x\n    1\n    ```\n"
-                    "```bash\nls\n```\n```\nbare\n```\n")
+                    "```bash\nls\n```\n```\nbare\n```\n  ```` ```python ```` is inline code\n")
     blocks = code_blocks(page)
     assert [(b.lang, b.line) for b in blocks] == [("python", 3), ("pycon", 9), ("bash", 13), ("", 16)]
     assert blocks[1].code == ">>> x\n1\n"
+
+
+def test_pycon_blocks_share_the_page_namespace_and_compare_output(tmp_path, monkeypatch) -> None:
+    """The runner itself: a pycon block sees the python blocks' names, and wrong shown
+    output fails."""
+    good, bad = tmp_path / "good.md", tmp_path / "bad.md"
+    good.write_text("```python\nx = 21\n```\n```pycon\n>>> x * 2\n42\n```\n```python\nassert y == 1\n```\n"
+                    .replace("```python\nassert", "```pycon\n>>> y = 1\n```\n```python\nassert"))
+    bad.write_text("```python\nx = 21\n```\n```pycon\n>>> x * 2\n41\n```\n")
+    test_code_blocks_run(good, tmp_path, monkeypatch)
+    with pytest.raises(AssertionError, match="shown output differs"):
+        test_code_blocks_run(bad, tmp_path, monkeypatch)
 
 
 def test_mkdocs_build_strict(tmp_path) -> None:
@@ -164,5 +176,6 @@ QUOTED = [
 @pytest.mark.parametrize("page,text,value,fmt", QUOTED, ids=[f"{p}:{t}" for p, t, _, _ in QUOTED])
 def test_quoted_figures_match_recorded_results(page, text, value, fmt) -> None:
     quoted = text.format(fmt.format(value()))
-    assert quoted in (ROOT / page).read_text(encoding="utf-8"), (
+    prose = " ".join((ROOT / page).read_text(encoding="utf-8").split())  # a quote may wrap lines
+    assert quoted in prose, (
         f"{page} should quote {quoted!r} (from the recorded results); the page says something else")
