@@ -179,3 +179,11 @@ def test_quoted_figures_match_recorded_results(page, text, value, fmt) -> None:
     prose = " ".join((ROOT / page).read_text(encoding="utf-8").split())  # a quote may wrap lines
     assert quoted in prose, (
         f"{page} should quote {quoted!r} (from the recorded results); the page says something else")
+
+
+def test_readme_links_point_to_existing_files() -> None:
+    """README.md is not part of the mkdocs build, so its relative links are checked here."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    missing = [t for t in targets if t and not (ROOT / t).exists()]
+    assert targets and not missing, f"README.md links to missing files: {missing}"
