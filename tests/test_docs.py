@@ -154,7 +154,9 @@ def _summary(rel: str, key: str) -> float:
     return _json(rel)["summary"][key]
 
 
-# (page, the text as the page quotes it, the recorded value, format that gives the text)
+# (page, the text as the page quotes it, the recorded value, format that gives the text).
+# A page that quotes a recorded figure in its prose adds a row here; tables are better
+# included from the result file itself (``--8<-- "benchmarks/results/x.md:2"``).
 QUOTED = [
     ("docs/benchmarks.md", "per-sample time {} x plain",
      lambda: _summary("benchmarks/results/train_cost_paired.json", "per_sample_time_online/plain"), "{:.2f}"),
