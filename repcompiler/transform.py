@@ -246,8 +246,10 @@ def orepa_transform(
             if name in pairs:
                 sites.append(_ConvSite(name, m, pairs[name], "trace"))
             elif is_covered(name):
-                # inside a traced unit but never called as a module
-                sites.append(_ConvSite(name, m, None, "not called in the traced graph"))
+                # inside a traced unit but never called there (a head the forward does not
+                # run, GoogLeNet's aux heads): its BN by module order, as in untraced parts
+                sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order (not called in the traced "
+                                       "graph)"))
             else:
                 sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order"))
     first_name = order[0] if order else (sites[0].name if sites else None)

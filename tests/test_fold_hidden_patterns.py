@@ -205,3 +205,13 @@ def test_googlenet_aux_heads_are_folded_on_their_own() -> None:
         assert rel_err(folded(x), m(x)) < 1e-5
         feats = torch.randn(2, 512, 14, 14)
         assert rel_err(folded.aux1(feats), m.aux1(feats)) < 1e-5
+
+
+def test_googlenet_aux_convs_keep_their_bn_in_orepa_transform() -> None:
+    """The aux heads' convs are not called by the eval forward: their BN is found by
+    module order, so no second BN is inserted, and deploy leaves none."""
+    m = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    online, report = rc.orepa_transform(m, return_report=True)
+    aux = {e.name: e.details.get("post_bn") for e in report.entries if e.name.startswith("aux")}
+    assert aux == {"aux1.conv.conv": "aux1.conv.bn (existing)", "aux2.conv.conv": "aux2.conv.bn (existing)"}
+    assert not _bns(rc.deploy(online.eval()))
