@@ -326,6 +326,7 @@ def fold_passes(
     rules: RuleRegistry | None = None,
     *,
     shared_modules: Any = (),
+    pinned: Any = None,
     merge_convs: bool = False,
     verify: bool = True,
     prefix: str = "",
@@ -335,7 +336,7 @@ def fold_passes(
     """The passes that fold one traced graph as :func:`repcompiler.fold` folds a unit:
     ``FindRegions -> SqueezeRegions (-> Cleanup when rewriting)``."""
     passes: list[GraphPass] = [
-        FindRegions(rules, shared_modules, merge_convs=merge_convs, prefix=prefix),
+        FindRegions(rules, shared_modules, merge_convs=merge_convs, prefix=prefix, pinned=pinned),
         SqueezeRegions(verify, prefix=prefix, report=report, rewrite=rewrite),
     ]
     if rewrite:

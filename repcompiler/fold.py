@@ -54,6 +54,7 @@ from .leftovers import explain_left_bns
 from .online import block_calls_as_modules
 from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_units
+from .uses import local_pins, model_pins, shared_modules
 from .verify import compare_outputs
 
 __all__ = ["fold", "compile_folds"]
@@ -134,13 +135,16 @@ def compile_folds(
     if inputs is not None:
         ref_out, unit_args, unit_outs = _run_capturing(work, inputs, traced.units)
 
-    shared = _shared_modules(work)
+    shared = shared_modules(work)
+    # modules whose tensors or submodules are used other than by their call stay as they are
+    pinned = model_pins(work, [(u.path, u.gm) for u in traced.units], [p for p, _ in traced.skipped])
     pairs: list[tuple[str, str]] = []
     replaced: dict[fx.Node, str] = {}
     with _few_threads():
         for unit in traced.units:
             replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path),
-                                       merge_convs, pairs))
+                                       merge_convs, pairs, local_pins(pinned, unit.path)))
+    _report_pinned(work, traced.units, pinned, rules, report)
     for linear, bn in pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
@@ -235,14 +239,18 @@ def _run_capturing(
     return out, captured, outputs
 
 
-def _shared_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules registered at more than one path (shared weights)."""
-    seen: dict[int, int] = {}
-    mods: dict[int, nn.Module] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        seen[id(m)] = seen.get(id(m), 0) + 1
-        mods[id(m)] = m
-    return [mods[i] for i, c in seen.items() if c > 1]
+def _report_pinned(model: nn.Module, units: Sequence[TracedUnit], pinned: dict[str, str], rules: RuleRegistry,
+                   report: FoldReport) -> None:
+    """A ``"kept"`` row for every module with a rule that a traced graph calls but that
+    stays as it is because something else uses its tensors or submodules."""
+    for unit in units:
+        for n in unit.gm.graph.nodes:
+            name = qualify(unit.path, str(n.target)) if n.op == "call_module" else None
+            if name is None or name not in pinned or any(e.name == name for e in report.entries):
+                continue
+            m = unit.gm.get_submodule(str(n.target))
+            if rules.lookup(m) is not None and type(m) is not nn.Identity:
+                report.add(name, type(m).__name__, "kept", f"not folded: {pinned[name]}")
 
 
 def _fold_unit(
@@ -255,6 +263,7 @@ def _fold_unit(
     args: tuple | None,
     merge_convs: bool,
     linear_pairs: list[tuple[str, str]],
+    pinned: dict[str, str],
 ) -> dict[fx.Node, str]:
     """Fold one traced unit: Linear/BN1d pairs (:class:`FoldLinearBN`), then the conv
     regions (:func:`fold_passes`), whose plans are applied by the owner rewrite.
@@ -272,10 +281,10 @@ def _fold_unit(
     # analysis and folding are the pass pipeline; applying the plans rewrites owners.
     # Linear/BN1d pairs first (the kernel algebra has no 0-d convs: a dedicated pass;
     # a BN it folds reads a 2-d value, which no conv region holds)
-    linear_bn = FoldLinearBN(unit.module)
+    linear_bn = FoldLinearBN(unit.module, pinned)
     state = PipelineState()
-    run_passes(gm, [linear_bn, *fold_passes(rules, shared_modules=shared, merge_convs=merge_convs, verify=verify,
-                                            prefix=prefix, report=report, rewrite=False)],
+    run_passes(gm, [linear_bn, *fold_passes(rules, shared_modules=shared, pinned=pinned, merge_convs=merge_convs,
+                                            verify=verify, prefix=prefix, report=report, rewrite=False)],
                state=state, lint=False)
     linear_pairs += [(prefix + a, prefix + b) for a, b in linear_bn.folded]
     plans = [(p.region, p.folded, p.params_before) for p in state.plans]

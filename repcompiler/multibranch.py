@@ -34,6 +34,7 @@ from .passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES
 from .rewrite import qualify, region_owner
 from .rules import RuleRegistry, default_rules
 from .tracing import TracedUnit, TraceResult, trace_units
+from .uses import local_pins, model_pins, shared_modules
 
 __all__ = ["ModelAnalysis", "analyse_model", "LinearizeCandidate", "analyse_unit", "find_linearizable", "is_sum",
            "is_activation"]
@@ -58,6 +59,9 @@ class ModelAnalysis:
     traced: TraceResult
     regions: dict[str, list[Region]]
     training: bool
+    pinned: dict[str, str] = field(default_factory=dict)
+    """Modules whose tensors or submodules something else uses (qualified name ->
+    reason, :func:`repcompiler.uses.model_pins`): opaque to the regions, never replaced."""
 
     @property
     def units(self) -> list[TracedUnit]:
@@ -67,7 +71,8 @@ class ModelAnalysis:
 def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, training: bool | None = None,
                   bns_become_scales: bool = False) -> ModelAnalysis:
     """Trace ``model`` once (:func:`~repcompiler.tracing.trace_units`) and find each
-    unit's regions once. ``training``: trace in that mode (every module's flag is put
+    unit's regions once (modules registered at several paths or used other than by their
+    call are opaque: :mod:`repcompiler.uses`). ``training``: trace in that mode (every module's flag is put
     back afterwards); ``None`` traces in the modes the modules are in.
     ``bns_become_scales``: the caller replaces branch BNs by affines (``linearize``;
     see :mod:`repcompiler.tracing`)."""
@@ -78,11 +83,13 @@ def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, traini
         if training is not None:
             model.train(training)
         traced = trace_units(model, rules=rules, bns_become_scales=bns_become_scales)
-        regions = {u.path: find_regions(u.gm, rules) for u in traced.units}
+        pinned = model_pins(model, [(u.path, u.gm) for u in traced.units], [p for p, _ in traced.skipped])
+        regions = {u.path: find_regions(u.gm, rules, shared_modules=shared_modules(model),
+                                        pinned=local_pins(pinned, u.path)) for u in traced.units}
     finally:
         for m, f in zip(modules, flags):
             m.training = f
-    return ModelAnalysis(traced, regions, model.training if training is None else training)
+    return ModelAnalysis(traced, regions, model.training if training is None else training, pinned)
 
 
 @dataclass

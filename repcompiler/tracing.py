@@ -76,6 +76,11 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
     """``fx.Tracer`` whose leaves are rule-registered modules plus the usual ``torch.nn``
     leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
 
+    proxy_buffer_attributes = True
+    """Buffers read in traced code (``self.bn.running_var``) are ``get_attr`` nodes, as
+    parameters are: every read of a module's tensors is visible (:mod:`repcompiler.uses`),
+    and an in-place update of a buffer is a node, not a write done while tracing."""
+
     def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
                  bns_become_scales: bool = False) -> None:
         super().__init__(autowrap_modules=(math, tvops))

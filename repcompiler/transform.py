@@ -67,8 +67,10 @@ are left as they are and reported). ``policy`` refines per layer:
 
 Left as they are and reported with the reason: convs that are not plain convs, as the
 rule registry decides (:func:`repcompiler.opaque.conv_reason`: transposed convs,
-``padding_mode`` other than ``'zeros'``, conv subclasses that override ``forward``,
-forward hooks; and, for a block, lazy convs and parametrized weights), and convs a
+``padding_mode`` other than ``'zeros'``, conv subclasses that override ``forward`` or a
+method it calls, forward hooks; and, for a block, lazy convs and parametrized weights),
+convs whose tensors something else reads or that hold a parameter another module holds
+too (a tied weight: a block would untie them; :mod:`repcompiler.uses`), and convs a
 block's builder rejects. A model with no transformed conv comes back
 unchanged with a ``UserWarning``.
 
@@ -107,6 +109,7 @@ from .report import TransformReport, count_convs, count_params
 from .opaque import conv_reason
 from .entry import check_model, copy_model
 from .inputs import check_weights
+from .uses import tied_pins
 
 __all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
 
@@ -222,6 +225,9 @@ def orepa_transform(
     if insert_bn is None:
         insert_bn = init == "fresh"
 
+    # modules used other than by their call, or holding a tensor another module holds, stay
+    pinned = {**tied_pins(work), **analysis.pinned}
+
     # modules inside existing blocks are not touched
     existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
 
@@ -238,6 +244,8 @@ def orepa_transform(
             continue
         if isinstance(m, nn.modules.conv._ConvNd):
             why = conv_reason(m, block=True)  # the registry decides what is a plain conv
+            if why is None and name in pinned:  # its tensors are used elsewhere, or tied (repcompiler.uses)
+                why = f"{pinned[name]}; a block would replace it"
             if not _is_conv(m) or why:
                 others.append((name, why or "not a conv"))
                 continue
