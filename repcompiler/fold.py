@@ -27,6 +27,7 @@ against its original modules before the model is touched.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import inspect
 import logging
 import time
@@ -242,15 +243,19 @@ def _run_capturing(
 def _report_pinned(model: nn.Module, units: Sequence[TracedUnit], pinned: dict[str, str], rules: RuleRegistry,
                    report: FoldReport) -> None:
     """A ``"kept"`` row for every module with a rule that a traced graph calls but that
-    stays as it is because something else uses its tensors or submodules."""
+    stays as it is because something else uses its tensors or submodules, or because it
+    is called more than once (folding it into one use would change the others)."""
     for unit in units:
+        calls = Counter(str(n.target) for n in unit.gm.graph.nodes if n.op == "call_module")
         for n in unit.gm.graph.nodes:
             name = qualify(unit.path, str(n.target)) if n.op == "call_module" else None
-            if name is None or name not in pinned or any(e.name == name for e in report.entries):
+            if name is None or any(e.name == name for e in report.entries):
                 continue
+            why = pinned.get(name) or (f"it is called {calls[str(n.target)]} times (shared)"
+                                       if calls[str(n.target)] > 1 else None)
             m = unit.gm.get_submodule(str(n.target))
-            if rules.lookup(m) is not None and type(m) is not nn.Identity:
-                report.add(name, type(m).__name__, "kept", f"not folded: {pinned[name]}")
+            if why and rules.lookup(m) is not None and type(m) is not nn.Identity:
+                report.add(name, type(m).__name__, "kept", f"not folded: {why}")
 
 
 def _fold_unit(
