@@ -229,6 +229,13 @@ def squeeze_region(
     if replaced is not None:
         while entry in replaced:
             entry = replaced[entry]
+    for t in region.module_targets():
+        if t != target:
+            set_submodule(gm, t, nn.Identity())
+    if "." in target or hasattr(gm, target):
+        set_submodule(gm, target, folded)
+    else:  # a region of function calls only: a new module (installed before its call node)
+        gm.add_submodule(target, folded)
     with graph.inserting_before(region.exit):
         new = graph.call_module(target, (entry,))
     new.meta = dict(region.exit.meta)
@@ -237,13 +244,6 @@ def squeeze_region(
         replaced[region.exit] = new
     for n in reversed(region.nodes):
         graph.erase_node(n)
-    for t in region.module_targets():
-        if t != target:
-            set_submodule(gm, t, nn.Identity())
-    if "." in target or hasattr(gm, target):
-        set_submodule(gm, target, folded)
-    else:
-        gm.add_submodule(target, folded)
     return target
 
 

@@ -139,13 +139,13 @@ def compile_folds(
     shared = shared_modules(work)
     # modules whose tensors or submodules are used other than by their call stay as they are
     pinned = model_pins(work, [(u.path, u.gm) for u in traced.units], [p for p, _ in traced.skipped])
+    _report_pinned(traced.units, pinned, rules, report)  # read from the graphs before they are rewritten
     pairs: list[tuple[str, str]] = []
     replaced: dict[fx.Node, str] = {}
     with _few_threads():
         for unit in traced.units:
             replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path),
                                        merge_convs, pairs, local_pins(pinned, unit.path)))
-    _report_pinned(work, traced.units, pinned, rules, report)
     for linear, bn in pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
@@ -240,7 +240,7 @@ def _run_capturing(
     return out, captured, outputs
 
 
-def _report_pinned(model: nn.Module, units: Sequence[TracedUnit], pinned: dict[str, str], rules: RuleRegistry,
+def _report_pinned(units: Sequence[TracedUnit], pinned: dict[str, str], rules: RuleRegistry,
                    report: FoldReport) -> None:
     """A ``"kept"`` row for every module with a rule that a traced graph calls but that
     stays as it is because something else uses its tensors or submodules, or because it
