@@ -5,7 +5,8 @@ handles the constructs real re-parameterization code uses and ``fx.Tracer`` refu
 plus :func:`capture` (trace one module with it) and :func:`capture_info` (what a
 trace needed). It is a mixin so that the compiler's one tracer
 (:class:`repcompiler.tracing.RepTracer`) can put it first in its bases: on code plain
-``fx`` traces it produces **the same graph**; it only acts at the exact operations
+``fx`` traces it produces **the same graph** (except that augmented assignments stay
+in place, below); it only acts at the exact operations
 where plain ``fx`` raises, so capture happens at the granularity of the failing
 *operation* (finer than the smallest failing submodule), and every module with a
 rule stays a ``call_module`` leaf for the fold machinery.

@@ -47,8 +47,23 @@ _TORCH_NAMESPACES = ("torch", "torch.functional", "torch.nn.functional", "torch.
                      "torch._tensor", "torch._C._TensorBase", "torch._C.TensorBase")
 
 
+_PACKETS: dict[tuple[str, Any], Any] = {}
+_SCHEMAS: dict[int, list[Any]] = {}
+
+
 def _packet(op: str, target: Any) -> Any:
-    """The ATen operator overload packet a node's target resolves to, or ``None``."""
+    """The ATen operator overload packet a node's target resolves to, or ``None`` (cached)."""
+    try:
+        return _PACKETS[(op, target)]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable callable
+        return _resolve(op, target)
+    _PACKETS[(op, target)] = found = _resolve(op, target)
+    return found
+
+
+def _resolve(op: str, target: Any) -> Any:
     if op == "call_method":
         name = str(target)
     elif isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
@@ -69,12 +84,15 @@ def _packet(op: str, target: Any) -> Any:
 def _schemas(packet: Any) -> list[Any]:
     if isinstance(packet, torch._ops.OpOverload):
         return [packet._schema]
-    out = []
+    if id(packet) in _SCHEMAS:
+        return _SCHEMAS[id(packet)]
+    out: list[Any] = []
     for o in packet.overloads():
         try:
             out.append(getattr(packet, o)._schema)
         except (AttributeError, RuntimeError):  # pragma: no cover - overloads torch lists but cannot load
             continue
+    _SCHEMAS[id(packet)] = out  # packets live as long as torch.ops.aten
     return out
 
 
