@@ -16,10 +16,10 @@ A module is pinned when
 * it is called on its own *and* inside another module that is called as a leaf (a leaf
   reads its submodules), or one of its submodules is (:func:`graph_pins`);
 * code that is not traced can reach it and names one of its tensors or submodules
-  (:func:`untraced_pins`): the ``forward`` (and every other method defined outside
-  ``torch``, and the functions of its own module file they name) of a module whose
-  forward did not trace, and the forward / pre-forward / backward hooks of the traced
-  units and of those modules. Names are read from the code objects (attribute and
+  (:func:`untraced_pins`): the ``forward`` of a module whose forward did not trace, the
+  methods and properties of its class that ``forward`` names (transitively) and the
+  functions of their own source file they name, and the forward / pre-forward /
+  backward hooks of the traced units and of those modules. Names are read from the code objects (attribute and
   global names, string constants, nested functions), so ``self.conv.weight``,
   ``getattr(self.bn, "running_var")`` and a helper function doing the same are seen;
   code reaching a module through a hook's closure or generic iteration
@@ -34,14 +34,16 @@ A module registered at several paths is handled by the region analysis itself
 
 from __future__ import annotations
 
+import dis
 import inspect
 import types
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["graph_pins", "untraced_pins", "tied_pins", "model_pins", "local_pins", "shared_modules", "code_names"]
+__all__ = ["graph_pins", "untraced_pins", "tied_pins", "model_pins", "local_pins", "shared_modules", "code_reads", "CodeReads"]
 
 
 def _qualify(prefix: str, name: str) -> str:
@@ -106,33 +108,88 @@ def _code_strings(code: types.CodeType) -> Iterator[str]:
             yield from _code_strings(c)
 
 
-def code_names(functions: Iterable[Any]) -> set[str]:
-    """Every attribute/global name and string constant in the code of ``functions``
-    (methods, hooks, callables), nested functions included, and in the functions of the
-    same source module those name (followed transitively), ``torch``'s own code excluded."""
-    names: set[str] = set()
-    todo = [f for obj in functions for f in _functions_of(obj)]
+@dataclass
+class CodeReads:
+    """What some code reads off a module it is given (``self`` of a method, the module
+    argument of a hook): ``chains``, the exact attribute paths read off it
+    (``self.body.conv.weight`` -> ``("body", "conv", "weight", ...)``), and ``loose``,
+    attribute names read off anything else (a loop variable, a call's result, a helper
+    function's argument) and string constants (``getattr(m, "weight")``), which may be
+    anything the code can reach."""
+
+    chains: set[tuple[str, ...]] = field(default_factory=set)
+    loose: set[str] = field(default_factory=set)
+
+
+_SELF_LOADS = ("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW")
+_ATTR_LOADS = ("LOAD_ATTR", "LOAD_METHOD")
+
+
+def _scan(code: types.CodeType, this: str | None, reads: CodeReads) -> Iterator[str]:
+    """Add ``code``'s reads to ``reads`` (``this``: the name of the module argument, or
+    ``None``) and yield the global names it loads."""
+    chain: list[str] | None = None
+    for ins in dis.get_instructions(code):
+        if ins.opname in _ATTR_LOADS:
+            if chain is not None:
+                chain.append(str(ins.argval))
+            else:
+                reads.loose.add(str(ins.argval))
+            continue
+        if chain:
+            reads.chains.add(tuple(chain))
+        chain = [] if this is not None and ins.opname in _SELF_LOADS and ins.argval == this else None
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            yield str(ins.argval)
+        elif ins.opname == "LOAD_CONST" and isinstance(ins.argval, str):
+            reads.loose.add(ins.argval)
+    if chain:
+        reads.chains.add(tuple(chain))
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):  # nested functions, lambdas, comprehensions: same module argument
+            yield from _scan(c, this, reads)
+
+
+def code_reads(functions: Iterable[Any]) -> CodeReads:
+    """What ``functions`` (methods, hooks, callables taking the module first) read off
+    the module they are given, and off anything else (:class:`CodeReads`); functions of
+    the same source module they call are read too (their arguments count as anything),
+    ``torch``'s own code is not."""
+    reads = CodeReads()
+    todo: list[tuple[types.FunctionType, bool]] = [(f, True) for obj in functions for f in _functions_of(obj)]
     seen: set[int] = set()
     while todo:
-        f = todo.pop()
+        f, bound = todo.pop()
         if id(f.__code__) in seen or (f.__module__ or "").startswith("torch"):
             continue
         seen.add(id(f.__code__))
-        here = set(_code_strings(f.__code__))
-        names |= here
-        for name in here:
+        code = f.__code__
+        this = code.co_varnames[0] if bound and code.co_argcount else None
+        for name in set(_scan(code, this, reads)):
             g = f.__globals__.get(name)
             if isinstance(g, types.FunctionType) and g.__module__ == f.__module__:
-                todo.append(g)
-    return names
+                todo.append((g, False))
+    return reads
 
 
-def _class_functions(m: nn.Module) -> list[Any]:
+def _forward_functions(m: nn.Module) -> list[Any]:
+    """``m``'s ``forward`` and the methods (and properties) of its class that it reaches
+    through ``self.<name>``, transitively; ``torch``'s own code excluded."""
+    cls = type(m)
     out: list[Any] = []
-    for cls in type(m).__mro__:
-        if cls is object or (cls.__module__ or "").startswith("torch"):
+    todo = ["forward"]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
             continue
-        out += list(vars(cls).values())
+        seen.add(name)
+        attr = inspect.getattr_static(cls, name, None)
+        fns = [f for f in (_functions_of(attr) if attr is not None else ())
+               if not (f.__module__ or "").startswith("torch")]
+        out += fns
+        for f in fns:
+            todo += [c[0] for c in code_reads([f]).chains if c and c[0] not in seen]
     return out
 
 
@@ -143,19 +200,26 @@ def _hooks(m: nn.Module) -> list[Any]:
     return out
 
 
-def _reach(model: nn.Module, path: str, names: set[str], why: str, out: dict[str, str]) -> None:
-    """Pin every module strictly under ``path`` that ``names`` name (a tensor of it, or it
-    by its attribute name when it is not a direct child, which untraced code calls as a unit)."""
+def _reach(model: nn.Module, path: str, reads: CodeReads, why: str, out: dict[str, str]) -> None:
+    """Pin every module strictly under ``path`` that ``reads`` (code given the module at
+    ``path``) may read a tensor of or use other than by calling a direct child: an exact
+    attribute path through it (``self.body.conv.weight``), or a loose name of one of its
+    tensors, or of it when it is not a direct child."""
     top = model.get_submodule(path) if path else model
     for sub, m in top.named_modules(remove_duplicate=False):
         if not sub:
             continue
-        local = sub.rsplit(".", 1)[-1]
-        hit = [k for k in (*m._parameters, *m._buffers) if k in names]
-        if "." in sub and local in names:
-            hit.append(local)
-        if hit:
-            out.setdefault(_qualify(path, sub), f"{why} names {hit[0]!r}, which it can reach here")
+        parts = tuple(sub.split("."))
+        local = parts[-1]
+        hit = next((".".join(c) for c in reads.chains
+                    if c[:len(parts)] == parts and (len(c) > len(parts) or len(parts) > 1)), None)
+        if hit is None:
+            names = [k for k in (*m._parameters, *m._buffers) if k in reads.loose]
+            if len(parts) > 1 and local in reads.loose:
+                names.append(local)
+            hit = names[0] if names else None
+        if hit is not None:
+            out.setdefault(_qualify(path, sub), f"{why} reads {hit!r}, which can be this module or one of its tensors")
 
 
 def untraced_pins(model: nn.Module, skipped: Iterable[str], units: Iterable[str]) -> dict[str, str]:
@@ -167,13 +231,13 @@ def untraced_pins(model: nn.Module, skipped: Iterable[str], units: Iterable[str]
     for path in skipped:
         path = "" if path == "<root>" else path
         m = model.get_submodule(path) if path else model
-        names = code_names([*_class_functions(m), *_hooks(m)])
-        _reach(model, path, names, f"the code of {path or type(model).__name__} (not traced)", out)
+        reads = code_reads([*_forward_functions(m), *_hooks(m)])
+        _reach(model, path, reads, f"the code of {path or type(model).__name__} (not traced)", out)
     for path in units:
         m = model.get_submodule(path) if path else model
         hooks = _hooks(m)
         if hooks:
-            _reach(model, path, code_names(hooks), f"a hook of {path or type(model).__name__} (not traced)", out)
+            _reach(model, path, code_reads(hooks), f"a hook of {path or type(model).__name__} (not traced)", out)
     return out
 
 
