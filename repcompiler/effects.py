@@ -14,7 +14,8 @@ answers, per node:
   (``+=`` ...) write their first argument; an ``inplace=True`` keyword writes the first;
   a method name ending in ``_`` with no schema is taken as writing its object. A module
   call writes its input when the module has ``inplace=True``; a leaf module that is
-  neither a ``torch.nn`` module nor one with a lowering rule may write any argument.
+  neither a ``torch.nn`` module nor one with a lowering rule, or that has forward hooks,
+  may write any argument.
 * :func:`aliased_args`: the argument nodes whose storage the node's value may share
   (views, ``getitem``, the result of an in-place op, identity calls). Unknown functions
   and unknown leaf modules are assumed to alias every argument: over-approximating
@@ -122,8 +123,10 @@ def _module_of(n: fx.Node, root: nn.Module | None) -> nn.Module | None:
 
 def _known_module(m: nn.Module, has_rule: Callable[[nn.Module], bool]) -> bool:
     """A module whose effects are known: a ``torch.nn`` module (writes its input only with
-    ``inplace=True``) or one whose lowering rule describes it (a pure function)."""
-    return type(m).__module__.startswith("torch.nn") or has_rule(m)
+    ``inplace=True``) or one whose lowering rule describes it (a pure function), without
+    hooks of its own (a hook may write anything it is given)."""
+    hooks = m._forward_hooks or m._forward_pre_hooks
+    return not hooks and (type(m).__module__.startswith("torch.nn") or has_rule(m))
 
 
 def mutates(op: str, target: Any, args: tuple, kwargs: dict) -> list[Any]:
