@@ -260,7 +260,7 @@ def linearize_regions(
         model.train()  # owners are re-traced for their rewrite in the mode the units were traced in
         report.skipped += analysis.traced.skipped
         for unit in analysis.units:
-            cands = analyse_unit(unit, rules, analysis.regions[unit.path])
+            cands = analyse_unit(unit, rules, analysis.regions[unit.path], analysis.pinned)
             for c in cands:
                 if not c.ok and c.inner:
                     report.add(c.name, c.kind, "kept", f"{c.reason}; the block(s) inside it linearized on their "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
@@ -286,10 +286,13 @@ def _traced_into_convs(unit: TracedUnit, region: Region) -> list[str]:
     return out
 
 
-def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | None = None) -> list[LinearizeCandidate]:
+def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | None = None,
+                 pinned: Mapping[str, str] | None = None) -> list[LinearizeCandidate]:
     """The multi-branch BN blocks of one traced unit (linearizable ones carry their
     region) and the refused sums, with qualified names. ``regions``: the unit's regions
-    if already found (:class:`ModelAnalysis`), else they are found here."""
+    if already found (:class:`ModelAnalysis`), else they are found here. ``pinned``: the
+    model's pinned modules (:attr:`ModelAnalysis.pinned`); a sum left out of every block
+    because a branch module is pinned is refused with that reason."""
     gm = unit.gm
     cands: list[LinearizeCandidate] = []
     covered: set[fx.Node] = set()
@@ -319,7 +322,34 @@ def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | 
     for node, why in _scan_refusals(gm, covered):
         owner = qualify(unit.path, (node_owner(node) or [""])[-1])
         cands.append(LinearizeCandidate(name=qualify(owner, node.name), owner=owner, reason=why, unit=unit.path))
+    for node, why in _pinned_branches(gm, covered, unit.path, pinned or {}):
+        owner = qualify(unit.path, (node_owner(node) or [""])[-1])
+        cands.append(LinearizeCandidate(name=qualify(owner, node.name), owner=owner, reason=why, unit=unit.path))
     return cands
+
+
+def _pinned_branches(gm: fx.GraphModule, covered: set[fx.Node], path: str,
+                     pinned: Mapping[str, str]) -> list[tuple[fx.Node, str]]:
+    """Sums outside every selected region with a branch through a conv or BN that stays
+    where it is because something else uses it (:mod:`repcompiler.uses`)."""
+    out: list[tuple[fx.Node, str]] = []
+    for n in gm.graph.nodes:
+        if n in covered or not is_sum(n):
+            continue
+        reasons = []
+        for a in _data_inputs(n):
+            for _ in range(4):  # back along the branch: conv -> BN (-> conv -> BN)
+                name = qualify(path, str(a.target)) if a.op == "call_module" else None
+                if name in pinned and isinstance(_get(gm, str(a.target)), (*_CONVS, _BN)):
+                    reasons.append(f"{name} is kept: {pinned[name]}")
+                    break
+                ins = _data_inputs(a)
+                if a.op != "call_module" or len(ins) != 1:
+                    break
+                a = ins[0]
+        if reasons:
+            out.append((n, "; ".join(reasons)))
+    return out
 
 
 def find_linearizable(
@@ -329,5 +359,6 @@ def find_linearizable(
     or refused with the reason) and the parts that did not trace ``(path, reason)``."""
     rules = rules if rules is not None else default_rules
     analysis = analyse_model(model, rules=rules)
-    cands = [c for unit in analysis.units for c in analyse_unit(unit, rules, analysis.regions[unit.path])]
+    cands = [c for unit in analysis.units
+             for c in analyse_unit(unit, rules, analysis.regions[unit.path], analysis.pinned)]
     return cands, list(analysis.traced.skipped)
