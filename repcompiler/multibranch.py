@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -244,31 +244,59 @@ def is_activation(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
-def _scan_refusals(gm: fx.GraphModule, covered: set[fx.Node]) -> list[tuple[fx.Node, str]]:
-    """Sums not in any selected region whose branches end in a BN that is not usable:
-    ``BN -> nonlinearity -> add`` or a BN with ``track_running_stats=False``."""
+def _refused_sums(gm: fx.GraphModule, covered: set[fx.Node],
+                  branch_reason: Callable[[fx.Node], str | None]) -> list[tuple[fx.Node, str]]:
+    """Sums not in any selected region with the reasons ``branch_reason`` gives for their
+    operands (sums with none are left out)."""
     out: list[tuple[fx.Node, str]] = []
     for n in gm.graph.nodes:
         if n in covered or not is_sum(n):
             continue
-        reasons = []
-        for a in _data_inputs(n):
-            cur, acts = a, []
-            while is_activation(gm, cur) and len(_data_inputs(cur)) == 1:
-                acts.append(cur)
-                cur = _data_inputs(cur)[0]
-            m = _get(gm, str(cur.target)) if cur.op == "call_module" else None
-            if not isinstance(m, _BN):
-                continue
-            if acts:
-                reasons.append(f"BN {cur.target} is followed by {_describe_node(gm, acts[-1])} before the add")
-            elif m.running_mean is None or m.running_var is None or not isinstance(
-                getattr(m, "act", nn.Identity()), nn.Identity
-            ):
-                reasons.append(_nonlinear_reason(gm, cur))
+        reasons = [r for a in _data_inputs(n) if (r := branch_reason(a))]
         if reasons:
             out.append((n, "; ".join(reasons)))
     return out
+
+
+def _scan_refusals(gm: fx.GraphModule, covered: set[fx.Node]) -> list[tuple[fx.Node, str]]:
+    """Sums not in any selected region whose branches end in a BN that is not usable:
+    ``BN -> nonlinearity -> add`` or a BN with ``track_running_stats=False``."""
+
+    def unusable_bn(a: fx.Node) -> str | None:
+        cur, acts = a, []
+        while is_activation(gm, cur) and len(_data_inputs(cur)) == 1:
+            acts.append(cur)
+            cur = _data_inputs(cur)[0]
+        m = _get(gm, str(cur.target)) if cur.op == "call_module" else None
+        if not isinstance(m, _BN):
+            return None
+        if acts:
+            return f"BN {cur.target} is followed by {_describe_node(gm, acts[-1])} before the add"
+        if m.running_mean is None or m.running_var is None or not isinstance(getattr(m, "act", nn.Identity()),
+                                                                              nn.Identity):
+            return _nonlinear_reason(gm, cur)
+        return None
+
+    return _refused_sums(gm, covered, unusable_bn)
+
+
+def _pinned_branches(gm: fx.GraphModule, covered: set[fx.Node], path: str,
+                     pinned: Mapping[str, str]) -> list[tuple[fx.Node, str]]:
+    """Sums outside every selected region with a branch through a conv or BN that stays
+    where it is because something else uses it (:mod:`repcompiler.uses`)."""
+
+    def pinned_module(a: fx.Node) -> str | None:
+        for _ in range(4):  # back along the branch: conv -> BN (-> conv -> BN)
+            name = qualify(path, str(a.target)) if a.op == "call_module" else ""
+            if name in pinned and isinstance(_get(gm, str(a.target)), (*_CONVS, _BN)):
+                return f"{name} is kept: {pinned[name]}"
+            ins = _data_inputs(a)
+            if a.op != "call_module" or len(ins) != 1:
+                return None
+            a = ins[0]
+        return None
+
+    return _refused_sums(gm, covered, pinned_module)
 
 
 def _traced_into_convs(unit: TracedUnit, region: Region) -> list[str]:
@@ -319,37 +347,10 @@ def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | 
     for c in cands:
         if not c.ok:
             c.inner = [o.name for o in cands if o.ok and o.modules < c.modules]
-    for node, why in _scan_refusals(gm, covered):
-        owner = qualify(unit.path, (node_owner(node) or [""])[-1])
-        cands.append(LinearizeCandidate(name=qualify(owner, node.name), owner=owner, reason=why, unit=unit.path))
-    for node, why in _pinned_branches(gm, covered, unit.path, pinned or {}):
+    for node, why in [*_scan_refusals(gm, covered), *_pinned_branches(gm, covered, unit.path, pinned or {})]:
         owner = qualify(unit.path, (node_owner(node) or [""])[-1])
         cands.append(LinearizeCandidate(name=qualify(owner, node.name), owner=owner, reason=why, unit=unit.path))
     return cands
-
-
-def _pinned_branches(gm: fx.GraphModule, covered: set[fx.Node], path: str,
-                     pinned: Mapping[str, str]) -> list[tuple[fx.Node, str]]:
-    """Sums outside every selected region with a branch through a conv or BN that stays
-    where it is because something else uses it (:mod:`repcompiler.uses`)."""
-    out: list[tuple[fx.Node, str]] = []
-    for n in gm.graph.nodes:
-        if n in covered or not is_sum(n):
-            continue
-        reasons = []
-        for a in _data_inputs(n):
-            for _ in range(4):  # back along the branch: conv -> BN (-> conv -> BN)
-                name = qualify(path, str(a.target)) if a.op == "call_module" else None
-                if name in pinned and isinstance(_get(gm, str(a.target)), (*_CONVS, _BN)):
-                    reasons.append(f"{name} is kept: {pinned[name]}")
-                    break
-                ins = _data_inputs(a)
-                if a.op != "call_module" or len(ins) != 1:
-                    break
-                a = ins[0]
-        if reasons:
-            out.append((n, "; ".join(reasons)))
-    return out
 
 
 def find_linearizable(
