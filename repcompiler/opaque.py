@@ -75,8 +75,8 @@ def conv_reason(module: nn.Module, rules: RuleRegistry | None = None, *, block: 
     convs), a rule that declines the instance (``padding_mode``, a subclass overriding
     ``forward``), forward hooks. With ``block`` (the conv would be replaced by a training
     block, :func:`repcompiler.orepa_transform`) also a lazy conv with uninitialised
-    parameters and a parametrized weight (the rule folds its current value; a block
-    would drop the parametrization).
+    parameters, a parametrized weight (the rule folds its current value; a block
+    would drop the parametrization) and backward hooks (training would lose them).
     """
     rules = rules if rules is not None else default_rules
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -88,6 +88,8 @@ def conv_reason(module: nn.Module, rules: RuleRegistry | None = None, *, block: 
     if block and parametrize.is_parametrized(module):
         names = ", ".join(module.parametrizations.keys())  # type: ignore[union-attr]
         return f"parametrized {names} (e.g. spectral_norm, weight_norm): a block would drop the parametrization"
+    if block and (module._backward_hooks or module._backward_pre_hooks):
+        return "has backward hooks (a block would drop them, and they change what training computes)"
     return _declined(module, "", rules)
 
 

@@ -295,6 +295,14 @@ class ModuleHook(Plain):
         self.conv.register_forward_hook(lambda m, a, out: out * 2.0)
 
 
+class BackwardHook(Plain):
+    """A conv with a gradient hook: a block replacing it would drop the hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv.register_full_backward_hook(lambda m, gin, gout: None)
+
+
 def _global_forward_hook() -> Any:
     return torch.nn.modules.module.register_module_forward_hook(
         lambda m, a, out: out * 1.5 if isinstance(m, nn.Conv2d) else None)
@@ -331,6 +339,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str, bool, Callable[[], Any] | N
     "untraced_owner_reads": (UntracedOwner, USE, True, None),
     "root_hook_reads": (RootHookReads, USE, True, None),
     "module_hook": (ModuleHook, r"hook", False, None),
+    "backward_hook": (BackwardHook, r"hook", False, None),
     "global_forward_hook": (Plain, r"global module hooks", False, _global_forward_hook),
     "global_pre_hook": (Plain, r"global module hooks", False, _global_pre_hook),
 }
