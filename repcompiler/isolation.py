@@ -51,21 +51,22 @@ _SCALARS = (bool, int, float)
 
 
 class _TensorState:
-    """One tensor's identity, storage, version and (a clone of) its value."""
+    """One tensor's identity, storage and (a clone of) its value. Values are compared,
+    not version counters: native kernels update BatchNorm running statistics without
+    bumping them."""
 
-    __slots__ = ("tensor", "ptr", "version", "value")
+    __slots__ = ("tensor", "ptr", "value")
 
     def __init__(self, t: Tensor) -> None:
         self.tensor = t
         self.ptr = t.data_ptr()
-        self.version = t._version
         self.value = t.detach().clone()
 
     def restore(self) -> None:
         t = self.tensor
         if t.data_ptr() != self.ptr or t.shape != self.value.shape or t.dtype != self.value.dtype:
             t.data = self.value  # ``.data`` was replaced (or resized)
-        elif t._version != self.version:
+        elif not torch.equal(t.detach(), self.value):
             with torch.no_grad():
                 t.copy_(self.value)
 

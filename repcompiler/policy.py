@@ -147,9 +147,9 @@ def check_policy_and_options(policy: Policy, block: str,
     if isinstance(policy, str):
         check_choice("policy", policy, POLICIES, owner="orepa_transform")
         rule = policy
-    options = dict(block_options or {})
     if not isinstance(block_options, (Mapping, type(None))):
         raise UnsupportedError(f"orepa_transform: block_options must be a dict, got {type(block_options).__name__}")
+    options = dict(block_options or {})
     clash = sorted(set(options) & {"mode", "scaling"})
     if clash:
         raise UnsupportedError(f"orepa_transform: block_options {clash} are orepa_transform's own arguments")

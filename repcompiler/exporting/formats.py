@@ -66,6 +66,8 @@ _SUFFIXES = {
 
 def normalize_format(fmt: str) -> str:
     """Canonical format name; raises :class:`UnsupportedError` for an unknown one."""
+    if not isinstance(fmt, str):
+        raise UnsupportedError(f"export: format must be a string ({', '.join(FORMATS)}) or None, got {fmt!r}")
     key = fmt.strip().lower().replace("-", "_")
     if key not in _ALIASES:
         raise UnsupportedError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
