@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import RepCompilerError, UnsupportedError, VerificationError
+from .errors import RepCompilerError, UnsupportedError, VerificationError, first_line
 from .passes.base import run_passes
 from .passes.find_regions import Region
 from .passes.fold_linear_bn import FoldLinearBN
@@ -133,7 +133,7 @@ def compile_folds(
     unit_received: dict[str, tuple] = {}
     unit_outs: dict[str, Any] = {}
     if inputs is not None:
-        ref_out, unit_args, unit_received, unit_outs = _run_capturing(work, inputs, traced.units)
+        ref_out, unit_args, unit_received, unit_outs = _run_capturing(work, inputs, traced.units, title)
 
     shared = _shared_modules(work)
     pairs: list[tuple[str, str]] = []
@@ -213,7 +213,7 @@ def _capture_args(store: dict[str, tuple], path: str) -> Any:
 
 
 def _run_capturing(
-    model: nn.Module, inputs: tuple, units: Sequence[TracedUnit]
+    model: nn.Module, inputs: tuple, units: Sequence[TracedUnit], title: str
 ) -> tuple[Any, dict[str, tuple], dict[str, tuple], dict[str, Any]]:
     """Run ``model`` once (its state restored afterwards, on a copy of ``inputs``),
     capturing for every traced unit, on its first call: the positional inputs its
@@ -238,7 +238,8 @@ def _run_capturing(
         out = isolated_call(model, inputs)
     except Exception as exc:
         raise UnsupportedError(
-            f"{type(model).__name__} does not run on the given example_inputs: {type(exc).__name__}: {exc}"
+            f"{title}: {type(model).__name__} does not run on the given example_inputs: {type(exc).__name__}: "
+            f"{first_line(exc)}"
         ) from exc
     finally:
         for h in handles:
