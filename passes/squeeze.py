@@ -176,14 +176,15 @@ def _probe_input(region: Region, ref: Tensor, batch: int = 1) -> Tensor:
 def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn.Module) -> float:
     """Compare ``folded`` with ``reference`` on a random input; return the relative
     error, raise :class:`VerificationError` naming the region if it is too large. The
-    modules run keep their state (:func:`repcompiler.isolation.preserved_state`)."""
+    original modules run keep their state (:func:`repcompiler.isolation.preserved_state`;
+    ``folded`` is the plain conv built from them)."""
     ref_t = next(iter(folded.parameters()))
     x = _probe_input(region, ref_t)
     if isinstance(reference, RegionRunner):
         ran = [reference.gm.get_submodule(t) for t in region.module_targets()]
     else:
         ran = [reference] if isinstance(reference, nn.Module) else []
-    with torch.no_grad(), preserved_state(folded, *ran):
+    with torch.no_grad(), preserved_state(*ran):
         want = reference(x)
         got = folded(x)
     if not isinstance(want, Tensor) or want.shape != got.shape:

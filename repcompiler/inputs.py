@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,14 @@ def copy_model(model: nn.Module, title: str, inplace: bool) -> nn.Module:
             f"pass inplace=True to work on the model itself") from exc
 
 
-def check_flags(title: str, **flags: object) -> None:
+def check_flags(title: str, *, optional: Collection[str] = (), **flags: object) -> None:
     """Raise :class:`UnsupportedError` for a boolean option (``inplace=...``,
     ``verify=...``) that is not a ``bool``: ``"no"`` or ``0`` is refused, not read as
-    true or false. Pass an option that may also be ``None`` only when it is not."""
+    true or false. The options named in ``optional`` may also be ``None``."""
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise UnsupportedError(f"{title}: {name} must be True or False, got {value!r}")
+        if not isinstance(value, bool) and not (value is None and name in optional):
+            allowed = "True, False or None" if name in optional else "True or False"
+            raise UnsupportedError(f"{title}: {name} must be {allowed}, got {value!r}")
 
 
 def check_rules(rules: object, title: str) -> None:

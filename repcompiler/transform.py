@@ -192,7 +192,7 @@ def orepa_transform(
     """
     check_model(model, "orepa_transform")
     check_flags("orepa_transform", inplace=inplace, post_bn=post_bn, return_report=return_report,
-                **({} if insert_bn is None else {"insert_bn": insert_bn}))
+                insert_bn=insert_bn, optional=("insert_bn",))
     check_weights(model, "orepa_transform", allow_meta=True)  # NaN/inf would be copied into (from_conv) or kept
     check_choice("mode", mode, MODES, owner="orepa_transform")
     check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")

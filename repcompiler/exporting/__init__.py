@@ -231,7 +231,7 @@ def export(
     check_model(model, "export")
     path = check_path(path, "export")
     check_flags("export", deploy=deploy, dynamic_batch=dynamic_batch, verify=verify, progress=progress,
-                **({} if onnx_optimize is None else {"onnx_optimize": onnx_optimize}))
+                onnx_optimize=onnx_optimize, optional=("onnx_optimize",))
     fmt = resolve_format(path, format)
     check_options(fmt, opset=opset, onnx_exporter=onnx_exporter, onnx_optimize=onnx_optimize,
                   torchscript_method=torchscript_method)
