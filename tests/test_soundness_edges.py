@@ -94,6 +94,13 @@ class PreHooked(nn.Module):
         return self.body(x)
 
 
+def hooked_both_ways() -> nn.Module:
+    """A pre-hook and a forward hook on the root, each changing the values."""
+    m = PreHooked()
+    m.register_forward_hook(lambda mod, args, out: out * 0.5 - 1.0)
+    return m
+
+
 class ListHead(nn.Module):
     """Overwrites its input list in place, as a YOLO-family detection head does."""
 
@@ -151,6 +158,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "spectral-norm-eval": lambda: _stats(SpectralNet()).eval(),
     "ema-buffer": lambda: _stats(EMANet()).eval(),
     "root-pre-hook": lambda: _stats(PreHooked()).eval(),
+    "root-pre-and-forward-hook": lambda: _stats(hooked_both_ways()).eval(),
     "head-overwrites-input-list": lambda: _stats(HeadNet()).eval(),
     "unit-writes-its-input": lambda: _stats(InPlaceNet()).eval(),
     "bn-training-mode": lambda: _stats(nn.Sequential(conv_bn(3, 4), nn.ReLU(), conv_bn(4, 4))).train(),
