@@ -192,6 +192,11 @@ def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn
             f"region {region.name}: the folded conv gives shape {tuple(got.shape)}, the original "
             f"{tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__}"
         )
+    if want.is_floating_point() and not bool(torch.isfinite(want).all()):
+        raise VerificationError(
+            f"region {region.name}: the original modules give NaN/inf on a random input, so the fold cannot be "
+            "checked; their weights or BatchNorm statistics are not usable as they are"
+        )
     err = relative_error(got, want)
     if not err <= tolerance_for(ref_t.dtype):
         raise VerificationError(

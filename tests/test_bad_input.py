@@ -123,6 +123,15 @@ def bn_var(value: float, eps: float | None = None) -> Callable[[], nn.Module]:
     return make
 
 
+def overflowing() -> nn.Module:
+    """Finite weights whose conv -> BN overflows float32 to inf on any input."""
+    m = conv_bn()
+    with torch.no_grad():
+        m[3].weight.mul_(1e36)
+        m[4].running_var.fill_(1e-30)
+    return m
+
+
 class ReturnsNone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -159,6 +168,8 @@ ENTRY_ROWS: list[tuple[str, Callable[[], Any], Callable[[Any, Path], Any], type,
      "4.running_var[2] = 0 with eps=0: var + eps is 0"),
     ("linearize-zero-var-eps-0", bn_var(0.0, eps=0.0), lambda m, d: rc.linearize(m, init="from_bn"),
      UnsupportedError, "4.running_var[2] = 0 with eps=0"),
+    ("fold-overflow", overflowing, lambda m, d: rc.fold(m), rc.VerificationError,
+     "region 3 -> 4: the original modules give NaN/inf on a random input"),
     ("fold-torchscript", lambda: torch.jit.script(conv_bn()), lambda m, d: rc.fold(m), UnsupportedError,
      "TorchScript modules cannot be traced"),
     # fold / deploy options
