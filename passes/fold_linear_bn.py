@@ -37,10 +37,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 from torch import nn
 
 from .. import algebra as A
+from ..isolation import propagate_shapes
 from ..tracing import trace_units
 from ..uses import graph_pins
 from .base import GraphPass, PassResult
@@ -242,7 +242,7 @@ def fold_linear_bn(model: nn.Module, example_inputs: Any = None, *,
         if example_inputs is not None and unit.path == "":
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             try:
-                ShapeProp(unit.gm).propagate(*args)
+                propagate_shapes(unit.gm, args)
             except Exception as exc:  # shapes are only a hint
                 log.debug("shape propagation failed: %s", exc)
         p = FoldLinearBN(unit.module)

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import VerificationError
+from ..isolation import preserved_state
 from ..verify import relative_error, tolerance_for
 
 from ..report import TransformReport
@@ -174,16 +175,27 @@ def _probe_input(region: Region, ref: Tensor, batch: int = 1) -> Tensor:
 
 def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn.Module) -> float:
     """Compare ``folded`` with ``reference`` on a random input; return the relative
-    error, raise :class:`VerificationError` naming the region if it is too large."""
+    error, raise :class:`VerificationError` naming the region if it is too large. The
+    original modules run keep their state (:func:`repcompiler.isolation.preserved_state`;
+    ``folded`` is the plain conv built from them)."""
     ref_t = next(iter(folded.parameters()))
     x = _probe_input(region, ref_t)
-    with torch.no_grad():
+    if isinstance(reference, RegionRunner):
+        ran = [reference.gm.get_submodule(t) for t in region.module_targets()]
+    else:
+        ran = [reference] if isinstance(reference, nn.Module) else []
+    with torch.no_grad(), preserved_state(*ran):
         want = reference(x)
         got = folded(x)
     if not isinstance(want, Tensor) or want.shape != got.shape:
         raise VerificationError(
             f"region {region.name}: the folded conv gives shape {tuple(got.shape)}, the original "
             f"{tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__}"
+        )
+    if want.is_floating_point() and not bool(torch.isfinite(want).all()):
+        raise VerificationError(
+            f"region {region.name}: the original modules give NaN/inf on a random input, so the fold cannot be "
+            "checked; their weights or BatchNorm statistics are not usable as they are"
         )
     err = relative_error(got, want)
     if not err <= tolerance_for(ref_t.dtype):

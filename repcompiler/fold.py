@@ -36,12 +36,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
+from torch import nn
 
-from .entry import check_model, copy_model
-from .errors import RepCompilerError, UnsupportedError, VerificationError
+from .errors import RepCompilerError, UnsupportedError, VerificationError, first_line
 from .passes.base import run_passes
 from .passes.find_regions import Region
 from .passes.fold_linear_bn import FoldLinearBN
@@ -50,7 +47,8 @@ from .passes.state import PipelineState
 from .report import FoldReport, count_convs, count_params
 from .rewrite import conv_target, group_by_owner, owner_graph, qualify
 from .rules import RuleRegistry, default_rules
-from .inputs import as_inputs, check_weights
+from .inputs import as_inputs, check_flags, check_model, check_rules, check_weights, copy_model
+from .isolation import detached_copy, fresh_inputs, isolated_call, propagate_shapes
 from .leftovers import explain_left_bns
 from .online import block_calls_as_modules
 from .opaque import opaque_reasons
@@ -113,8 +111,10 @@ def compile_folds(
     """The machinery behind :func:`fold` and :func:`repcompiler.deploy`."""
     t0 = time.perf_counter()
     check_model(model, title)
-    check_weights(model, title)
+    check_flags(title, inplace=inplace, verify=verify, return_report=return_report, merge_convs=merge_convs)
+    check_rules(rules, title)
     inputs = as_inputs(example_inputs, title)
+    check_weights(model, title)
     rules = rules if rules is not None else default_rules
     report = FoldReport(title=title)
     report.convs_before = count_convs(model)
@@ -132,9 +132,10 @@ def compile_folds(
 
     ref_out = None
     unit_args: dict[str, tuple] = {}
+    unit_received: dict[str, tuple] = {}
     unit_outs: dict[str, Any] = {}
     if inputs is not None:
-        ref_out, unit_args, unit_outs = _run_capturing(work, inputs, traced.units)
+        ref_out, unit_args, unit_received, unit_outs = _run_capturing(work, inputs, traced.units, title)
 
     shared = shared_modules(work)
     # modules whose tensors or submodules are used other than by their call stay as they are
@@ -144,20 +145,19 @@ def compile_folds(
     replaced: dict[fx.Node, str] = {}
     with _few_threads():
         for unit in traced.units:
-            replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path),
+            replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_received.get(unit.path),
                                        merge_convs, pairs, local_pins(pinned, unit.path)))
     for linear, bn in pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
     if ref_out is not None and verify:
         # every traced part on the inputs it saw: strict, names the part
+        # (each run from the state the reference run started from, on its own copy of the inputs)
         for unit in traced.units:
             if unit.path in unit_args and unit.path in unit_outs:
-                with torch.no_grad():
-                    got_u = unit.module(*unit_args[unit.path])
+                got_u = isolated_call(unit.module, unit_args[unit.path])
                 compare_outputs(unit_outs[unit.path], got_u, unit.path or type(model).__name__)
-        with torch.no_grad():
-            out = work(*inputs)  # type: ignore[misc]
+        out = isolated_call(work, inputs)  # type: ignore[arg-type]
         if traced.whole:
             compare_outputs(ref_out, out, type(model).__name__)
         else:
@@ -199,45 +199,57 @@ def _few_threads() -> Iterator[None]:
             torch.set_num_threads(n)
 
 
+def _capture_args(store: dict[str, tuple], path: str) -> Any:
+    """A forward pre-hook storing a copy of the first positional arguments the module
+    at ``path`` is called with (a ``forward`` may write into its inputs)."""
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if path in store:
+            return
+        try:
+            sig = inspect.signature(mod.forward)
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if not kwargs or all(p.kind not in (p.VAR_KEYWORD, p.KEYWORD_ONLY) for p in sig.parameters.values()):
+                store[path] = fresh_inputs(tuple(bound.args))
+        except (TypeError, ValueError):
+            pass
+
+    return hook
+
+
 def _run_capturing(
-    model: nn.Module, inputs: tuple, units: Sequence[TracedUnit]
-) -> tuple[Any, dict[str, tuple], dict[str, Any]]:
-    """Run ``model`` once, capturing the first positional inputs (and the outputs) of
-    every traced unit."""
-    captured: dict[str, tuple] = {}
+    model: nn.Module, inputs: tuple, units: Sequence[TracedUnit], title: str
+) -> tuple[Any, dict[str, tuple], dict[str, tuple], dict[str, Any]]:
+    """Run ``model`` once (its state restored afterwards, on a copy of ``inputs``),
+    capturing for every traced unit, on its first call: the positional inputs its
+    caller passed (before the unit's own pre-hooks, which a re-run of the unit applies
+    again), the inputs its ``forward`` received (after them: what its graph computes
+    on, for shapes) and its output (after its hooks). Returns the model's output and
+    these three maps."""
+    called: dict[str, tuple] = {}
+    received: dict[str, tuple] = {}
     outputs: dict[str, Any] = {}
     handles = []
     for u in units:
         def out_hook(mod: nn.Module, args: tuple, output: Any, _path: str = u.path) -> None:
             if _path not in outputs:
-                outputs[_path] = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
+                outputs[_path] = detached_copy(output)
 
         handles.append(u.module.register_forward_hook(out_hook))
-
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, _path: str = u.path) -> None:
-            if _path in captured:
-                return
-            try:
-                sig = inspect.signature(mod.forward)
-                bound = sig.bind(*args, **kwargs)
-                bound.apply_defaults()
-                if not kwargs or all(p.kind not in (p.VAR_KEYWORD, p.KEYWORD_ONLY) for p in sig.parameters.values()):
-                    captured[_path] = tuple(bound.args)
-            except (TypeError, ValueError):
-                pass
-
-        handles.append(u.module.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(u.module.register_forward_pre_hook(_capture_args(called, u.path), with_kwargs=True,
+                                                          prepend=True))
+        handles.append(u.module.register_forward_pre_hook(_capture_args(received, u.path), with_kwargs=True))
     try:
-        with torch.no_grad():
-            out = model(*inputs)
+        out = isolated_call(model, inputs)
     except Exception as exc:
         raise UnsupportedError(
-            f"{type(model).__name__} does not run on the given example_inputs: {type(exc).__name__}: {exc}"
+            f"{title}: {type(model).__name__} does not run on the given example_inputs: {type(exc).__name__}: "
+            f"{first_line(exc)}"
         ) from exc
     finally:
         for h in handles:
             h.remove()
-    return out, captured, outputs
+    return out, called, received, outputs
 
 
 def _report_pinned(units: Sequence[TracedUnit], pinned: dict[str, str], rules: RuleRegistry,
@@ -280,7 +292,7 @@ def _fold_unit(
     prefix = unit.path + "." if unit.path else ""
     if args is not None:
         try:
-            ShapeProp(gm).propagate(*args)
+            propagate_shapes(gm, args)
         except Exception as exc:  # shapes are only a hint
             log.debug("shape propagation of %s failed: %s", unit.path or "<root>", exc)
     # analysis and folding are the pass pipeline; applying the plans rewrites owners.

@@ -160,6 +160,8 @@ class RuleRegistry:
 
     def register(self, target: Any, lower: Callable[..., Any], *, override: bool = False) -> None:
         """Register ``lower`` for ``target`` (a module type or a function)."""
+        if not isinstance(override, bool):
+            raise RegistrationError(f"rule for {_name(target)}: override must be True or False, got {override!r}")
         if not callable(lower):
             raise RegistrationError(f"rule for {_name(target)} must be callable, got {type(lower).__name__}")
         if not (isinstance(target, type) or callable(target)):
