@@ -111,13 +111,15 @@ def _state_key(m: nn.Module) -> tuple:
 def _match(module: nn.Module, rules: RuleRegistry) -> NormAct | None:
     from .passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, LoweredGraph, \
         is_identity_call, is_rank_read
+    from .isolation import preserved_state
     from .tracing import RepTracer
 
     flags = [(m, m.training) for m in module.modules()]
     try:
         module.eval()
         tracer = RepTracer(rules)
-        graph = tracer.trace(module)
+        with preserved_state(module):  # the capture evaluates parameter-only code: nothing may stay
+            graph = tracer.trace(module)
     except Exception as exc:  # not traceable alone: not recognised
         log.debug("%s does not trace alone: %s", type(module).__name__, exc)
         return None
