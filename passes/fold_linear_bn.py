@@ -263,7 +263,7 @@ class FoldLinearBN(GraphPass):
                 continue
             bn_node = _bn_after_channels_last(gm, n)
             if bn_node is not None:
-                modified |= self._apply(gm, n, bn_node, bn_first=False)
+                modified |= self._apply(gm, n, bn_node, bn_first=False, kept=kept)
                 continue
             prev = n.args[0]
             while (isinstance(_module(gm, prev), (nn.Dropout, nn.Identity)) and not _module(gm, prev).training
