@@ -317,3 +317,26 @@ def test_installed_console_script(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "exported_program" in proc.stdout and out_path.is_file()
+
+
+def test_deploy_orepa_weights_names_a_policy_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Weights saved with ``--policy all`` and loaded with the default policy: the error
+    names the policy to pass, not a guess about transforming."""
+    model = "test_cli_models:tiny_resnet"
+    sd_path = tmp_path / "all.pt"
+    code, _, err = run(capsys, "transform", model, "--policy", "all", "-o", str(sd_path), "-q")
+    assert code == EXIT_OK, err
+    code, _, err = run(capsys, "deploy", model, "--orepa", "--weights", str(sd_path), "-o", str(tmp_path / "d.pt"),
+                       "-q")
+    line = one_error_line(err)
+    assert code == EXIT_ERROR and "--policy all" in line and "--policy paper" in line, line
+    assert "was it saved from a transformed model" not in line
+    code, _, err = run(capsys, "deploy", model, "--orepa", "--policy", "all", "--weights", str(sd_path), "-o",
+                       str(tmp_path / "d.pt"), "-q", *SHAPE)
+    assert code == EXIT_OK, err
+    # plain weights with --orepa: says to drop it
+    plain_path = tmp_path / "plain.pt"
+    torch.save(models.tiny_resnet().state_dict(), plain_path)
+    code, _, err = run(capsys, "deploy", model, "--orepa", "--weights", str(plain_path), "-o", str(tmp_path / "e.pt"),
+                       "-q")
+    assert code == EXIT_ERROR and "drop --orepa" in one_error_line(err)
