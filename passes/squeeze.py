@@ -25,6 +25,7 @@ For each foldable region (exact, holds a conv; see :mod:`repcompiler.passes.find
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "region_params",
     "kernel_to_module",
     "keep_memory_format",
+    "conv_target",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,14 +220,21 @@ def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn
     return err
 
 
-def _fold_target(gm: fx.GraphModule, region: Region) -> str:
+def conv_target(root: nn.Module, region: Region) -> str | None:
+    """The module name a region's replacement is installed at: the conv with the largest
+    kernel (a block's main branch; the first of equals), the first module when the region
+    has no conv, ``None`` when it has no module."""
     mods = region.module_targets()
-    for t in mods:
-        m = gm.get_submodule(t)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return t
-    if mods:
-        return mods[0]
+    convs = [t for t in mods if isinstance(root.get_submodule(t), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if convs:
+        return max(convs, key=lambda t: math.prod(root.get_submodule(t).kernel_size))
+    return mods[0] if mods else None
+
+
+def _fold_target(gm: fx.GraphModule, region: Region) -> str:
+    found = conv_target(gm, region)
+    if found is not None:
+        return found
     base = f"folded_{region.exit.name}"
     name, i = base, 1
     while hasattr(gm, name):

@@ -167,7 +167,7 @@ def test_transform_deploy_roundtrip(capsys: pytest.CaptureFixture[str], tmp_path
     dep_path = tmp_path / "deployed.pt"
     code, out, err = run(capsys, "deploy", TINY, "--orepa", "--weights", str(sd_path), "-o", str(dep_path), *SHAPE)
     assert code == EXIT_OK, err
-    assert "folded" in out and "convs 0 -> 3" in out
+    assert "folded" in out and "convs 3 -> 3" in out
     deployed = torch.load(dep_path, weights_only=False)
     assert not has_online_blocks(deployed) and count_convs(deployed) == 3
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
