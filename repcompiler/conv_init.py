@@ -180,6 +180,8 @@ def _filter_spread(conv: nn.Module) -> float | None:
     """The coefficient of variation of ``conv``'s per-filter standard deviations, in units
     of what an i.i.d. initialisation gives (``1 / sqrt(2 * fan_in)``); ``None`` where
     there are too few numbers to judge."""
+    if torch.nn.utils.parametrize.is_parametrized(conv, "weight"):
+        return None  # reading it would run the parametrization (a power iteration changes state)
     weight = getattr(conv, "weight", None)
     if not isinstance(weight, Tensor) or weight.is_meta or weight.dim() < 2:
         return None
