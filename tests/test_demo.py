@@ -127,17 +127,20 @@ def test_fit_never_goes_negative_and_says_when_the_machine_was_noisy():
     assert "~" not in next(line for line in text.splitlines() if line.startswith("plain "))
 
 
-def test_steady_times_repeat_while_the_timings_spread():
+def test_steady_times_repeat_while_the_timings_spread(monkeypatch):
+    import repcompiler.profiling as profiling
     from repcompiler.profiling import spread, steady_times
 
-    durations = iter([0.001, 0.02, 0.001] + [0.001] * 20)  # one slow step among the first three
+    clock = [0.0]  # a fake clock: each step takes the time listed, whatever the machine does
+    monkeypatch.setattr(profiling.time, "perf_counter", lambda: clock[0])
+    durations = iter([1.0, 2.0, 3.0] + [1.0] * 20)  # the first three spread by 50%
 
     def step():
-        import time
-        time.sleep(next(durations))
+        clock[0] += next(durations)
 
     times = steady_times(step, 0, 3, max_steps=12, limit=0.1)
-    assert 3 < len(times) <= 12 and spread(times) <= 0.5
+    assert times[:3] == [1.0, 2.0, 3.0] and len(times) == 6 and spread(times) == 0.0  # three more were steady
+    noisy = iter([1.0, 2.0, 3.0] * 20)  # never steady: up to the cap
+    assert len(steady_times(lambda: clock.__setitem__(0, clock[0] + next(noisy)), 0, 3, max_steps=12)) == 12
     assert len(steady_times(lambda: None, 0, 3, limit=float("inf"))) == 3
     assert spread([1.0, 1.0, 5.0]) == 0.0 and spread([1.0, 2.0, 3.0]) == pytest.approx(0.5)
-
