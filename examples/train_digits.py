@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = torch.randperm(len(xtr))
-        bar = tqdm(order.split(args.batch), desc=f"epoch {epoch}/{args.epochs}", disable=args.no_progress,
-                   leave=False)
+        bar = tqdm(order.split(args.batch), desc=f"epoch {epoch}/{args.epochs}", leave=False,
+                   disable=args.no_progress or not sys.stderr.isatty())  # a bar only on a terminal
         for idx in bar:
             opt.zero_grad(set_to_none=True)
             with rc.accumulate(model):  # kernels generated once per step, whatever the micro-batch count

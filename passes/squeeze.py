@@ -25,6 +25,7 @@ For each foldable region (exact, holds a conv; see :mod:`repcompiler.passes.find
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -55,6 +56,8 @@ __all__ = [
     "tolerance_for",
     "region_params",
     "kernel_to_module",
+    "keep_memory_format",
+    "conv_target",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,29 @@ def kernel_to_module(kernel: Any) -> nn.Module:
     for left, right in reversed(list(s.padding)):
         pads += [left, right]
     return nn.Sequential(_PADS[s.dims](tuple(pads), 0.0), conv)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _layout(t: Tensor) -> torch.memory_format | None:
+    """``t``'s layout: ``channels_last`` / ``channels_last_3d`` or ``contiguous_format``;
+    ``None`` when it is both (size-1 dims: a 1x1 kernel) or neither."""
+    fmt = _CHANNELS_LAST.get(t.dim())
+    if fmt is None:
+        return None
+    standard, last = t.is_contiguous(), t.is_contiguous(memory_format=fmt)
+    return None if standard == last else (fmt if last else torch.contiguous_format)
+
+
+def keep_memory_format(folded: nn.Module, params: list[Tensor]) -> None:
+    """Store ``folded``'s conv weight channels-last when the kernel-shaped weights it
+    replaces were (``model.to(memory_format=torch.channels_last)``): a fold keeps the
+    model's layout. Weights in both layouts at once (1x1 kernels) do not decide."""
+    layouts = {_layout(p) for p in params} - {None}
+    if len(layouts) != 1 or torch.contiguous_format in layouts:
+        return
+    folded.to(memory_format=layouts.pop())
 
 
 def region_reference(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
@@ -206,14 +232,21 @@ def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn
     return err
 
 
-def _fold_target(gm: fx.GraphModule, region: Region) -> str:
+def conv_target(root: nn.Module, region: Region) -> str | None:
+    """The module name a region's replacement is installed at: the conv with the largest
+    kernel (a block's main branch; the first of equals), the first module when the region
+    has no conv, ``None`` when it has no module."""
     mods = region.module_targets()
-    for t in mods:
-        m = gm.get_submodule(t)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return t
-    if mods:
-        return mods[0]
+    convs = [t for t in mods if isinstance(root.get_submodule(t), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if convs:
+        return max(convs, key=lambda t: math.prod(root.get_submodule(t).kernel_size))
+    return mods[0] if mods else None
+
+
+def _fold_target(gm: fx.GraphModule, region: Region) -> str:
+    found = conv_target(gm, region)
+    if found is not None:
+        return found
     base = f"folded_{region.exit.name}"
     name, i = base, 1
     while hasattr(gm, name):
@@ -337,6 +370,7 @@ class SqueezeRegions(GraphPass):
                     report.add_region(r, "refused" if not r.exact else "kept")  # reason from the region
                 continue
             folded = fold_region(r)
+            keep_memory_format(folded, region_params(graph_module, r))
             if self.verify:
                 verify_region(r, RegionRunner(graph_module, r), folded)
             plans.append(FoldPlan(r, folded, sum(p.numel() for p in region_params(graph_module, r))))

@@ -41,9 +41,13 @@ Rules (each tested):
   and the backward on exit the branch parameters' ones, which completes DDP's
   reduction (tested with two processes). ``find_unused_parameters=True`` would declare
   the branch parameters unused and reduce before they have gradients: refused.
-* FSDP (``fully_shard``, ``FullyShardedDataParallel``): refused. It frees the gathered
-  parameters after each forward and backward, and the generators' backward on exit
-  would read that freed storage (a crash, not an error, when tried).
+* FSDP (``fully_shard``, ``FullyShardedDataParallel``): the context covers no block
+  of an FSDP-managed model, which then trains exactly as without it (each micro-batch
+  generates its kernels and backpropagates through them; FSDP reduces the gradients
+  as usual, e.g. with ``set_requires_gradient_sync`` on the last micro-batch). FSDP
+  frees the gathered parameters after each forward and backward, so a generator's
+  backward deferred to the context's exit would read freed storage; the saving of
+  kernel generations is DDP's and single-process training's.
 
 Memory: each block keeps its kernel (shared with the leaf), the kernel's gradient and
 what its generator saved for the backward (the built-in OREPA generator saves only its
@@ -148,6 +152,8 @@ class accumulate:
             opt.zero_grad()
 
     Attributes (read after the ``with`` block, for logging and tests):
+        sharded: which module of ``model`` FSDP manages (``None``: none; otherwise the
+            context covers no block, see the module docstring).
         generated: kernels generated inside the context.
         backpropagated: kernels whose accumulated gradient went through their generator.
     """
@@ -161,13 +167,10 @@ class accumulate:
                 "blocks' parameters as unused before their gradients exist (they arrive when the context exits); "
                 "wrap the model with find_unused_parameters=False"
             )
-        sharded = _fsdp_module(model)
-        if sharded is not None:
-            raise UnsupportedError(
-                f"rc.accumulate: {sharded} is sharded by FSDP, which frees the gathered parameters after each "
-                "forward/backward; the generators' backward on exit would read freed storage. Use DDP, or FSDP "
-                "without rc.accumulate"
-            )
+        self.sharded = _fsdp_module(model)  # FSDP: the context covers no block (module docstring)
+        if self.sharded is not None:
+            log.info("rc.accumulate: %s is sharded by FSDP; its blocks generate their kernels per micro-batch",
+                     self.sharded)
         self.model = model
         self.generated = 0
         self.backpropagated = 0
@@ -181,7 +184,8 @@ class accumulate:
         if self._open:
             raise RepCompilerError("rc.accumulate: this context is already open (make a new one per step)")
         owned = set().union(*(c._names for c in _active.contexts)) if _active.contexts else set()
-        self._names = {id(m): name for name, m in self.model.named_modules() if id(m) not in owned}
+        self._names = {} if self.sharded is not None else {
+            id(m): name for name, m in self.model.named_modules() if id(m) not in owned}
         self._kept = {}
         self._session = _Session()
         self.generated = self.backpropagated = 0

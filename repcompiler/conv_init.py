@@ -28,6 +28,23 @@ as it is and reports why - a pretrained weight is never silently replaced.
 :func:`copy_frozen` carries the conv's ``requires_grad`` flags over to the block: a
 block made from a frozen conv is frozen (all its branch parameters and an inserted
 BN), and the block's bias follows the conv's bias.
+
+:func:`trained_evidence` tells whether a model's weights look trained rather than freshly
+initialised (``orepa_transform`` warns, naming ``init="from_conv"``, before the default
+``init="fresh"`` discards them). Two signs, each far from what a fresh initialisation
+gives:
+
+* a BatchNorm whose running statistics are not the constructor's (``num_batches_tracked
+  > 0``, or running mean not 0 / running variance not 1): the model has run in training
+  mode or had a state dict loaded;
+* a conv whose filters have very different norms. A fresh initialisation draws every
+  weight of a conv independently from one zero-mean distribution (uniform, normal,
+  truncated normal, or constant: zeros, dirac, orthogonal rows), so the per-output-filter
+  standard deviations agree to within about ``1 / sqrt(2 * fan_in)`` relative; trained
+  filters differ by many times that. A conv is counted when the coefficient of
+  variation of its filters' standard deviations exceeds
+  :data:`FILTER_SPREAD_LIMIT` ``/ sqrt(2 * fan_in)`` (convs with fewer than 8 filters or
+  a fan-in under 16 are not judged: too few numbers).
 """
 
 from __future__ import annotations
@@ -41,9 +58,13 @@ from . import algebra as A
 from .blocks import BlockExpr, BranchExpr, ConvGeometry
 from .errors import UnsupportedError
 
-__all__ = ["INITS", "init_from_conv", "copy_frozen", "identity_bn_"]
+__all__ = ["INITS", "init_from_conv", "copy_frozen", "identity_bn_", "trained_evidence"]
 
 INITS = ("fresh", "from_conv")
+
+#: A conv looks trained when the spread of its filters' standard deviations exceeds this
+#: many times the spread a fresh i.i.d. initialisation gives (``1 / sqrt(2 * fan_in)``).
+FILTER_SPREAD_LIMIT = 4.0
 
 _SAME_GEOMETRY = ("dims", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 
@@ -143,3 +164,57 @@ def copy_frozen(block: nn.Module, conv: nn.Module) -> None:
     own_bias = getattr(expr, "bias", None)
     for p in block.parameters():
         p.requires_grad_(bias_grad if p is own_bias else weight_grad)
+
+
+def _bn_trained(bn: nn.modules.batchnorm._NormBase) -> bool:
+    tracked = getattr(bn, "num_batches_tracked", None)
+    if isinstance(tracked, Tensor) and not tracked.is_meta and int(tracked) > 0:
+        return True
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None or mean.is_meta or var.is_meta:
+        return False
+    return bool(mean.count_nonzero() > 0 or (var != 1).any())
+
+
+def _filter_spread(conv: nn.Module) -> float | None:
+    """The coefficient of variation of ``conv``'s per-filter standard deviations, in units
+    of what an i.i.d. initialisation gives (``1 / sqrt(2 * fan_in)``); ``None`` where
+    there are too few numbers to judge."""
+    if torch.nn.utils.parametrize.is_parametrized(conv, "weight"):
+        return None  # reading it would run the parametrization (a power iteration changes state)
+    weight = getattr(conv, "weight", None)
+    if not isinstance(weight, Tensor) or weight.is_meta or weight.dim() < 2:
+        return None
+    w = weight.detach().flatten(1).double()
+    filters, fan_in = w.shape
+    if filters < 8 or fan_in < 16:
+        return None
+    std = w.std(dim=1)
+    if float(std.mean()) == 0.0:
+        return None
+    return float(std.std() / std.mean()) * math.sqrt(2.0 * fan_in)
+
+
+def trained_evidence(model: nn.Module) -> list[str]:
+    """Why ``model``'s weights look trained rather than freshly initialised (see the
+    module docstring); an empty list when nothing does. Each entry names the modules."""
+    bns, convs = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and _bn_trained(m):
+            bns.append(name)
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            spread = _filter_spread(m)
+            if spread is not None and spread > FILTER_SPREAD_LIMIT:
+                convs.append(name)
+
+    def names(found: list[str]) -> str:
+        return ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+    evidence = []
+    if bns:
+        evidence.append(f"{len(bns)} BatchNorm(s) with running statistics that are not at their initial values "
+                        f"({names(bns)})")
+    if convs:
+        evidence.append(f"{len(convs)} conv(s) whose filters' norms differ far more than a fresh initialisation "
+                        f"gives ({names(convs)})")
+    return evidence

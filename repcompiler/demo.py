@@ -7,8 +7,11 @@ steps on a fixed random batch with a progress bar, deploys it to plain convs
 one does, and prints a short table: parameters of the training and deployed forms,
 the largest output difference, and the cost of one training step of the plain model vs
 OREPA online vs the same blocks offline (a BN per branch, every branch on the feature
-map) at two batch sizes (medians of a few steps), split into a fixed part and a
-per-sample part, with the peak memory of a step.
+map) at two batch sizes, split into a fixed part and a per-sample part, with the peak
+memory of a step. Each time is a median of ``repeats`` steps, more (up to four times as
+many) while their times spread by over 10%; the split is a fit whose parts cannot go
+negative; rows timed on a machine too busy for steady timings are marked ``~`` and the
+table says so.
 
 Why two batch sizes: OREPA online adds a *fixed* cost per step (every kernel generated
 from its branches and backpropagated once), independent of the batch. At a small batch
@@ -39,31 +42,72 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedError
-from .profiling import sgd_step, step_peak_bytes, step_times
+from .profiling import sgd_step, spread, steady_times, step_peak_bytes
+from .progress import stderr_is_terminal
 
 __all__ = ["run_demo", "DemoResult", "StepCost", "measure_step", "resolve_device", "main"]
 
 log = logging.getLogger(__name__)
 
 
+#: Timings whose spread (median absolute deviation / median) stays above this after the
+#: extra repeats are flagged as measured on a noisy machine.
+NOISY_SPREAD = 0.1
+
+
 @dataclass
 class StepCost:
-    """One form's training-step cost: median seconds per batch size, the fit
-    ``seconds = fixed + per_sample * batch`` through the two sizes, and the peak memory
-    of one step at the larger size (bytes)."""
+    """One form's training-step cost: median seconds per batch size, the spread of each
+    median's timings, the fit ``seconds = fixed + per_sample * batch`` through the batch
+    sizes, and the peak memory of one step at the largest size (bytes).
+
+    The fit is least squares with both parts non-negative (a step cannot cost less than
+    nothing): where the timings fall with the batch (noise) the per-sample part is 0 and
+    the fixed part their mean; where they grow faster than linearly the fixed part is 0.
+    :attr:`clamped` says which bound was hit, :attr:`noisy` whether the numbers are
+    rough."""
 
     seconds: dict[int, float] = field(default_factory=dict)
     peak: int = 0
+    spreads: dict[int, float] = field(default_factory=dict)
 
-    @property
-    def per_sample(self) -> float:
-        (b1, t1), (b2, t2) = sorted(self.seconds.items())[:2]
-        return (t2 - t1) / (b2 - b1)
+    def _fit(self) -> tuple[float, float, str]:
+        pts = sorted(self.seconds.items())
+        n = len(pts)
+        if n < 2:
+            return (pts[0][1] if pts else 0.0), 0.0, ""
+        mb = sum(b for b, _ in pts) / n
+        mt = sum(t for _, t in pts) / n
+        sbb = sum((b - mb) ** 2 for b, _ in pts)
+        slope = sum((b - mb) * (t - mt) for b, t in pts) / sbb if sbb > 0 else 0.0
+        if slope < 0:
+            return mt, 0.0, "per_sample"
+        fixed = mt - slope * mb
+        if fixed < 0:  # through the origin
+            return 0.0, sum(b * t for b, t in pts) / sum(b * b for b, _ in pts), "fixed"
+        return fixed, slope, ""
 
     @property
     def fixed(self) -> float:
-        b1, t1 = min(self.seconds.items())
-        return t1 - self.per_sample * b1
+        """Seconds per step whatever the batch (>= 0)."""
+        return self._fit()[0]
+
+    @property
+    def per_sample(self) -> float:
+        """Seconds per sample (>= 0)."""
+        return self._fit()[1]
+
+    @property
+    def clamped(self) -> str:
+        """``"per_sample"`` (the step was not slower at the larger batch: noise),
+        ``"fixed"`` (it grew faster than linearly) or ``""`` (an unconstrained fit)."""
+        return self._fit()[2]
+
+    @property
+    def noisy(self) -> bool:
+        """Some median's timings spread more than :data:`NOISY_SPREAD`, or the step was
+        not slower at the larger batch."""
+        return self.clamped == "per_sample" or any(v > NOISY_SPREAD for v in self.spreads.values())
 
 
 MEANING = ("A step costs fixed + per sample x batch. OREPA online adds a fixed cost per step (every kernel generated "
@@ -117,18 +161,25 @@ class DemoResult:
         head = ["train step (SGD)"] + [f"batch {b}" for b in batches] + ["fixed", "per sample", f"peak (batch {batches[-1]})"]
         body = []
         for form, c in self.cost.items():
-            body.append([form] + [f"{c.seconds[b] * 1000:.0f} ms" for b in batches]
-                        + [f"{c.fixed * 1000:.0f} ms" if c.fixed >= 0 else "n/a*", f"{c.per_sample * 1000:.1f} ms",
-                           f"{c.peak / 2**20:.0f} MB"])
+            mark = "~" if c.noisy else ""
+            body.append([form + (" ~" if c.noisy else "")] + [f"{c.seconds[b] * 1000:.0f} ms" for b in batches]
+                        + [f"{mark}{c.fixed * 1000:.0f} ms" if c.clamped != "fixed" else "n/a*",
+                           f"{mark}{c.per_sample * 1000:.1f} ms", f"{c.peak / 2**20:.0f} MB"])
         widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
         fmt = [" | ".join(cell.ljust(wd) if i == 0 else cell.rjust(wd) for i, (cell, wd) in enumerate(zip(r, widths)))
                for r in [head] + body]
-        note = (f"medians of {self.repeats} steps per cell on {self.device}; fixed + per sample: the line through "
-                "the two batch sizes")
+        note = (f"medians of {self.repeats} or more steps per cell on {self.device} (more where the steps' times "
+                "spread); fixed + per sample: the line through the two batch sizes (neither part below 0)")
         lines = [*fmt, note]
-        if any(c.fixed < 0 for c in self.cost.values()):
+        if any(c.clamped == "fixed" for c in self.cost.values()):
             lines.append("* n/a: this form's step grew faster than linearly in the batch here (memory-bound), "
                          "so the line has no meaningful fixed part")
+        noisy = [c for c in self.cost.values() if c.noisy]
+        if noisy:
+            worst = max((v for c in noisy for v in c.spreads.values()), default=0.0)
+            lines.append(f"~ the machine was too busy for steady timings (step times varied by {worst:.0%} around "
+                         "their median, or a step was no slower at the larger batch): these rows are rough; run "
+                         "the demo on an idle machine for the split")
         return [*lines, *textwrap.wrap(MEANING, max(len(f) for f in fmt))]
 
     def __str__(self) -> str:
@@ -141,11 +192,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int = 1,
-                 repeats: int = 1) -> tuple[float, int]:
-    """``(median seconds, peak bytes)`` of an SGD train step of ``model`` on ``(x, y)``
-    (on their device): ``warmup`` untimed steps, ``repeats`` timed ones, then one step
-    for the peak memory (CPU: see the module docstring; CUDA: the caching allocator's
-    peak)."""
+                 repeats: int = 1) -> tuple[float, int, float]:
+    """``(median seconds, peak bytes, spread)`` of an SGD train step of ``model`` on
+    ``(x, y)`` (on their device): ``warmup`` untimed steps, ``repeats`` timed ones - more,
+    up to ``4 * repeats``, while their spread exceeds :data:`NOISY_SPREAD`
+    (:func:`repcompiler.profiling.steady_times`) - then one step for the peak memory
+    (CPU: see the module docstring; CUDA: the caching allocator's peak)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step = sgd_step(model, opt, x, y)
@@ -155,14 +207,15 @@ def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, warmup: int
         step()
         _sync(device)
 
-    sec = statistics.median(step_times(synced, warmup, repeats))
+    times = steady_times(synced, warmup, repeats, limit=NOISY_SPREAD)
+    sec = statistics.median(times)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         synced()
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak, _ = step_peak_bytes(step, model, opt, x, y)
-    return sec, peak
+    return sec, peak, spread(times)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -193,7 +246,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo (see the module docstring) and return what it measured; the table
     is written to ``out`` (``None``: silent). Step costs are measured at ``batch`` and
-    ``4 * batch``, medians of ``repeats`` steps; ``device``: CUDA when present, else CPU."""
+    ``4 * batch``, medians of ``repeats`` steps (more on a busy machine, see
+    :func:`measure_step`); ``device``: CUDA when present, else CPU. The progress bar is
+    drawn only when ``progress`` and stderr is a terminal."""
     import torchvision
 
     from . import deploy, orepa_transform
@@ -207,7 +262,7 @@ def run_demo(
     torch.manual_seed(seed)
     res = DemoResult(device=str(dev), repeats=repeats)
     plain = torchvision.models.resnet18(num_classes=num_classes).to(dev)
-    model = orepa_transform(plain)
+    model = orepa_transform(plain, init="fresh")
     res.params_plain, res.params_train = count_params(plain), count_params(model)
     res.convs_plain = count_convs(plain)
     x = torch.randn(4 * batch, 3, size, size, device=dev)
@@ -219,7 +274,8 @@ def run_demo(
     try:
         from tqdm.auto import tqdm
 
-        it = tqdm(range(steps), desc="training OREPA ResNet-18", disable=not progress, file=sys.stderr)
+        it = tqdm(range(steps), desc="training OREPA ResNet-18", disable=not (progress and stderr_is_terminal()),
+                  file=sys.stderr)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         it = range(steps)
     for _ in it:
@@ -232,13 +288,14 @@ def run_demo(
             it.set_postfix(loss=f"{loss.item():.3f}")
 
     if measure:
-        forms = {"plain": plain, "OREPA online": orepa_transform(plain),
-                 "OREPA offline (DBB-style)": orepa_transform(plain, mode="offline")}
+        forms = {"plain": plain, "OREPA online": orepa_transform(plain, init="fresh"),
+                 "OREPA offline (DBB-style)": orepa_transform(plain, init="fresh", mode="offline")}
         for form, m in forms.items():
             cost = res.cost[form] = StepCost()
             for b in (batch, 4 * batch):
                 log.info("measuring %s at batch %d", form, b)
-                cost.seconds[b], cost.peak = measure_step(m, x[:b], y[:b], warmup=1, repeats=repeats)
+                cost.seconds[b], cost.peak, cost.spreads[b] = measure_step(m, x[:b], y[:b], warmup=1,
+                                                                           repeats=repeats)
 
     # deploy and check
     model.eval()
@@ -267,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per measurement, median (default 3)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     ap.add_argument("--no-measure", action="store_true", help="skip the plain/online/offline step measurement")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
     args = ap.parse_args(argv)
     res = run_demo(steps=args.steps, batch=args.batch, size=args.size, measure=not args.no_measure,
                    repeats=args.repeats, device=args.device, progress=not args.no_progress)

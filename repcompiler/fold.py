@@ -205,6 +205,7 @@ def compile_folds(
         report.add(path, type(dict(work.named_modules())[path]).__name__, "opaque", reason)
     # every BatchNorm left gets a row saying why, read from the graphs traced above (no re-trace)
     explain_left_bns(work, report, rules, traced, replaced)
+    report.sort_by_model(name for name, _ in model.named_modules())
     report.convs_after = count_convs(work)
     report.params_after = count_params(work)
     report.seconds = time.perf_counter() - t0
@@ -386,8 +387,11 @@ def _fold_unit(
         return {}
 
     replaced: dict[fx.Node, str] = {}
+    done: list[Region] = []
+    uses = _attribute_uses(gm)  # read before the rewrite edits the graph
 
     def applied(region: Region, target: str | None) -> None:
+        done.append(region)
         for n in region.nodes:
             replaced[n] = qualify(unit.path, target or "")
 
@@ -422,4 +426,44 @@ def _fold_unit(
         applied(r, target)
         report.add_region(r, "folded", params_before=before,
                           params_after=sum(p.numel() for p in folded.parameters()))
+    _drop_dead_holders(unit, uses, done)
     return replaced
+
+
+def _attribute_uses(gm: fx.GraphModule) -> tuple[dict[str, list[fx.Node]], set[str]]:
+    """``({attribute read by get_attr: its readers}, {modules called})`` of ``gm``'s graph."""
+    reads: dict[str, list[fx.Node]] = {}
+    called: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            reads.setdefault(str(n.target), []).extend(n.users)
+        elif n.op == "call_module":
+            called.add(str(n.target))
+    return reads, called
+
+
+def _drop_dead_holders(unit: TracedUnit, uses: tuple[dict[str, list[fx.Node]], set[str]],
+                       folded: list[Region]) -> None:
+    """Replace by ``nn.Identity`` the submodules of ``unit`` that no longer run after
+    the ``folded`` regions were rewritten (``uses``: :func:`_attribute_uses` of the
+    unit's graph before the rewrite): modules the trace went into (no rule, not
+    called as a module) whose every parameter and buffer was read only by folded
+    regions (``x * self.aff.weight + self.aff.bias`` folded into the conv before it).
+    Their tensors are in the folded conv now; left in place they would still be listed,
+    counted and saved."""
+    in_regions = {n for r in folded for n in r.nodes}
+    reads, called = uses
+    dead = {t for t, readers in reads.items() if all(u in in_regions for u in readers)}
+    owners = sorted({t.rpartition(".")[0] for t in dead if "." in t}, key=len)
+    for owner in owners:
+        if any(owner == c or owner.startswith(c + ".") or c.startswith(owner + ".") for c in called):
+            continue
+        try:
+            module = unit.module.get_submodule(owner)
+        except AttributeError:
+            continue
+        tensors = [owner + "." + name for name, _ in (*module.named_parameters(), *module.named_buffers())]
+        if tensors and all(t in dead for t in tensors) and not isinstance(module, nn.Identity):
+            log.debug("fold: %s no longer runs (its tensors are folded): replaced by nn.Identity",
+                      qualify(unit.path, owner))
+            set_submodule(unit.module, owner, nn.Identity())

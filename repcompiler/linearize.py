@@ -186,7 +186,7 @@ def _linearize_owner(
             ref=region_reference(gm, r) if verify and init == "from_bn" else None,
             convs=[qualify(path, og.prefix + t) for t, m in mods if isinstance(m, _CONVS)],
             bns=[qualify(path, og.prefix + t) for t, _ in branch_bns(gm, r)],
-            target=conv_target(gm, r, largest=True),
+            target=conv_target(gm, r),
             params=sum(p.numel() for _, m in mods for p in m.parameters()),
         ))
     gm.meta[META_LINEARIZE] = og.regions

@@ -2,7 +2,10 @@
 the benchmarks).
 
 :func:`sgd_step` builds the step every measurement runs (zero_grad, forward,
-cross-entropy, backward, optimizer step); :func:`step_times` times it after warm-up.
+cross-entropy, backward, optimizer step); :func:`step_times` times it after warm-up;
+:func:`steady_times` keeps timing (up to a cap) while the timings spread too much
+(:func:`spread`: median absolute deviation / median), for medians a busy machine
+disturbs less.
 
 The peak is the bytes live when the step starts (parameters, buffers, gradients,
 optimizer state and the given tensors, each storage counted once) plus the maximum
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sgd_step", "step_times", "alternated_times", "live_bytes", "step_peak_bytes"]
+__all__ = ["sgd_step", "step_times", "steady_times", "spread", "alternated_times", "live_bytes", "step_peak_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,27 @@ def step_times(step: Callable[[], None], warmup: int, steps: int) -> list[float]
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    return times
+
+
+def spread(times: list[float]) -> float:
+    """The relative spread of ``times``: median absolute deviation / median (0 for fewer
+    than two; robust to one outlier among three)."""
+    if len(times) < 2:
+        return 0.0
+    med = statistics.median(times)
+    return statistics.median(abs(t - med) for t in times) / med if med > 0 else 0.0
+
+
+def steady_times(step: Callable[[], None], warmup: int, steps: int, *, max_steps: int | None = None,
+                 limit: float = 0.1) -> list[float]:
+    """Like :func:`step_times`, but while the timings' :func:`spread` exceeds ``limit``,
+    time ``steps`` more, up to ``max_steps`` in all (default ``4 * steps``). The caller
+    reads ``spread`` of the result to tell whether the machine was steady enough."""
+    cap = max(steps, max_steps if max_steps is not None else 4 * steps)
+    times = step_times(step, warmup, steps)
+    while spread(times) > limit and len(times) < cap:
+        times += step_times(step, 0, min(steps, cap - len(times)))
     return times
 
 

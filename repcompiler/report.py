@@ -29,8 +29,24 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_convs(model: nn.Module) -> int:
-    """Number of ``nn.Conv1d/2d/3d`` modules (subclasses included, shared counted once)."""
-    return sum(1 for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+    """Number of convolutions: ``nn.Conv1d/2d/3d`` modules (subclasses included) and
+    training-time blocks (``OnlineConv``/``OfflineBlock``: one conv each, as each
+    replaces one and deploys to one; modules inside a block are not counted again).
+    Shared modules are counted once."""
+    from .online import OfflineBlock, OnlineConv  # online builds on the blocks, which report into this module
+
+    blocks = (OnlineConv, OfflineBlock)
+    seen: set[int] = set()
+
+    def count(m: nn.Module) -> int:
+        if id(m) in seen:
+            return 0
+        seen.add(id(m))
+        if isinstance(m, blocks):
+            return 1
+        return int(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))) + sum(count(c) for c in m.children())
+
+    return count(model)
 
 
 @dataclass
@@ -76,6 +92,28 @@ class TransformReport:
         name = f"{prefix}{region.name}" if prefix else region.name
         return self.add(name, region.kind, action, reason, params_before, params_after,
                         ops=len(region.nodes))
+
+    def sort_by_model(self, module_names: Iterable[str]) -> None:
+        """Order the entries as their modules come in the model (``module_names``, e.g.
+        ``[n for n, _ in model.named_modules()]``): by the first module an entry's name
+        starts with (its longest prefix that is a module name). An entry naming no module
+        stays right after the entry before it; equal positions keep their order."""
+        index = {name: i for i, name in enumerate(module_names)}
+
+        def position(entry: ReportEntry) -> int | None:
+            head = entry.name.split(" ", 1)[0]
+            while head:
+                if head in index:
+                    return index[head]
+                head = head.rpartition(".")[0]
+            return None
+
+        keyed, last = [], -1
+        for order, e in enumerate(self.entries):
+            pos = position(e)
+            last = pos if pos is not None else last
+            keyed.append(((last, order), e))
+        self.entries = [e for _, e in sorted(keyed, key=lambda item: item[0])]
 
     def by_action(self, action: str) -> list[ReportEntry]:
         return [e for e in self.entries if e.action == action]

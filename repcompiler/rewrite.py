@@ -41,6 +41,7 @@ from torch.package import sys_importer
 from .errors import TraceError
 from .passes.cleanup import Cleanup
 from .passes.find_regions import Region, node_owner
+from .passes.squeeze import conv_target
 from .tracing import TracedUnit, trace_model
 
 __all__ = [
@@ -80,23 +81,6 @@ def region_owner(region: Region) -> str:
 def is_under(path: str, owner: str) -> bool:
     """Whether module ``path`` is ``owner`` or inside it ('' owns everything)."""
     return owner == "" or path == owner or path.startswith(owner + ".")
-
-
-def conv_target(root: nn.Module, region: Region, *, largest: bool = False) -> str | None:
-    """The module name the region's replacement is installed at: its first conv, or
-    with ``largest`` the conv with the largest kernel (the main branch of a block);
-    the first module when the region has no conv; ``None`` when it has no module."""
-    mods = region.module_targets()
-    best, best_size = None, -1
-    for t in mods:
-        m = root.get_submodule(t)
-        if isinstance(m, _CONVS):
-            if not largest:
-                return t
-            size = m.weight[0].numel()
-            if size > best_size:
-                best, best_size = t, size
-    return best if best is not None else (mods[0] if mods else None)
 
 
 def group_by_owner(items: Sequence[T], region_of: Callable[[T], Region]) -> tuple[dict[str, list[T]], list[T]]:

@@ -22,8 +22,12 @@ replaces a following BN by ``nn.Identity``. A conv bias is kept only where no
 post-BN follows (a BN absorbs it).
 
 Initialisation (``init``): ``"fresh"`` (the default, the paper's training from scratch)
-gives every block new parameters - **the conv's weight and bias are not used**, so a
-pretrained backbone would silently start from scratch; ``"from_conv"`` (fine-tuning a
+gives every block new parameters - **the conv's weight and bias are not used**. Left at
+its default on a model whose weights look trained
+(:func:`repcompiler.conv_init.trained_evidence`: BatchNorm running statistics that are
+not at their initial values, or conv filters far less uniform than a fresh
+initialisation), the transform warns (``UserWarning``) naming ``init="from_conv"``;
+passing ``init="fresh"`` explicitly trains from scratch without the warning. ``"from_conv"`` (fine-tuning a
 pretrained model; the CLI's ``transform --weights``) makes each block start as exactly
 the conv it replaces (:mod:`repcompiler.conv_init`: origin branch = the conv's weight
 and bias, the other branches' scales 0, the existing BN as post-BN, no BN inserted
@@ -99,7 +103,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
-from .conv_init import INITS, copy_frozen, identity_bn_, init_from_conv
+from .conv_init import INITS, copy_frozen, identity_bn_, init_from_conv, trained_evidence
 from .errors import RepCompilerError, check_choice
 from .online import OfflineBlock, OnlineConv
 from .linearize import linearize_regions
@@ -156,7 +160,7 @@ def orepa_transform(
     block: str = "orepa",
     policy: Policy = None,
     inplace: bool = False,
-    init: str = "fresh",
+    init: str | None = None,
     insert_bn: bool | None = None,
     mode: str = "online",
     scaling: str = "vector",
@@ -174,7 +178,8 @@ def orepa_transform(
             (see the module docstring).
         inplace: edit ``model`` itself.
         init: ``"fresh"`` (default: every block gets new parameters, the conv's weight
-            and bias are **not** used: training from scratch) or ``"from_conv"`` (each
+            and bias are **not** used: training from scratch; left unset (``None``) on a
+            model whose weights look trained, a ``UserWarning`` names ``"from_conv"``) or ``"from_conv"`` (each
             block starts as exactly the conv it replaces - origin branch = the conv's
             weight and bias, the other branches' scales 0 - so a pretrained model
             computes what it did, in eval mode; see :mod:`repcompiler.conv_init`).
@@ -201,6 +206,18 @@ def orepa_transform(
     check_weights(model, "orepa_transform", allow_meta=True)  # NaN/inf would be copied into (from_conv) or kept
     check_choice("mode", mode, MODES, owner="orepa_transform")
     check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")
+    if init is None:
+        init = "fresh"
+        evidence = trained_evidence(model)
+        if evidence:
+            warnings.warn(
+                f"orepa_transform: {type(model).__name__} looks trained ({'; '.join(evidence)}), but init='fresh' "
+                "(the default) gives every block new parameters and does not use the convs' weights. To fine-tune "
+                "it, pass init='from_conv' (each block starts as the conv it replaces); to train from scratch, "
+                "pass init='fresh'.",
+                UserWarning,
+                stacklevel=2,
+            )
     check_choice("init", init, INITS, owner="orepa_transform")
     if block != "orepa":
         get_block(block)  # raises for an unknown name

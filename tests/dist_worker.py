@@ -9,11 +9,9 @@ half of a fixed batch, in each MODE:
 * ``ddp_accumulate``  - DDP, each rank's half split in two micro-batches inside
   ``rc.accumulate(model)``, ``no_sync()`` around the first;
 * ``fsdp``            - FSDP2 (``torch.distributed.fsdp.fully_shard`` on every online
-  block and the root);
+  block and the root), the model as ``orepa_transform`` returns it;
 * ``fsdp_accumulate`` - FSDP2 with ``rc.accumulate`` (gradient sync only on the last
-  micro-batch, ``set_requires_gradient_sync``);
-* ``fsdp_contiguous``, ``fsdp_contiguous_accumulate`` - the same, the parameters first
-  made contiguous (FSDP2 refuses the online blocks' channels-last layouts).
+  micro-batch, ``set_requires_gradient_sync``).
 
 Each rank writes ``OUTDIR/MODE_rankR.pt`` (the full parameters after training) or
 ``OUTDIR/MODE_rankR.err`` (the exception). The model runs in eval mode (BN with its
@@ -81,9 +79,6 @@ def _train(mode: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     else:
         from torch.distributed.fsdp import fully_shard
 
-        if "contiguous" in mode:  # FSDP2 refuses the online blocks' channels-last parameter layouts
-            for p in model.parameters():
-                p.data = p.data.contiguous()
         for m in model.modules():
             if isinstance(m, rc.OnlineConv):
                 fully_shard(m)

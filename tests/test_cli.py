@@ -167,7 +167,7 @@ def test_transform_deploy_roundtrip(capsys: pytest.CaptureFixture[str], tmp_path
     dep_path = tmp_path / "deployed.pt"
     code, out, err = run(capsys, "deploy", TINY, "--orepa", "--weights", str(sd_path), "-o", str(dep_path), *SHAPE)
     assert code == EXIT_OK, err
-    assert "folded" in out and "convs 0 -> 3" in out
+    assert "folded" in out and "convs 3 -> 3" in out
     deployed = torch.load(dep_path, weights_only=False)
     assert not has_online_blocks(deployed) and count_convs(deployed) == 3
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
@@ -317,3 +317,26 @@ def test_installed_console_script(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "exported_program" in proc.stdout and out_path.is_file()
+
+
+def test_deploy_orepa_weights_names_a_policy_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Weights saved with ``--policy all`` and loaded with the default policy: the error
+    names the policy to pass, not a guess about transforming."""
+    model = "test_cli_models:tiny_resnet"
+    sd_path = tmp_path / "all.pt"
+    code, _, err = run(capsys, "transform", model, "--policy", "all", "-o", str(sd_path), "-q")
+    assert code == EXIT_OK, err
+    code, _, err = run(capsys, "deploy", model, "--orepa", "--weights", str(sd_path), "-o", str(tmp_path / "d.pt"),
+                       "-q")
+    line = one_error_line(err)
+    assert code == EXIT_ERROR and "--policy all" in line and "--policy paper" in line, line
+    assert "was it saved from a transformed model" not in line
+    code, _, err = run(capsys, "deploy", model, "--orepa", "--policy", "all", "--weights", str(sd_path), "-o",
+                       str(tmp_path / "d.pt"), "-q", *SHAPE)
+    assert code == EXIT_OK, err
+    # plain weights with --orepa: says to drop it
+    plain_path = tmp_path / "plain.pt"
+    torch.save(models.tiny_resnet().state_dict(), plain_path)
+    code, _, err = run(capsys, "deploy", model, "--orepa", "--weights", str(plain_path), "-o", str(tmp_path / "e.pt"),
+                       "-q")
+    assert code == EXIT_ERROR and "drop --orepa" in one_error_line(err)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TinyNet", "tiny_net", "TwoInOut", "two_in_out", "TraceSensitive", "trace_sensitive", "not_a_module", "FixedBatch"]
+__all__ = ["TinyNet", "tiny_net", "TinyResNet", "tiny_resnet", "TwoInOut", "two_in_out", "TraceSensitive", "trace_sensitive", "not_a_module", "FixedBatch"]
 
 
 class TinyNet(nn.Module):
@@ -99,3 +99,29 @@ class FixedBatch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x).reshape(2, -1)
+
+
+class TinyResNet(nn.Module):
+    """A stem and one residual block whose shortcut is a strided 1x1 conv + BN (a ResNet
+    projection: the paper policy keeps it plain, ``policy="all"`` transforms it)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2 * width)
+        self.conv2 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.downsample = nn.Sequential(nn.Conv2d(width, 2 * width, 1, stride=2, bias=False), nn.BatchNorm2d(2 * width))
+        self.fc = nn.Linear(2 * width, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.stem(x)
+        z = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(y)))))
+        y = torch.relu(z + self.downsample(y))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def tiny_resnet() -> TinyResNet:
+    torch.manual_seed(0)
+    return TinyResNet()

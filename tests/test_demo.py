@@ -19,22 +19,24 @@ from repcompiler.demo import DemoResult, StepCost, measure_step, resolve_device,
 from repcompiler.errors import UnsupportedError
 
 
-def test_run_demo_small(monkeypatch):
+def test_run_demo_small(monkeypatch, capsys):
     seen = []
 
     def fake_measure(model, x, y, warmup=1, repeats=1):  # the wiring; measure_step is tested below
         seen.append((x.shape[0], repeats))
-        return 0.5 + 0.01 * x.shape[0], 1000 * x.shape[0]
+        return 0.5 + 0.01 * x.shape[0], 1000 * x.shape[0], 0.01
 
     monkeypatch.setattr(demo, "measure_step", fake_measure)
     buf = io.StringIO()
-    res = run_demo(steps=2, batch=2, size=32, repeats=2, device="cpu", progress=False, out=buf)
+    res = run_demo(steps=2, batch=2, size=32, repeats=2, device="cpu", progress=True, out=buf)
     text = buf.getvalue()
+    err = capsys.readouterr().err  # stderr is not a terminal here (`repcompiler demo 2> file`): no bar
+    assert "training OREPA" not in err and "it/s" not in err and "\r" not in err, err
     assert seen == [(2, 2), (8, 2)] * 3  # three forms at batch and 4 x batch, medians of `repeats`
     assert list(res.cost) == ["plain", "OREPA online", "OREPA offline (DBB-style)"]
     for c in res.cost.values():
         assert c.fixed == pytest.approx(0.5) and c.per_sample == pytest.approx(0.01)
-    assert "batch 2" in text and "batch 8" in text and "medians of 2 steps per cell on cpu" in text
+    assert "batch 2" in text and "batch 8" in text and "medians of 2 or more steps per cell on cpu" in text and "~" not in text
     assert "parameters: OREPA training form" in text and "deployed vs trained" in text
     assert res.params_train > res.params_plain
     assert res.deployed
@@ -51,9 +53,9 @@ def test_measure_step_sees_the_offline_cost():
                           nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(16, 4))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))
-    sec_p, mem_p = measure_step(plain, x, y)
-    _, mem_on = measure_step(orepa_transform(plain), x, y)
-    _, mem_off = measure_step(orepa_transform(plain, mode="offline"), x, y)
+    sec_p, mem_p, _ = measure_step(plain, x, y)
+    _, mem_on, _ = measure_step(orepa_transform(plain, init="fresh"), x, y)
+    _, mem_off, _ = measure_step(orepa_transform(plain, init="fresh", mode="offline"), x, y)
     assert sec_p > 0 and mem_p > 0
     assert mem_off > mem_on  # six branches' feature maps vs one
 
@@ -74,7 +76,7 @@ def test_cost_table_split_and_meaning():
     assert [cell.strip() for cell in row.split("|")] == ["OREPA online", "620 ms", "860 ms", "540 ms", "10.0 ms",
                                                          "330 MB"]
     flat = " ".join(text.split())
-    assert "medians of 5 steps" in flat and "fixed cost per step" in flat
+    assert "medians of 5 or more steps" in flat and "fixed cost per step" in flat
 
 
 def test_measurement_prints_no_native_noise(capfd):
@@ -103,3 +105,42 @@ def test_cli_forwards_device(capsys):
 
     code = cli.main(["demo", "--device", "nonsense", "--no-measure"])
     assert code != 0 and "device 'nonsense'" in capsys.readouterr().err
+
+
+def test_fit_never_goes_negative_and_says_when_the_machine_was_noisy():
+    # the figures of a busy machine: the larger batch timed faster than the smaller one
+    noisy = StepCost({8: 15.674, 32: 7.21}, 300 * 2**20, {8: 0.4, 32: 0.05})
+    assert noisy.per_sample == 0.0 and noisy.fixed == pytest.approx((15.674 + 7.21) / 2)
+    assert noisy.clamped == "per_sample" and noisy.noisy
+    # superlinear (memory-bound): the line through the origin, no negative fixed part
+    steep = StepCost({8: 0.10, 32: 0.60}, 1, {8: 0.01, 32: 0.01})
+    assert steep.fixed == 0.0 and steep.per_sample > 0 and steep.clamped == "fixed" and not steep.noisy
+    steady = StepCost({8: 0.62, 32: 0.86}, 1, {8: 0.02, 32: 0.03})
+    assert not steady.noisy and steady.clamped == ""
+    res = DemoResult(repeats=3, cost={"plain": steady, "OREPA online": noisy, "OREPA offline (DBB-style)": steep})
+    text = res.table()
+    assert "-" not in "".join(line.split("|", 1)[1] for line in text.splitlines() if "|" in line), text
+    online = next(line for line in text.splitlines() if line.startswith("OREPA online"))
+    assert online.split("|")[0].strip() == "OREPA online ~"
+    flat = " ".join(text.split())
+    assert "too busy for steady timings" in flat and "40%" in flat and "n/a*" in text
+    assert "~" not in next(line for line in text.splitlines() if line.startswith("plain "))
+
+
+def test_steady_times_repeat_while_the_timings_spread(monkeypatch):
+    import repcompiler.profiling as profiling
+    from repcompiler.profiling import spread, steady_times
+
+    clock = [0.0]  # a fake clock: each step takes the time listed, whatever the machine does
+    monkeypatch.setattr(profiling.time, "perf_counter", lambda: clock[0])
+    durations = iter([1.0, 2.0, 3.0] + [1.0] * 20)  # the first three spread by 50%
+
+    def step():
+        clock[0] += next(durations)
+
+    times = steady_times(step, 0, 3, max_steps=12, limit=0.1)
+    assert times[:3] == [1.0, 2.0, 3.0] and len(times) == 6 and spread(times) == 0.0  # three more were steady
+    noisy = iter([1.0, 2.0, 3.0] * 20)  # never steady: up to the cap
+    assert len(steady_times(lambda: clock.__setitem__(0, clock[0] + next(noisy)), 0, 3, max_steps=12)) == 12
+    assert len(steady_times(lambda: None, 0, 3, limit=float("inf"))) == 3
+    assert spread([1.0, 1.0, 5.0]) == 0.0 and spread([1.0, 2.0, 3.0]) == pytest.approx(0.5)

@@ -112,7 +112,7 @@ def _generator_leaves(expr, E: int, seed: int):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
     pats = OrepaAccelerator.patterns(expr, g, torch.zeros((), dtype=torch.float64))
-    inputs = (leaf(O, K, Cg), leaf(O, Cg), leaf(O, Cg), leaf(O, Cg), leaf(G, Mg, Cg), leaf(O, K, Mg),
+    inputs = (leaf(O, Cg, K), leaf(O, Cg), leaf(O, Cg), leaf(O, Cg), leaf(G, Mg, Cg), leaf(O, K, Mg),
               leaf(G * Cg, E, K), leaf(G * Cg, E, O // G), *(leaf(O) for _ in range(6)))
     return inputs, pats, G
 
@@ -205,7 +205,7 @@ def test_patterns_are_what_the_branches_hold():
     # every output channel has a non-zero prior
     assert bool((pats.prior.abs().sum(1) > 0).all())
     # the forward of the raw generator is the documented formula, term by term (inputs in
-    # the generator's layouts: w0, w2 [O, K, *]; pw [Cg, E, O])
+    # the generator's layouts: w0 [O, Cg, K], w2 [O, K, Mg]; pw [Cg, E, O])
     O, Cg, K, E = 8, 4, 15, 2
     gen = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -217,7 +217,7 @@ def test_patterns_are_what_the_branches_hold():
             + s[3][:, None, None] * torch.einsum("omk,mc->ock", w2, w1[0])
             + s[5][:, None, None] * torch.einsum("oce,cek->ock", pw, dw))
     want[:, :, pats.centre] += s[4][:, None] * q
-    args = (w0.transpose(1, 2).contiguous(), a, p, q, w1, w2.transpose(1, 2).contiguous(), dw,
+    args = (w0, a, p, q, w1, w2.transpose(1, 2).contiguous(), dw,
             pw.permute(1, 2, 0).contiguous(), s, pats, 1)
     got = _forward_inplace(*args)
     assert got.is_contiguous()
@@ -227,33 +227,28 @@ def test_patterns_are_what_the_branches_hold():
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_online_parameters_are_stored_in_the_generators_layouts(groups):
-    """Online, the kxk weights are channels-last and (one group) the pointwise weight is
-    input-channel-major, so the generator reads contiguous views; offline they are plain."""
+def test_online_parameters_are_contiguous(groups):
+    """Online as offline, every parameter is stored contiguous in its standard layout (what
+    FSDP2's ``fully_shard`` shards); the folded kernel is contiguous too."""
     g = _geom(8, 8, (3, 3), groups, 2)
     online, offline = build_block("orepa", g), build_block("orepa", g, mode="offline")
-    t = online.branches
-    for branch in (t["origin"], t["pw_kxk"]):
-        w = [m for m in branch.parameters() if m.dim() == 4 and m.shape[-1] == 3][0]
-        assert w.permute(0, 2, 3, 1).is_contiguous() and not w.is_contiguous()
-    pw = [m for m in t["dw_pw"].parameters() if m.dim() == 4 and m.shape[-1] == 1][0]
-    assert pw.reshape(8, -1).t().is_contiguous() == (groups == 1)
+    assert all(p.is_contiguous() for p in online.parameters())
     assert all(p.is_contiguous() for p in offline.parameters())
-    # the folded kernel (what the conv gets) is always contiguous
     assert online.fast_fold().weight.is_contiguous()
 
 
 @pytest.mark.parametrize("plain_path", [False, True])
-def test_contiguous_parameters_give_the_same_kernel_and_gradients(plain_path):
-    """A model whose parameters lost build_orepa's layouts (e.g. ``.contiguous()`` by user
-    code) generates the same kernel and gradients, only slower."""
+def test_channels_last_parameters_give_the_same_kernel_and_gradients(plain_path):
+    """A model whose parameters were laid out otherwise
+    (``model.to(memory_format=torch.channels_last)``) generates the same kernel and
+    gradients."""
     g = _geom(6, 6, (3, 2), 1, 2)
-    laid = _perturbed(build_block("orepa", g).double())
     plain = _perturbed(build_block("orepa", g).double())
+    laid = _perturbed(build_block("orepa", g).double())
     with torch.no_grad():
-        for a, b in zip(plain.parameters(), laid.parameters()):
-            a.data = b.detach().contiguous()
-    assert all(p.is_contiguous() for p in plain.parameters())
+        for a, b in zip(laid.parameters(), plain.parameters()):
+            a.data = b.detach().contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b.detach().clone()
+    assert not all(p.is_contiguous() for p in laid.parameters())
     fold = _forward_only if plain_path else (lambda e: e.fast_fold().weight)
     wa, wb = fold(laid), fold(plain)
     assert torch.equal(wa, wb)

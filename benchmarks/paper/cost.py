@@ -33,7 +33,10 @@ steps, then the **median** of ``steps`` step times. Memory, per process:
 
 * ``rss_peak_mb`` - the process's resident-set high-water mark
   (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after the timed steps: everything
-  the process ever held (interpreter, torch, model, optimizer state, the steps);
+  the process ever held (interpreter, torch, model, optimizer state, the steps). The
+  kernel updates that mark from per-thread RSS counters it folds in lazily, so it can
+  trail the resident set ``psutil`` reads from ``/proc`` by a few pages: the peak
+  recorded is the larger of the two (never below ``rss_base_mb``);
 * ``rss_base_mb`` - resident set (``psutil``) just before the first step (model,
   optimizer and batch built, no step run yet), so ``rss_peak_mb - rss_base_mb`` is
   what training steps added to the high-water mark;
@@ -123,12 +126,13 @@ def worker(form: str, mode: str, batch: int, size: int, steps: int, warmup: int)
     rss_base = psutil.Process().memory_info().rss
     load0 = os.getloadavg()[0]
     times = step_times(step, warmup, steps)
-    rss_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_now = psutil.Process().memory_info().rss
+    rss_peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_base, rss_now)  # kB -> bytes
     alloc_peak, _ = step_peak_bytes(step, model, opt, x, y)
     mb = 1024 * 1024
     return {"form": form, "mode": mode, "batch": batch, "size": size, "blocks": blocks,
             "time_s": statistics.median(times), "times_s": times,
-            "rss_peak_mb": rss_peak_kb / 1024, "rss_base_mb": rss_base / mb, "alloc_peak_mb": alloc_peak / mb,
+            "rss_peak_mb": rss_peak / mb, "rss_base_mb": rss_base / mb, "alloc_peak_mb": alloc_peak / mb,
             "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
             "load_before": load0, "load_after": os.getloadavg()[0]}
 

@@ -28,7 +28,7 @@ from ..algebra import ConvSpec
 from .accel import KernelAccelerator, plain_ops_required
 from .named import BlockExpr, BranchExpr, ResidualConv, StackExpr
 from .orepa_kernel import OrepaPatterns, orepa_kernel
-from .parts import Placement, laid_out
+from .parts import Placement
 
 __all__ = ["OrepaAccelerator", "Orepa1x1Accelerator", "StackAccelerator", "NestedAccelerator"]
 
@@ -152,19 +152,6 @@ class OrepaAccelerator(KernelAccelerator):
     def matches(self, expr: A.Expr) -> bool:
         return self.structure(expr) is not None
 
-    def prepare(self, expr: A.Expr) -> None:
-        """Lay the kxk weights out channels-last and the pointwise weight input-channel-major
-        (one group): the generator reads them so, saving a transpose each way."""
-        b = expr.branches  # type: ignore[attr-defined]
-        d = b["origin"].weight.dim() - 2
-        kc = (0, *range(2, 2 + d), 1)
-        b["origin"].weight = laid_out(b["origin"].weight, kc)
-        if "pw_kxk" in b:
-            b["pw_kxk"].weight = laid_out(b["pw_kxk"].weight, kc)
-        pw = b["dw_pw"].pointwise if "dw_pw" in b else None
-        if pw is not None and pw.groups == 1:  # the size-1 dims' strides are those autograd gives the gradient (DDP)
-            pw.weight = laid_out(pw.weight, (1, *range(2, 2 + d), 0))
-
     def generate(self, expr: A.Expr) -> A.Kernel:
         assert isinstance(expr, BlockExpr)
         b = expr.branches
@@ -208,7 +195,7 @@ class OrepaAccelerator(KernelAccelerator):
         else:
             dw, pw = zero["dw"], zero["pw"]
         W = orepa_kernel(
-            w0.reshape(O, Cg, K).transpose(1, 2),
+            w0.reshape(O, Cg, K),
             b["avg"].pointwise.weight.reshape(O, Cg),
             b["prior"].pointwise.weight.reshape(O, Cg) if "prior" in b else zero["p"],
             b["pointwise"].weight.reshape(O, Cg),

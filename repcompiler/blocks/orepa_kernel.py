@@ -17,16 +17,19 @@ same kernel
 with as few passes over kernel-sized memory as we could manage. Kernel generation is
 memory-bound apart from the big products of the 1x1 -> kxk branch, so:
 
-* the online block stores its kxk weights (``w0``, ``w2``) channels-last, ``[O, K, C]``
-  in memory, and its pointwise weight ``pw`` input-channel-major, ``[C*E, O]`` (one
-  group); the generator reads them in those layouts and returns their gradients in them
-  (autograd takes them without a copy);
-* the origin, the three "1x1 times a fixed pattern" branches (one batched product
-  against the ``[O, K, 3]`` pattern table) and the 1x1 -> kxk branch (one matrix
-  product per group, ``[Og*K, Mg] @ [Mg, Cg]``, whose output buffer the others are
-  added into) are summed in that channels-last layout, and one transpose (within each
-  output channel) takes the sum to the conv's ``[O, C, K]``; the backward transposes the
-  kernel gradient back once and shares it between those branches; big float32 products
+* the online block stores every weight contiguous in its conv's standard layout (so
+  FSDP2's ``fully_shard``, which shards only contiguous parameters, takes the model as
+  it is); the origin ``w0 [O, C, K]`` is added to the kernel in that layout and its
+  gradient is the kernel gradient scaled, with no transpose either way; ``w2`` is read
+  channels-last ``[O, K, Mg]`` and ``pw`` input-channel-major ``[C*E, O]`` through one
+  transposing copy each (:func:`orepa_kernel`), their gradients transposed back by
+  autograd;
+* the three "1x1 times a fixed pattern" branches (one batched product against the
+  ``[O, K, 3]`` pattern table) and the 1x1 -> kxk branch (one matrix product per
+  group, ``[Og*K, Mg] @ [Mg, Cg]``, whose output buffer the others are added into) are
+  summed in that channels-last layout, and one transpose (within each output channel)
+  takes the sum to the conv's ``[O, C, K]``; the backward transposes the kernel
+  gradient back once and shares it between those branches; big float32 products
   go through oneDNN's matmul where it is usable (:func:`_mm_nt`);
 * the depthwise -> pointwise products are batched over input channels with output
   channels innermost in every operand (small inner dimensions are only fast that way);
@@ -165,23 +168,23 @@ def _forward(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor
              s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
     """The kernel ``[O, Cg, K]``, with plain differentiable ops (the reference for
     :func:`_forward_inplace`; what tracers and autograd see when they need the ops)."""
-    O, K, Cg = w0.shape
+    O, Cg, K = w0.shape
     G = groups
     Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
     s0, s1, s2, s3, s4, s5 = s
     coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
-    W = torch.baddbmm(w0 * s0.reshape(O, 1, 1), pats.table, coef)
+    W = torch.bmm(pats.table, coef)
     W = W + torch.bmm((w2 * s3.reshape(O, 1, 1)).view(G, Og * K, Mg), w1).view(O, K, Cg)
     d = torch.bmm(dw.transpose(1, 2), pw.view(G * Cg, E, Og))  # [G*Cg, K, Og]
     d = d.view(G, Cg, K, Og).permute(0, 3, 1, 2) * s5.view(G, Og, 1, 1)
-    return (W.transpose(1, 2).reshape(G, Og, Cg, K) + d).reshape(O, Cg, K)
+    return (W.transpose(1, 2).reshape(G, Og, Cg, K) + d).reshape(O, Cg, K) + w0 * s0.reshape(O, 1, 1)
 
 
 def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Tensor, dw: Tensor, pw: Tensor,
                      s: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
     """:func:`_forward` without autograd: two kernel-sized allocations (the result, and a
     buffer used for the channels-last sum and then the depthwise product)."""
-    O, K, Cg = w0.shape
+    O, Cg, K = w0.shape
     G = groups
     Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
     s0, s1, s2, s3, s4, s5 = s
@@ -193,11 +196,11 @@ def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2
     else:
         W = torch.bmm(w2.view(G, Og * K, Mg), w1)
     W = W.view(O, K, Cg).mul_(s3.view(O, 1, 1))
-    W.addcmul_(w0, s0.view(O, 1, 1))
     coef = torch.stack([a * s1[:, None], p * s2[:, None], q * s4[:, None]], dim=1)
     W.baddbmm_(pats.table, coef)
     # to the conv's layout [O, Cg, K]: a transpose within each output channel
     out = W.new_empty(O, Cg, K).copy_(W.transpose(1, 2))  # never a view of W (reused below)
+    out.addcmul_(w0, s0.view(O, 1, 1))  # the origin, stored in the conv's layout
     # depthwise -> pointwise, per input channel [K, E] @ [E, Og] (output channels innermost:
     # small inner dimensions are only fast that way) into W's buffer, then added scaled,
     # exchanging input and output channels
@@ -212,7 +215,7 @@ def _forward_inplace(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2
 class OrepaKernel(torch.autograd.Function):
     """Autograd function for the OREPA kernel (see the module docstring for the formula).
 
-    Inputs, in the memory layouts of the online block's parameters: ``w0 [O,K,Cg]``,
+    Inputs, in the memory layouts of the online block's parameters: ``w0 [O,Cg,K]``,
     ``a, p, q [O,Cg]``, ``w1 [G,Mg,Cg]``, ``w2 [O,K,Mg]``, ``dw [G*Cg,E,K]``,
     ``pw [G*Cg,E,Og]`` (the kernel-sized ones contiguous), six scales ``[O]``, then the
     fixed patterns and the group count. Output ``[O,Cg,K]``. Gradients come back in the inputs' layouts. Only the inputs are
@@ -234,20 +237,20 @@ class OrepaKernel(torch.autograd.Function):
             return _differentiable_backward(ctx, gW)
         w0, a, p, q, w1, w2, dw, pw, s0, s1, s2, s3, s4, s5, table = ctx.saved_tensors
         need = ctx.needs_input_grad
-        O, K, Cg = w0.shape
+        O, Cg, K = w0.shape
         G = ctx.groups
         Og, Mg, E = O // G, w1.shape[1], dw.shape[1]
         gW = gW.contiguous()
         g: list[Tensor | None] = [None] * 16
         gkc: Tensor | None = None
-        # the kernel gradient in the kc layout, shared by the origin, the pattern branches
-        # and the 1x1 -> kxk products
-        if any(need[i] for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12)):
+        if need[0]:  # the origin is stored in the kernel's layout
+            g[0] = gW * s0.view(O, 1, 1)
+        if need[8]:
+            g[8] = _dot(gW, w0)
+        # the kernel gradient in the kc layout, shared by the pattern branches and the
+        # 1x1 -> kxk products
+        if any(need[i] for i in (1, 2, 3, 4, 5, 9, 10, 11, 12)):
             gkc = _scratch.get(0, (O, K, Cg), gW).copy_(gW.transpose(1, 2))  # scaled below, then reused
-            if need[0]:
-                g[0] = gkc * s0.view(O, 1, 1)
-            if need[8]:
-                g[8] = _dot(gkc, w0)
             if any(need[i] for i in (1, 2, 3, 9, 10, 12)):
                 r = torch.bmm(table.transpose(1, 2), gkc)  # [O, 3, Cg]
                 for j, (ci, si, coef, scale) in enumerate(((1, 9, a, s1), (2, 10, p, s2), (3, 12, q, s4))):
@@ -306,8 +309,8 @@ def orepa_kernel(w0: Tensor, a: Tensor, p: Tensor, q: Tensor, w1: Tensor, w2: Te
                  scales: Sequence[Tensor], pats: OrepaPatterns, groups: int) -> Tensor:
     """The OREPA kernel ``[O, Cg, K]`` (shapes as in :class:`OrepaKernel`): through the
     hand-written backward when eager autograd needs it, as plain ops otherwise. The kernel-
-    sized inputs are made contiguous here, once for every path (no-ops for the layouts
-    build_orepa gives the parameters)."""
+    sized inputs are made contiguous here, once for every path (a no-op for ``w0``, a
+    transposing copy of the standard-layout ``w2`` and ``pw``)."""
     w0, w2, dw, pw = w0.contiguous(), w2.contiguous(), dw.contiguous(), pw.contiguous()
     inputs = (w0, a, p, q, w1, w2, dw, pw, *scales)
     if plain_ops_required():

@@ -26,7 +26,6 @@ __all__ = [
     "WEIGHT_INITS",
     "weight_init_scope",
     "stacked_identity",
-    "laid_out",
     "per_dim",
     "placed_parts",
     "placed",
@@ -90,14 +89,6 @@ def stacked_identity(rows: int, cols: int, dims: int, dtype: torch.dtype | None 
     idx = torch.arange(rows, device=device)
     w[(idx, idx % cols) + (0,) * dims] = 1.0
     return w
-
-
-def laid_out(p: nn.Parameter, order: Sequence[int]) -> nn.Parameter:
-    """``p`` (same shape and values) with its memory laid out in dimension order ``order``,
-    outermost first: e.g. ``(0, 2, 3, 1)`` is channels-last for a 2-d conv weight."""
-    inverse = sorted(range(len(order)), key=lambda i: order[i])
-    t = torch.empty([p.shape[i] for i in order], dtype=p.dtype, device=p.device).permute(inverse)
-    return nn.Parameter(t.copy_(p.detach()), requires_grad=p.requires_grad)
 
 
 def per_dim(value: Any, geom: ConvSpec, what: str) -> tuple[int, ...]:

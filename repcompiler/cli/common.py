@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import RepCompilerError
 from ..io import check_output_path, load_model, parse_shape
+from ..io.loading import TRANSFORM_HINT
 from ..policy import POLICIES
 from ..transform import orepa_transform
 
@@ -107,16 +108,47 @@ def load_model_arg(args: argparse.Namespace, *, orepa: bool) -> nn.Module:
     if getattr(args, "output", None):
         check_output_path(args.output)  # fail before the expensive work
 
-    def prepare(m: nn.Module) -> nn.Module:
-        return orepa_transform(m, inplace=True, **transform_kwargs(args))
+    def prepare(m: nn.Module, **overrides: Any) -> nn.Module:
+        return orepa_transform(m, inplace=True, **{**transform_kwargs(args), **overrides})
 
-    return load_model(
-        args.model,
-        weights=args.weights,
-        trust_pickle=args.trust_pickle,
-        model_kwargs=args.model_kwargs,
-        prepare=prepare if orepa else None,
-    )
+    try:
+        return load_model(
+            args.model,
+            weights=args.weights,
+            trust_pickle=args.trust_pickle,
+            model_kwargs=args.model_kwargs,
+            prepare=prepare if orepa else None,
+        )
+    except RepCompilerError as e:
+        if not orepa or args.weights is None or "does not match" not in str(e):
+            raise
+        hint = _policy_hint(args, prepare)
+        if hint is None:
+            raise
+        raise RepCompilerError(f"{str(e).replace(TRANSFORM_HINT, '')}: {hint}") from e
+
+
+def _policy_hint(args: argparse.Namespace, prepare: Any) -> str | None:
+    """Which built-in ``--policy`` (or no ``--orepa``) the ``--weights`` state dict's keys
+    fit, when the transform this command ran does not; ``None`` when none does."""
+    from ..io import load_state_dict
+
+    keys = set(load_state_dict(args.weights))
+    used = args.policy if isinstance(args.policy, str) else ("paper" if args.policy is None and not args.skip else None)
+
+    def fits(transform: Any) -> bool:
+        model = load_model(args.model, trust_pickle=args.trust_pickle, model_kwargs=args.model_kwargs,
+                           prepare=transform)
+        return set(model.state_dict()) == keys
+
+    for name in POLICIES:
+        if name != used and fits(lambda m: prepare(m, policy=name)):
+            return (f"the weights were saved from the model transformed with --policy {name}, this command "
+                    f"transformed it with {'--policy ' + used if used else 'the given --policy/--skip'}: "
+                    f"pass --policy {name}")
+    if fits(None):
+        return "the weights are the untransformed model's: drop --orepa"
+    return None
 
 
 def example_input(args: argparse.Namespace, default: tuple[int, ...] | None) -> torch.Tensor | None:

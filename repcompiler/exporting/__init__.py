@@ -20,7 +20,15 @@ It
 4. **loads the artifact back** and compares its outputs with the eager *original* model
    in eval mode, on the example inputs and - with a dynamic batch - on a batch of
    another size (:func:`repcompiler.verify.compare_outputs`: relative error first). A
-   mismatch raises :class:`~repcompiler.errors.VerificationError`;
+   mismatch raises :class:`~repcompiler.errors.VerificationError`. The reference is
+   the original model run **in float64** (a copy; the caller's model is untouched), so
+   the check measures the artifact's error, not the reference's own rounding: a trained
+   float32 model can be 1e-4 (relative) from its exact value, and a deployed model,
+   which adds in another order, as far again. With the default ``rtol`` the tolerance
+   is at least :data:`ROUNDING_FACTOR` times the reference's measured rounding (its
+   float32 output against its float64 output: :attr:`ExportResult.reference_rounding`),
+   the same for every format. Where the model cannot run in float64 the float32
+   reference is used as it is;
 5. writes the artifact **atomically** (:func:`repcompiler.io.atomic_dir`).
 
 The module is ``repcompiler.exporting`` because ``rc.export`` is the function;
@@ -32,9 +40,11 @@ Owns :func:`export` and :class:`ExportResult`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +59,7 @@ from ..inputs import as_inputs, check_flags, check_model, check_path, check_tole
 from ..io import atomic_dir, check_output_path
 from ..online import OfflineBlock, OnlineConv
 from ..progress import Stages
-from ..verify import compare_outputs
+from ..verify import compare_outputs, relative_error
 from .formats import (
     FORMATS,
     check_dtypes,
@@ -70,9 +80,15 @@ __all__ = [
     "format_from_suffix",
     "onnx_op_counts",
     "has_online_blocks",
+    "ROUNDING_FACTOR",
 ]
 
 log = logging.getLogger(__name__)
+
+#: With the default ``rtol``, the check's tolerance is at least this many times the
+#: reference's own rounding error (its output in its dtype against float64): the
+#: artifact computes in the same dtype, in another order.
+ROUNDING_FACTOR = 10.0
 
 
 @dataclass
@@ -90,7 +106,11 @@ class ExportResult:
         verified_batches: batch sizes the artifact was checked on (empty: not verified).
         max_rel_error: largest relative output difference artifact vs eager model
             (``max|artifact - eager| / max|eager|`` per output).
-        rtol, atol: the tolerances the check used.
+        rtol, atol: the tolerances the check used (against the float64 reference).
+        reference_rounding: the eager model's own relative error in its dtype against
+            the same model in float64 on the example inputs (``None``: the model
+            computes in float64, or could not run in float64 and the check compared
+            with its own-dtype outputs).
         seconds: wall time of the whole call.
         files: every file written (the artifact, plus ONNX external data if any).
         deploy_report: the report returned by ``deploy`` (``None`` if not deployed).
@@ -115,6 +135,7 @@ class ExportResult:
     deploy_report: Any = field(default=None, repr=False)
     convs: int | None = None
     batch_norms: int | None = None
+    reference_rounding: float | None = None
 
     def __str__(self) -> str:
         size = sum(f.stat().st_size for f in self.files if f.exists())
@@ -154,6 +175,29 @@ def _tensor_inputs(example_inputs: Any) -> tuple[Tensor, ...]:
 def _other_batch(args: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """The example inputs with one more sample (the first repeated), for dynamic-batch checks."""
     return tuple(torch.cat([a, a[:1]], dim=0) for a in args)
+
+
+def _float64_reference(model: nn.Module, batches: Sequence[tuple[Tensor, ...]]) -> list[list[Tensor]] | None:
+    """``model``'s outputs on each of ``batches``, computed by a float64 copy of it (eval
+    mode); ``None`` when the model already computes in float64 or cannot run so."""
+    floats = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    floats |= {a.dtype for args in batches for a in args if a.is_floating_point()}
+    if not floats or floats == {torch.float64}:
+        return None
+    try:
+        exact = copy.deepcopy(model).to(torch.float64).eval()
+        return [run_flat(exact, tuple(a.double() if a.is_floating_point() else a for a in args))
+                for args in batches]
+    except Exception as e:  # a model holding non-float64 tensors it creates itself, a custom kernel...
+        log.info("export: the model does not run in float64 (%s: %s); the check compares with its own dtype",
+                 type(e).__name__, first_line(e))
+        return None
+
+
+def _rounding(ref: list[Tensor], exact: list[Tensor]) -> float:
+    """The largest relative error of the outputs ``ref`` against ``exact`` (floating only)."""
+    errs = [relative_error(r, e) for r, e in zip(ref, exact) if r.is_floating_point()]
+    return max(errs, default=0.0)
 
 
 def _verify(run: Any, args: tuple[Tensor, ...], ref: list[Tensor], what: str, rtol: float, atol: float,
@@ -199,13 +243,16 @@ def export(
             folded).
         dynamic_batch: make the batch dimension dynamic (ONNX, exported program; a
             traced TorchScript module is checked to generalize). If the model cannot
-            have a dynamic batch, it falls back to a static one with a logged warning
+            have a dynamic batch, it falls back to a static one with a ``UserWarning``
             (see ``ExportResult.dynamic_batch``).
         verify: load the artifact and compare with the eager model (and let ``deploy``
             verify its rewrite).
         rtol, atol: an output passes when ``max|artifact - eager| <= atol + rtol *
-            max|eager|``. Default: scaled to the outputs' dtype (float32: 1e-4 / 1e-5;
-            float16/bfloat16: 2e-2 / 2e-3; float64: 1e-9 / 1e-10). Must be >= 0.
+            max|eager|``, the eager output computed in float64 (see the module
+            docstring). Default: scaled to the outputs' dtype (float32: 1e-4 / 1e-5;
+            float16/bfloat16: 2e-2 / 2e-3; float64: 1e-9 / 1e-10), raised to
+            :data:`ROUNDING_FACTOR` times the model's own measured rounding where that
+            is larger (atol: rtol / 10). Must be >= 0.
         opset: ONNX only: the opset to write (default: the exporter's). Opsets below 17
             use the TorchScript-based exporter (with ``onnx_exporter="auto"``) or are
             refused (``"dynamo"``); the written opset is checked.
@@ -254,9 +301,17 @@ def export(
                 raise UnsupportedError(f"export: {type(model).__name__} returns no tensor (its output is "
                                        f"{type(eager).__name__}); an artifact would have no outputs - make forward "
                                        "return the tensors to export")
-            d_rtol, d_atol = default_tolerances(t.dtype for t in ref)
-            rtol, atol = (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
             ref_other = run_flat(lambda *a: run_example(model, a, "export"), _other_batch(args)) if verify and dynamic_batch else []
+            d_rtol, d_atol = default_tolerances(t.dtype for t in ref)
+            rounding = None
+            if verify:
+                exact = _float64_reference(model, [args, _other_batch(args)] if dynamic_batch else [args])
+                if exact is not None:
+                    rounding = max(_rounding(ref, exact[0]), _rounding(ref_other, exact[1]) if ref_other else 0.0)
+                    ref, ref_other = exact[0], (exact[1] if ref_other else [])
+                    d_rtol = max(d_rtol, ROUNDING_FACTOR * rounding)
+                    d_atol = d_rtol / 10
+            rtol, atol = (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
             target, report = (deploy_model(model, args, inplace=False, verify=verify, return_report=True)
                               if deploy else (model, None))
             bar.done()
@@ -268,12 +323,17 @@ def export(
                                onnx_optimize=True if onnx_optimize is None else onnx_optimize,
                                torchscript_method=torchscript_method or "trace")
                 dynamic = dynamic_batch
+                # torch.export specialises a dimension of size 1: a batch-1 example is
+                # traced as a batch of two (its first sample repeated) for a dynamic batch
+                traced = _other_batch(args) if dynamic and int(args[0].shape[0]) == 1 else args
                 try:
-                    exporter = write_artifact(target, args, out, dynamic=dynamic, **options)
+                    exporter = write_artifact(target, traced, out, dynamic=dynamic, **options)
                 except TraceError as e:
                     if not dynamic or fmt == "torchscript":
                         raise
-                    log.warning("%s export with a dynamic batch failed (%s); retrying with a static batch", fmt, e)
+                    warnings.warn(f"export: {fmt} export of {dest.name} with a dynamic batch failed ({e}); "
+                                  "retrying with a static batch (the artifact will accept batch "
+                                  f"{int(args[0].shape[0])} only)", UserWarning, stacklevel=2)
                     for p in tmpdir.iterdir():
                         p.unlink()
                     dynamic = False
@@ -308,6 +368,7 @@ def export(
         path=dest, format=fmt, exporter=exporter, opset=written_opset, dynamic_batch=dynamic, deployed=deploy,
         verified_batches=batches, max_rel_error=worst, rtol=rtol if verify else None, atol=atol if verify else None,
         seconds=time.perf_counter() - t0, files=files, deploy_report=report, convs=convs, batch_norms=bns,
+        reference_rounding=rounding,
     )
     log.info("exported %s", result)
     if bns:

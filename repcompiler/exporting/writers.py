@@ -81,12 +81,16 @@ def onnx_op_counts(model: Any) -> Counter[str]:
 
 @contextlib.contextmanager
 def _quiet_exporters() -> Iterator[None]:
-    """Silence the exporters' chatter: legacy/deprecation warnings, and onnxscript's
+    """Silence the exporters' chatter: legacy/deprecation warnings, onnxscript's
     version-converter tracebacks (a failed down-conversion is detected and reported by
-    :func:`write_artifact` instead)."""
-    converter = logging.getLogger("onnxscript.version_converter")
-    level = converter.level
-    converter.setLevel(logging.CRITICAL)
+    :func:`write_artifact` instead) and torch's guard-creation tracebacks (an export
+    that fails on them raises, and is reported or retried)."""
+    # onnxscript's converter; torch's guard builder logs every failed guard of a dynamic
+    # dimension with its traceback at ERROR (the failure itself is raised and handled)
+    loggers = [logging.getLogger(n) for n in ("onnxscript.version_converter", "torch._guards")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
@@ -95,7 +99,8 @@ def _quiet_exporters() -> Iterator[None]:
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated.*")
             yield
     finally:
-        converter.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _dynamic_dims(args: Sequence[Tensor]) -> tuple[dict[int, Any], ...]:
@@ -156,7 +161,9 @@ def _export_onnx(model: nn.Module, args: tuple[Tensor, ...], out: Path, *, n_out
                 if exporter == "dynamo":
                     raise TraceError(f"ONNX export (dynamo) of {type(model).__name__} failed: {first_line(e)}") from e
                 errors.append(f"dynamo: {first_line(e)}")
-            log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript-based exporter", errors[-1])
+            warnings.warn(f"export: the dynamo ONNX exporter failed ({errors[-1]}); falling back to the "
+                          "TorchScript-based exporter (ExportResult.exporter says which one wrote the file)",
+                          UserWarning, stacklevel=4)
             out.unlink(missing_ok=True)
     dyn_axes = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic else None
     try:
@@ -183,7 +190,8 @@ def _export_torchscript(model: nn.Module, args: tuple[Tensor, ...], out: Path, *
 
 def _export_program(model: nn.Module, args: tuple[Tensor, ...], out: Path, *, dynamic: bool) -> str:
     try:
-        ep = torch.export.export(model, args, dynamic_shapes=_dynamic_dims(args) if dynamic else None)
+        with _quiet_exporters():
+            ep = torch.export.export(model, args, dynamic_shapes=_dynamic_dims(args) if dynamic else None)
         with open(out, "wb") as f:  # a file object: any suffix (torch warns on non-.pt2 paths)
             torch.export.save(ep, f)
     except Exception as e:

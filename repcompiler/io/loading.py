@@ -93,6 +93,10 @@ def load_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     return dict(obj)
 
 
+#: The hint a key mismatch ends with (a caller that knows better replaces it).
+TRANSFORM_HINT = " (was it saved from a transformed model? then transform before loading)"
+
+
 def load_weights_into(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> nn.Module:
     """Load the state dict in ``path`` (safely) into ``model``; strict by default.
 
@@ -117,7 +121,7 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike[str], *, strict:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         raise RepCompilerError(
             f"{path}: state dict does not match {type(model).__name__}: " + "; ".join(parts)
-            + " (was it saved from a transformed model? then transform before loading)"
+            + TRANSFORM_HINT
         )
     model.load_state_dict(sd, strict=strict)
     return model
