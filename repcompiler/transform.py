@@ -181,7 +181,10 @@ def orepa_transform(
             multi-branch blocks get one unless it is ``False``.
         mode: ``"online"`` (one conv per forward) or ``"offline"`` (branches on the
             feature map, a BN per branch: the DBB/RepVGG baseline).
-        scaling: ``"vector"``, ``"scalar"`` or ``"none"`` branch scales (online).
+        scaling: branch scales (online): ``"vector"`` (learnable per channel, the
+            paper's), ``"scalar"`` (learnable per branch), ``"fixed"`` (kept at the
+            branches' init values, not learnable) or ``"none"`` (no scale: every branch
+            weighted 1).
         post_bn: ``False`` removes the post-BN (following BNs become ``nn.Identity``).
         block_options: extra builder options, passed to each block that accepts them
             (e.g. ``{"prior": None}``; see the module docstring).

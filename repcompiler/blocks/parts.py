@@ -37,7 +37,10 @@ __all__ = [
 ]
 
 MODES = ("online", "offline")
-SCALINGS = ("vector", "scalar", "none")
+#: branch scalings (online): learnable per channel, learnable per branch, **fixed** at the
+#: declared init values (a buffer, not learnable: the paper's "w/o linear scaling" read
+#: as "the scales stay where they start") or none at all (every branch weighted 1)
+SCALINGS = ("vector", "scalar", "fixed", "none")
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
@@ -198,8 +201,10 @@ def identity_fits(geom: ConvSpec) -> bool:
 
 def branch_end(channels: int, dims: int, init: float, mode: str, scaling: str) -> dict[str, Any]:
     """The end of a branch as :class:`~repcompiler.blocks.named.BranchExpr` keywords: a
-    learnable ``scale`` initialised to ``init`` (online; ``scaling`` vector/scalar/none)
-    or a fresh BatchNorm ``bn`` with gamma ``init`` (offline, as DBB/RepVGG train)."""
+    learnable ``scale`` initialised to ``init`` (online; ``scaling`` ``"vector"``:
+    ``[C]``, ``"scalar"``: one number), a fixed ``[C]`` buffer equal to ``init``
+    (``"fixed"``), nothing (``"none"``: the branch is weighted 1, ``init`` does not
+    apply) or a fresh BatchNorm ``bn`` with gamma ``init`` (offline, as DBB/RepVGG train)."""
     if mode == "offline":
         bn = _BN[dims](channels)
         with torch.no_grad():
@@ -207,6 +212,8 @@ def branch_end(channels: int, dims: int, init: float, mode: str, scaling: str) -
         return {"bn": bn}
     if scaling == "none":  # the paper's ablation: no branch scale (init does not apply)
         return {}
+    if scaling == "fixed":  # a buffer: the branch keeps its init weight, nothing learns it
+        return {"scale": torch.full((channels,), float(init))}
     shape = (channels,) if scaling == "vector" else ()
     return {"scale": nn.Parameter(torch.full(shape, float(init)))}
 
