@@ -53,8 +53,11 @@ def check_options(block: str, mode: str, scaling: str) -> None:
 
 #: weight-initialisation styles of fresh branch weights: ``"torch"`` as ``nn.Conv*d``
 #: (``kaiming_uniform_(a=sqrt(5))``, bound ``1/sqrt(fan_in)``); ``"kaiming"`` as the
-#: official OREPA code (``kaiming_uniform_(a=0)``, bound ``sqrt(6/fan_in)``, sqrt(6) larger)
-WEIGHT_INITS = ("torch", "kaiming")
+#: official OREPA kxk block (``kaiming_uniform_(a=0)``, bound ``sqrt(6/fan_in)``, sqrt(6)
+#: larger); ``"kaiming_a1"`` as the official OREPA 1x1 and OREPA-VGG kxk blocks
+#: (``kaiming_uniform_(a=1)``, bound ``sqrt(3/fan_in)``)
+WEIGHT_INITS = ("torch", "kaiming", "kaiming_a1")
+_BOUND_NUMERATOR = {"torch": 1.0, "kaiming": 6.0, "kaiming_a1": 3.0}
 _WEIGHT_INIT: contextvars.ContextVar[str] = contextvars.ContextVar("repcompiler_weight_init", default="torch")
 
 
@@ -75,11 +78,11 @@ def weight_init_scope(kind: str | None) -> Iterator[None]:
 
 def fresh_weight(*shape: int) -> nn.Parameter:
     """A new parameter ``U(-bound, bound)`` with ``fan_in = prod(shape[1:])``: bound
-    ``1/sqrt(fan_in)`` as ``nn.Conv*d`` initialises its weight, or ``sqrt(6/fan_in)``
-    (``kaiming_uniform_(a=0)``, the official OREPA code) inside
-    ``weight_init_scope("kaiming")``."""
+    ``1/sqrt(fan_in)`` as ``nn.Conv*d`` initialises its weight, ``sqrt(6/fan_in)``
+    (``kaiming_uniform_(a=0)``) inside ``weight_init_scope("kaiming")``, ``sqrt(3/fan_in)``
+    (``kaiming_uniform_(a=1)``) inside ``weight_init_scope("kaiming_a1")``."""
     fan_in = max(math.prod(shape[1:]), 1)
-    bound = math.sqrt(6.0 / fan_in) if _WEIGHT_INIT.get() == "kaiming" else 1.0 / math.sqrt(fan_in)
+    bound = math.sqrt(_BOUND_NUMERATOR[_WEIGHT_INIT.get()] / fan_in)
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
 
 
