@@ -73,7 +73,7 @@ def _transform_parent(with_orepa_flag: bool) -> argparse.ArgumentParser:
     choice.add_argument("--skip", action="append", metavar="PATTERN",
                         help="leave convs whose qualified name matches this fnmatch pattern as they are (repeatable)")
     choice.add_argument("--policy", metavar="NAME|JSON", type=policy_arg,
-                        help='"paper" (default: residual-shortcut 1x1s stay plain, large-kernel stem block for k>=7), '
+                        help='"paper" (default: basic-block shortcut 1x1s stay plain, large-kernel stem block for k>=7), '
                              '"all" (every eligible conv), or per-layer blocks by name pattern, first match wins '
                              '(not with --skip), e.g. \'{"layer4.*": "dbb", "fc": null}\'')
     return p
