@@ -173,6 +173,11 @@ QUOTED = [
                   if r["batch"] == 8), "{:.1f}"),
     ("docs/index.md", "{}x at batch 64",
      lambda: _summary("benchmarks/results/train_cost_paired.json", "b64_time_online/plain"), "{:.1f}"),
+    ("docs/paper.md", "{} min as the sum of the runs' own times",
+     lambda: _json("benchmarks/paper/results.json")["times_s"][
+         "training (Tab. 3 + Fig. 7), sum of the runs' own times"] / 60, "{:.1f}"),
+    ("docs/paper.md", "{} runs, 11 of them diverged",
+     lambda: len(_json("benchmarks/paper/results.json")["runs"]), "{}"),
     ("docs/benchmarks.md", "online {} ms",
      lambda: 1000 * _json("benchmarks/results/frozen_backbone.json")["median_s"]["online"], "{:.0f}"),
     ("docs/benchmarks.md", "plain {} ms",

@@ -98,8 +98,11 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def _kernels(model: nn.Module) -> dict[str, list[Tensor]]:
-    """Each online block's branch equivalent kernels (scale included), by block name."""
-    return {n: branch_kernels(m.expr) for n, m in model.named_modules() if isinstance(m, rc.OnlineConv)}
+    """Each online block's branch equivalent kernels (scale included), by block name; copies
+    (a branch without a scale folds to a view of its own weight, which the optimizer then
+    updates in place)."""
+    return {n: [k.clone() for k in branch_kernels(m.expr)] for n, m in model.named_modules()
+            if isinstance(m, rc.OnlineConv)}
 
 
 def _update_similarity(k0: dict[str, list[Tensor]], k1: dict[str, list[Tensor]]) -> dict[str, list]:
