@@ -15,7 +15,12 @@ the refusal of the larger one is recorded with the algebra's reason).
 Boundaries: a module called more than once in the graph, or registered at more than
 one path in the model (shared weights), is **opaque**, so a shared conv is never fused
 into one of its uses (``torch.fx.experimental.optimization.fuse`` gets that wrong).
-``nn.Identity`` has no weights, so a shared one stays linear.
+``nn.Identity`` has no weights, so a shared one stays linear. A module whose tensors
+or submodules are used other than by its call (``self.conv.weight`` read elsewhere, by
+untraced code, or a module run inside another: :mod:`repcompiler.uses`) is opaque as
+well (``pinned``), and a region whose entry is written in place between its reads is
+refused (:mod:`repcompiler.effects`): the region shrinks to what is still one value
+read by modules nothing else uses, and the rest folds.
 
 Identity calls are **aliases**: a chain of ``nn.Identity`` calls starting at the entry
 computes the entry's value, so it may be used outside the region too. Such a chain is
@@ -32,7 +37,7 @@ This module owns the analysis's entry points, :func:`find_regions` and the
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch.fx as fx
 from torch import nn
@@ -66,11 +71,11 @@ _ELEMENTWISE_FUNCS = ELEMENTWISE_FUNCS
 _ELEMENTWISE_MODULES = ELEMENTWISE_MODULES
 
 
-def _analyse(gm: fx.GraphModule, rules: RuleRegistry | None,
-             shared_modules: Iterable[nn.Module]) -> tuple[LoweredGraph, dict]:
+def _analyse(gm: fx.GraphModule, rules: RuleRegistry | None, shared_modules: Iterable[nn.Module],
+             pinned: Mapping[str, str] | None = None) -> tuple[LoweredGraph, dict]:
     """The lowered graph (classified, shapes inferred) and its immediate dominators."""
     g = LoweredGraph(gm, rules if rules is not None else default_rules,
-                     frozenset(id(m) for m in shared_modules))
+                     frozenset(id(m) for m in shared_modules), pinned)
     g.classify()
     g.infer_shapes()
     return g, dominators(g)
@@ -82,11 +87,15 @@ def find_regions(
     *,
     shared_modules: Iterable[nn.Module] = (),
     merge_convs: bool = False,
+    pinned: Mapping[str, str] | None = None,
 ) -> list[Region]:
     """All maximal linear regions of ``gm`` (exact or not), in graph order.
 
     ``shared_modules``: modules known to be used elsewhere too (e.g. registered at
-    several paths of the enclosing model); they are treated as opaque.
+    several paths of the enclosing model); they are treated as opaque. ``pinned``:
+    ``{module target: reason}`` for modules of ``gm`` that code outside ``gm`` uses
+    (:func:`repcompiler.uses.model_pins`); they are opaque too, as are those ``gm``'s
+    own graph uses other than by calling them (:func:`repcompiler.uses.graph_pins`).
 
     Which regions are worth folding (``Region.foldable``): exact, holding a conv,
     not a lone plain conv already, not making the conv bigger than the convs it
@@ -99,7 +108,7 @@ def find_regions(
     sub-region that is (ending at the same node) is taken, without separating a
     BN/affine from the conv before it.
     """
-    g, idom = _analyse(gm, rules, shared_modules)
+    g, idom = _analyse(gm, rules, shared_modules, pinned)
 
     assigned: set[fx.Node] = set()
     regions: list[Region] = []
@@ -107,9 +116,14 @@ def find_regions(
         if e in assigned or not g.linear(e):
             continue
         cands = entry_candidates(g, idom, e, assigned)
+        written = _written_region(g, e)
         if not cands:
+            if written is not None:
+                regions.append(written)
             continue
         chosen, refused = choose_region(g, cands, e, merge_convs)
+        if written is not None and (refused is None or len(written.nodes) > len(refused.nodes)):
+            refused = written
         if refused is not None:
             regions.append(refused)
         if chosen is None:
@@ -122,6 +136,17 @@ def find_regions(
             chosen.notes.append(f"part of the larger refused region {refused.name}")
     regions.sort(key=lambda r: g.order[r.exit])
     return regions
+
+
+def _written_region(g: LoweredGraph, e: fx.Node) -> Region | None:
+    """The region ending at ``e`` that an in-place write made invalid, refused with that
+    reason (``None`` if there is none or it holds no conv)."""
+    if e not in g.refusals:
+        return None
+    d, body, aliases, why = g.refusals[e]
+    reg = build_region(g, d, e, body, aliases)
+    reg.reasons = (*reg.reasons, why)
+    return reg if reg.has_conv else None
 
 
 def undone_folds(
@@ -163,20 +188,23 @@ class FindRegions(GraphPass):
     ``pipeline_state(gm).regions``; never modifies the graph.
 
     ``prefix`` (the traced unit's path plus ``"."``) is put in front of the module
-    paths in the regions' names, as the report shows them. Ensures the regions are
+    paths in the regions' names, as the report shows them. ``pinned``: see
+    :func:`find_regions`. Ensures the regions are
     disjoint and in graph order.
     """
 
     def __init__(self, rules: RuleRegistry | None = None, shared_modules: Iterable[nn.Module] = (),
-                 merge_convs: bool = False, prefix: str = "") -> None:
+                 merge_convs: bool = False, prefix: str = "", pinned: Mapping[str, str] | None = None) -> None:
         self.rules = rules
         self.shared_modules = tuple(shared_modules)
         self.merge_convs = merge_convs
         self.prefix = prefix
+        self.pinned = dict(pinned or {})
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         regions = find_regions(
-            graph_module, self.rules, shared_modules=self.shared_modules, merge_convs=self.merge_convs
+            graph_module, self.rules, shared_modules=self.shared_modules, merge_convs=self.merge_convs,
+            pinned=self.pinned,
         )
         if self.prefix:
             for r in regions:

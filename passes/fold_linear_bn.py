@@ -23,22 +23,26 @@ dim unchanged; the Linear's output may also be read for its shape only.
 The folded Linear is installed at the Linear's qualified name and the BN's becomes
 ``nn.Identity`` (as :func:`repcompiler.fold` does for module-only regions), both in the
 graph module and, when given, in the module the graph was traced from; every fold is
-checked numerically before anything is replaced.
+checked numerically before anything is replaced. A Linear or BN called more than once,
+or whose tensors something else reads (:mod:`repcompiler.uses`, or ``pinned`` given by
+the caller), is left as it is.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from collections import Counter
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 from torch import nn
 
 from .. import algebra as A
+from ..isolation import propagate_shapes
 from ..tracing import trace_units
+from ..uses import graph_pins
 from .base import GraphPass, PassResult
 
 __all__ = ["FoldLinearBN", "fold_linear_bn", "fuse_linear_bn"]
@@ -167,20 +171,24 @@ class FoldLinearBN(GraphPass):
     features (see the module docstring). ``root``: the module ``gm`` was traced from
     (its submodules are replaced too). ``folded`` lists ``(linear, bn)`` paths."""
 
-    def __init__(self, root: nn.Module | None = None) -> None:
+    def __init__(self, root: nn.Module | None = None, pinned: Mapping[str, str] | None = None) -> None:
         self.root = root
+        self.pinned = dict(pinned or {})
         self.folded: list[tuple[str, str]] = []
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         modified = False
+        # modules used other than by one call (repcompiler.uses) stay as they are
+        calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        kept = {**graph_pins(gm), **self.pinned, **{t: "called more than once" for t, c in calls.items() if c > 1}}
         for n in list(gm.graph.nodes):
             lin = _module(gm, n)
-            if not _plain_linear(lin) or len(n.args) != 1 or n.kwargs:
+            if not _plain_linear(lin) or len(n.args) != 1 or n.kwargs or str(n.target) in kept:
                 continue
             pair = _bn_after(gm, n)
             if pair is not None:
-                modified |= self._apply(gm, n, pair[0], bn_first=False)
+                modified |= self._apply(gm, n, pair[0], bn_first=False, kept=kept)
                 continue
             prev = n.args[0]
             while (isinstance(_module(gm, prev), (nn.Dropout, nn.Identity)) and not _module(gm, prev).training
@@ -188,10 +196,13 @@ class FoldLinearBN(GraphPass):
                 prev = prev.args[0]  # eval-mode dropout between (timm's NormLinear)
             if (_plain_bn1d(_module(gm, prev)) and len(prev.users) == 1 and len(prev.args) == 1
                     and _is_2d(prev.args[0], gm)):
-                modified |= self._apply(gm, n, prev, bn_first=True)
+                modified |= self._apply(gm, n, prev, bn_first=True, kept=kept)
         return PassResult(gm, modified)
 
-    def _apply(self, gm: fx.GraphModule, lin_node: fx.Node, bn_node: fx.Node, bn_first: bool) -> bool:
+    def _apply(self, gm: fx.GraphModule, lin_node: fx.Node, bn_node: fx.Node, bn_first: bool,
+               kept: Mapping[str, str]) -> bool:
+        if str(bn_node.target) in kept:
+            return False
         lin, bn = gm.get_submodule(str(lin_node.target)), gm.get_submodule(str(bn_node.target))
         fused = fuse_linear_bn(lin, bn, bn_first)  # type: ignore[arg-type]
         x = torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(0)).to(lin.weight)
@@ -231,7 +242,7 @@ def fold_linear_bn(model: nn.Module, example_inputs: Any = None, *,
         if example_inputs is not None and unit.path == "":
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             try:
-                ShapeProp(unit.gm).propagate(*args)
+                propagate_shapes(unit.gm, args)
             except Exception as exc:  # shapes are only a hint
                 log.debug("shape propagation failed: %s", exc)
         p = FoldLinearBN(unit.module)

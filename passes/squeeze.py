@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import VerificationError
+from ..isolation import preserved_state
 from ..verify import relative_error, tolerance_for
 
 from ..report import TransformReport
@@ -174,16 +175,27 @@ def _probe_input(region: Region, ref: Tensor, batch: int = 1) -> Tensor:
 
 def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn.Module) -> float:
     """Compare ``folded`` with ``reference`` on a random input; return the relative
-    error, raise :class:`VerificationError` naming the region if it is too large."""
+    error, raise :class:`VerificationError` naming the region if it is too large. The
+    original modules run keep their state (:func:`repcompiler.isolation.preserved_state`;
+    ``folded`` is the plain conv built from them)."""
     ref_t = next(iter(folded.parameters()))
     x = _probe_input(region, ref_t)
-    with torch.no_grad():
+    if isinstance(reference, RegionRunner):
+        ran = [reference.gm.get_submodule(t) for t in region.module_targets()]
+    else:
+        ran = [reference] if isinstance(reference, nn.Module) else []
+    with torch.no_grad(), preserved_state(*ran):
         want = reference(x)
         got = folded(x)
     if not isinstance(want, Tensor) or want.shape != got.shape:
         raise VerificationError(
             f"region {region.name}: the folded conv gives shape {tuple(got.shape)}, the original "
             f"{tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__}"
+        )
+    if want.is_floating_point() and not bool(torch.isfinite(want).all()):
+        raise VerificationError(
+            f"region {region.name}: the original modules give NaN/inf on a random input, so the fold cannot be "
+            "checked; their weights or BatchNorm statistics are not usable as they are"
         )
     err = relative_error(got, want)
     if not err <= tolerance_for(ref_t.dtype):
@@ -229,6 +241,13 @@ def squeeze_region(
     if replaced is not None:
         while entry in replaced:
             entry = replaced[entry]
+    for t in region.module_targets():
+        if t != target:
+            set_submodule(gm, t, nn.Identity())
+    if "." in target or hasattr(gm, target):
+        set_submodule(gm, target, folded)
+    else:  # a region of function calls only: a new module (installed before its call node)
+        gm.add_submodule(target, folded)
     with graph.inserting_before(region.exit):
         new = graph.call_module(target, (entry,))
     new.meta = dict(region.exit.meta)
@@ -237,13 +256,6 @@ def squeeze_region(
         replaced[region.exit] = new
     for n in reversed(region.nodes):
         graph.erase_node(n)
-    for t in region.module_targets():
-        if t != target:
-            set_submodule(gm, t, nn.Identity())
-    if "." in target or hasattr(gm, target):
-        set_submodule(gm, target, folded)
-    else:
-        gm.add_submodule(target, folded)
     return target
 
 
@@ -326,6 +338,7 @@ def fold_passes(
     rules: RuleRegistry | None = None,
     *,
     shared_modules: Any = (),
+    pinned: Any = None,
     merge_convs: bool = False,
     verify: bool = True,
     prefix: str = "",
@@ -335,7 +348,7 @@ def fold_passes(
     """The passes that fold one traced graph as :func:`repcompiler.fold` folds a unit:
     ``FindRegions -> SqueezeRegions (-> Cleanup when rewriting)``."""
     passes: list[GraphPass] = [
-        FindRegions(rules, shared_modules, merge_convs=merge_convs, prefix=prefix),
+        FindRegions(rules, shared_modules, merge_convs=merge_convs, prefix=prefix, pinned=pinned),
         SqueezeRegions(verify, prefix=prefix, report=report, rewrite=rewrite),
     ]
     if rewrite:

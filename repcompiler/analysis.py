@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra as A
-from .entry import check_model
+from .inputs import check_model
 from .errors import InexactFoldError
 from .blocks.named import BlockExpr
 from .online import OnlineConv

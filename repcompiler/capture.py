@@ -5,13 +5,19 @@ handles the constructs real re-parameterization code uses and ``fx.Tracer`` refu
 plus :func:`capture` (trace one module with it) and :func:`capture_info` (what a
 trace needed). It is a mixin so that the compiler's one tracer
 (:class:`repcompiler.tracing.RepTracer`) can put it first in its bases: on code plain
-``fx`` traces it produces **the same graph**; it only acts at the exact operations
+``fx`` traces it produces **the same graph** (except that augmented assignments stay
+in place, below); it only acts at the exact operations
 where plain ``fx`` raises, so capture happens at the granularity of the failing
 *operation* (finer than the smallest failing submodule), and every module with a
 rule stays a ``call_module`` leaf for the fold machinery.
 
 What it adds (each seen in real code, see ``tests/fixtures_thirdparty.py``):
 
+* **Augmented assignments** (``x += y``, ``x *= s``): plain ``fx`` records them as
+  ``x + y`` (its proxies have no ``__iadd__``), so the write into ``x`` is lost and a
+  later read of ``x`` through another name sees the old value in the graph but the new
+  one in eager code. They are recorded as ``operator.iadd`` ... nodes, which write their
+  first operand (:mod:`repcompiler.effects`) and evaluate to it, as in eager code.
 * **In-place slice writes into proxies** (DBB's BN-and-pad layer:
   ``out[:, :, 0:p, :] = v``): ``Proxy.__setitem__`` records an
   ``operator.setitem`` node, which ``torch.fx`` treats as side-effectful, so dead-code
@@ -189,6 +195,22 @@ def _unpack_count(frame: Any) -> int | None:
         if inst.offset >= caller.f_lasti:
             return int(inst.argval) if inst.opname == "UNPACK_SEQUENCE" else None
     return None
+
+
+def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[CaptureProxy, Any], Proxy]:
+    def impl(self: CaptureProxy, other: Any) -> Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})  # type: ignore[attr-defined]
+
+    impl.__name__ = f"__{op.__name__}__"
+    return impl
+
+
+# ``x += y`` on a tensor writes ``x``: recorded as ``operator.iadd`` (an in-place node, seen
+# by repcompiler.effects), not as the ``x + y`` plain fx falls back to, which loses the write
+for _op in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+            operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+            operator.imatmul):
+    setattr(CaptureProxy, f"__{_op.__name__}__", _augmented(_op))
 
 
 class CaptureAttribute(Attribute, CaptureProxy):

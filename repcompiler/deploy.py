@@ -13,13 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import online as _online  # noqa: F401  (registers the online blocks' rules)
-from .entry import check_model
-from .inputs import as_inputs
+from .inputs import as_inputs, check_model
+from .isolation import isolated_call, propagate_shapes
 from .errors import TraceError
 from .fold import compile_folds
 from .passes.push_bias import PushBias
@@ -75,13 +73,11 @@ def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs:
         return
     inputs = as_inputs(example_inputs, "deploy")
     want = None
-    if inputs is not None:
-        with torch.no_grad():  # channel counts for concatenations, and the reference output
-            want = ShapeProp(gm).propagate(*inputs)
+    if inputs is not None:  # channel counts for concatenations, and the reference output
+        want = propagate_shapes(gm, inputs)
     push = PushBias(names)
     push.call(gm)
     log.info("deploy: moved %d inserted post-BN biases into downstream BatchNorms", len(push.pushed))
     if verify and want is not None and push.pushed:
-        with torch.no_grad():
-            compare_outputs(want, deployed(*inputs), type(deployed).__name__,
-                             "deployed model after moving inserted post-BN biases into BatchNorms")
+        compare_outputs(want, isolated_call(deployed, inputs), type(deployed).__name__,
+                        "deployed model after moving inserted post-BN biases into BatchNorms")

@@ -27,6 +27,7 @@ against its original modules before the model is touched.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import inspect
 import logging
 import time
@@ -35,12 +36,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
+from torch import nn
 
-from .entry import check_model, copy_model
-from .errors import RepCompilerError, UnsupportedError, VerificationError
+from .errors import RepCompilerError, UnsupportedError, VerificationError, first_line
 from .passes.base import run_passes
 from .passes.find_regions import Region
 from .passes.fold_linear_bn import FoldLinearBN
@@ -49,11 +47,13 @@ from .passes.state import PipelineState
 from .report import FoldReport, count_convs, count_params
 from .rewrite import conv_target, group_by_owner, owner_graph, qualify
 from .rules import RuleRegistry, default_rules
-from .inputs import as_inputs, check_weights
+from .inputs import as_inputs, check_flags, check_model, check_rules, check_weights, copy_model
+from .isolation import detached_copy, fresh_inputs, isolated_call, propagate_shapes
 from .leftovers import explain_left_bns
 from .online import block_calls_as_modules
 from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_units
+from .uses import local_pins, model_pins, shared_modules
 from .verify import compare_outputs
 
 __all__ = ["fold", "compile_folds"]
@@ -111,8 +111,10 @@ def compile_folds(
     """The machinery behind :func:`fold` and :func:`repcompiler.deploy`."""
     t0 = time.perf_counter()
     check_model(model, title)
-    check_weights(model, title)
+    check_flags(title, inplace=inplace, verify=verify, return_report=return_report, merge_convs=merge_convs)
+    check_rules(rules, title)
     inputs = as_inputs(example_inputs, title)
+    check_weights(model, title)
     rules = rules if rules is not None else default_rules
     report = FoldReport(title=title)
     report.convs_before = count_convs(model)
@@ -130,29 +132,32 @@ def compile_folds(
 
     ref_out = None
     unit_args: dict[str, tuple] = {}
+    unit_received: dict[str, tuple] = {}
     unit_outs: dict[str, Any] = {}
     if inputs is not None:
-        ref_out, unit_args, unit_outs = _run_capturing(work, inputs, traced.units)
+        ref_out, unit_args, unit_received, unit_outs = _run_capturing(work, inputs, traced.units, title)
 
-    shared = _shared_modules(work)
+    shared = shared_modules(work)
+    # modules whose tensors or submodules are used other than by their call stay as they are
+    pinned = model_pins(work, [(u.path, u.gm) for u in traced.units], [p for p, _ in traced.skipped])
+    _report_pinned(traced.units, pinned, rules, report)  # read from the graphs before they are rewritten
     pairs: list[tuple[str, str]] = []
     replaced: dict[fx.Node, str] = {}
     with _few_threads():
         for unit in traced.units:
-            replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_args.get(unit.path),
-                                       merge_convs, pairs))
+            replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_received.get(unit.path),
+                                       merge_convs, pairs, local_pins(pinned, unit.path)))
     for linear, bn in pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
     if ref_out is not None and verify:
         # every traced part on the inputs it saw: strict, names the part
+        # (each run from the state the reference run started from, on its own copy of the inputs)
         for unit in traced.units:
             if unit.path in unit_args and unit.path in unit_outs:
-                with torch.no_grad():
-                    got_u = unit.module(*unit_args[unit.path])
+                got_u = isolated_call(unit.module, unit_args[unit.path])
                 compare_outputs(unit_outs[unit.path], got_u, unit.path or type(model).__name__)
-        with torch.no_grad():
-            out = work(*inputs)  # type: ignore[misc]
+        out = isolated_call(work, inputs)  # type: ignore[arg-type]
         if traced.whole:
             compare_outputs(ref_out, out, type(model).__name__)
         else:
@@ -194,55 +199,75 @@ def _few_threads() -> Iterator[None]:
             torch.set_num_threads(n)
 
 
+def _capture_args(store: dict[str, tuple], path: str) -> Any:
+    """A forward pre-hook storing a copy of the first positional arguments the module
+    at ``path`` is called with (a ``forward`` may write into its inputs)."""
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if path in store:
+            return
+        try:
+            sig = inspect.signature(mod.forward)
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if not kwargs or all(p.kind not in (p.VAR_KEYWORD, p.KEYWORD_ONLY) for p in sig.parameters.values()):
+                store[path] = fresh_inputs(tuple(bound.args))
+        except (TypeError, ValueError):
+            pass
+
+    return hook
+
+
 def _run_capturing(
-    model: nn.Module, inputs: tuple, units: Sequence[TracedUnit]
-) -> tuple[Any, dict[str, tuple], dict[str, Any]]:
-    """Run ``model`` once, capturing the first positional inputs (and the outputs) of
-    every traced unit."""
-    captured: dict[str, tuple] = {}
+    model: nn.Module, inputs: tuple, units: Sequence[TracedUnit], title: str
+) -> tuple[Any, dict[str, tuple], dict[str, tuple], dict[str, Any]]:
+    """Run ``model`` once (its state restored afterwards, on a copy of ``inputs``),
+    capturing for every traced unit, on its first call: the positional inputs its
+    caller passed (before the unit's own pre-hooks, which a re-run of the unit applies
+    again), the inputs its ``forward`` received (after them: what its graph computes
+    on, for shapes) and its output (after its hooks). Returns the model's output and
+    these three maps."""
+    called: dict[str, tuple] = {}
+    received: dict[str, tuple] = {}
     outputs: dict[str, Any] = {}
     handles = []
     for u in units:
         def out_hook(mod: nn.Module, args: tuple, output: Any, _path: str = u.path) -> None:
             if _path not in outputs:
-                outputs[_path] = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
+                outputs[_path] = detached_copy(output)
 
         handles.append(u.module.register_forward_hook(out_hook))
-
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, _path: str = u.path) -> None:
-            if _path in captured:
-                return
-            try:
-                sig = inspect.signature(mod.forward)
-                bound = sig.bind(*args, **kwargs)
-                bound.apply_defaults()
-                if not kwargs or all(p.kind not in (p.VAR_KEYWORD, p.KEYWORD_ONLY) for p in sig.parameters.values()):
-                    captured[_path] = tuple(bound.args)
-            except (TypeError, ValueError):
-                pass
-
-        handles.append(u.module.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(u.module.register_forward_pre_hook(_capture_args(called, u.path), with_kwargs=True,
+                                                          prepend=True))
+        handles.append(u.module.register_forward_pre_hook(_capture_args(received, u.path), with_kwargs=True))
     try:
-        with torch.no_grad():
-            out = model(*inputs)
+        out = isolated_call(model, inputs)
     except Exception as exc:
         raise UnsupportedError(
-            f"{type(model).__name__} does not run on the given example_inputs: {type(exc).__name__}: {exc}"
+            f"{title}: {type(model).__name__} does not run on the given example_inputs: {type(exc).__name__}: "
+            f"{first_line(exc)}"
         ) from exc
     finally:
         for h in handles:
             h.remove()
-    return out, captured, outputs
+    return out, called, received, outputs
 
 
-def _shared_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules registered at more than one path (shared weights)."""
-    seen: dict[int, int] = {}
-    mods: dict[int, nn.Module] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        seen[id(m)] = seen.get(id(m), 0) + 1
-        mods[id(m)] = m
-    return [mods[i] for i, c in seen.items() if c > 1]
+def _report_pinned(units: Sequence[TracedUnit], pinned: dict[str, str], rules: RuleRegistry,
+                   report: FoldReport) -> None:
+    """A ``"kept"`` row for every module with a rule that a traced graph calls but that
+    stays as it is because something else uses its tensors or submodules, or because it
+    is called more than once (folding it into one use would change the others)."""
+    for unit in units:
+        calls = Counter(str(n.target) for n in unit.gm.graph.nodes if n.op == "call_module")
+        for n in unit.gm.graph.nodes:
+            name = qualify(unit.path, str(n.target)) if n.op == "call_module" else None
+            if name is None or any(e.name == name for e in report.entries):
+                continue
+            why = pinned.get(name) or (f"it is called {calls[str(n.target)]} times (shared)"
+                                       if calls[str(n.target)] > 1 else None)
+            m = unit.gm.get_submodule(str(n.target))
+            if why and rules.lookup(m) is not None and type(m) is not nn.Identity:
+                report.add(name, type(m).__name__, "kept", f"not folded: {why}")
 
 
 def _fold_unit(
@@ -255,6 +280,7 @@ def _fold_unit(
     args: tuple | None,
     merge_convs: bool,
     linear_pairs: list[tuple[str, str]],
+    pinned: dict[str, str],
 ) -> dict[fx.Node, str]:
     """Fold one traced unit: Linear/BN1d pairs (:class:`FoldLinearBN`), then the conv
     regions (:func:`fold_passes`), whose plans are applied by the owner rewrite.
@@ -266,16 +292,16 @@ def _fold_unit(
     prefix = unit.path + "." if unit.path else ""
     if args is not None:
         try:
-            ShapeProp(gm).propagate(*args)
+            propagate_shapes(gm, args)
         except Exception as exc:  # shapes are only a hint
             log.debug("shape propagation of %s failed: %s", unit.path or "<root>", exc)
     # analysis and folding are the pass pipeline; applying the plans rewrites owners.
     # Linear/BN1d pairs first (the kernel algebra has no 0-d convs: a dedicated pass;
     # a BN it folds reads a 2-d value, which no conv region holds)
-    linear_bn = FoldLinearBN(unit.module)
+    linear_bn = FoldLinearBN(unit.module, pinned)
     state = PipelineState()
-    run_passes(gm, [linear_bn, *fold_passes(rules, shared_modules=shared, merge_convs=merge_convs, verify=verify,
-                                            prefix=prefix, report=report, rewrite=False)],
+    run_passes(gm, [linear_bn, *fold_passes(rules, shared_modules=shared, pinned=pinned, merge_convs=merge_convs,
+                                            verify=verify, prefix=prefix, report=report, rewrite=False)],
                state=state, lint=False)
     linear_pairs += [(prefix + a, prefix + b) for a, b in linear_bn.folded]
     plans = [(p.region, p.folded, p.params_before) for p in state.plans]

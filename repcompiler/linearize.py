@@ -112,8 +112,8 @@ from torch import nn
 from . import algebra as A
 from .blocks import MODES
 from .blocks.accel import LinearizedSumAccelerator
-from .entry import check_model, copy_model
-from .inputs import as_inputs, run_example
+from .inputs import as_inputs, check_flags, check_model, check_rules, check_weights, copy_model, run_example
+from .isolation import preserved_state
 from .errors import RepCompilerError, VerificationError, check_choice
 from .multibranch import LinearizeCandidate, ModelAnalysis, analyse_model, analyse_unit, find_linearizable
 from .online import OnlineConv
@@ -245,40 +245,45 @@ def linearize_regions(
     units' graphs are rewritten by the linearization: read what else is needed from
     them first.
     """
+    check_model(model, "linearize_regions")
+    check_flags("linearize_regions", post_bn=post_bn, verify=verify)
+    check_rules(rules, "linearize_regions")
     check_options(scaling, init)
     check_choice("mode", mode, MODES, owner="linearize")
     rules = rules if rules is not None else default_rules
     report = report if report is not None else TransformReport(title="linearize")
-    if analysis is None:  # traces are specialised on .training: trace the training forward
-        analysis = analyse_model(model, rules=rules, training=True, bns_become_scales=True)
-    elif not analysis.training:
-        raise RepCompilerError("linearize_regions: the analysis must be traced in training mode")
-    modules = list(model.modules())
-    flags = [m.training for m in modules]
-    handled: set[str] = set()
-    try:
-        model.train()  # owners are re-traced for their rewrite in the mode the units were traced in
-        report.skipped += analysis.traced.skipped
-        for unit in analysis.units:
-            cands = analyse_unit(unit, rules, analysis.regions[unit.path])
-            for c in cands:
-                if not c.ok and c.inner:
-                    report.add(c.name, c.kind, "kept", f"{c.reason}; the block(s) inside it linearized on their "
-                               f"own: {', '.join(c.inner)}")
-                elif not c.ok:
-                    report.add(c.name, c.kind, "refused", c.reason)
-                elif mode == "offline":
-                    handled |= set(c.convs)
-                    report.add(c.name, c.kind, "kept", "offline mode: the block already has a BN per branch")
-            if mode == "online":
-                _linearize_unit(unit, [c for c in cands if c.ok], handled, report,
-                                scaling=scaling, post_bn=post_bn, init=init, verify=verify)
-        return model, handled
-    finally:
-        for m, f in zip(modules, flags):
-            m.training = f
-        # new modules (online convs, post-BNs) follow their parents
-        _sync_new_modules(model, set(map(id, modules)))
+    # reads of parametrized weights, region checks: nothing of them stays in the model
+    with preserved_state(model):
+        if analysis is None:  # traces are specialised on .training: trace the training forward
+            analysis = analyse_model(model, rules=rules, training=True, bns_become_scales=True)
+        elif not analysis.training:
+            raise RepCompilerError("linearize_regions: the analysis must be traced in training mode")
+        modules = list(model.modules())
+        flags = [m.training for m in modules]
+        handled: set[str] = set()
+        try:
+            model.train()  # owners are re-traced for their rewrite in the mode the units were traced in
+            report.skipped += analysis.traced.skipped
+            for unit in analysis.units:
+                cands = analyse_unit(unit, rules, analysis.regions[unit.path], analysis.pinned)
+                for c in cands:
+                    if not c.ok and c.inner:
+                        report.add(c.name, c.kind, "kept", f"{c.reason}; the block(s) inside it linearized on their "
+                                   f"own: {', '.join(c.inner)}")
+                    elif not c.ok:
+                        report.add(c.name, c.kind, "refused", c.reason)
+                    elif mode == "offline":
+                        handled |= set(c.convs)
+                        report.add(c.name, c.kind, "kept", "offline mode: the block already has a BN per branch")
+                if mode == "online":
+                    _linearize_unit(unit, [c for c in cands if c.ok], handled, report,
+                                    scaling=scaling, post_bn=post_bn, init=init, verify=verify)
+            return model, handled
+        finally:
+            for m, f in zip(modules, flags):
+                m.training = f
+            # new modules (online convs, post-BNs) follow their parents
+            _sync_new_modules(model, set(map(id, modules)))
 
 
 def _linearize_unit(unit: TracedUnit, cands: list[LinearizeCandidate], handled: set[str],
@@ -373,12 +378,15 @@ def linearize(
     """
     t0 = time.perf_counter()
     check_model(model, "linearize")
-
+    check_flags("linearize", post_bn=post_bn, inplace=inplace, return_report=return_report, verify=verify)
+    check_rules(rules, "linearize")
     check_options(scaling, init)
+    check_weights(model, "linearize")
     report = TransformReport(title="linearize")
     report.convs_before, report.params_before = count_convs(model), count_params(model)
     inputs = as_inputs(example_inputs, "linearize")
-    # with verify, inputs the model does not run on are refused before any work
+    # with verify, inputs the model does not run on are refused before any work (the run
+    # leaves the caller's model as it was: run_example restores its state)
     want = _forward_eval(model, inputs) if inputs is not None and verify else None
     work = copy_model(model, "linearize", inplace)
     linearize_regions(work, scaling=scaling, post_bn=post_bn, init=init, rules=rules, verify=verify, report=report)

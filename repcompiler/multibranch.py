@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -34,6 +34,7 @@ from .passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES
 from .rewrite import qualify, region_owner
 from .rules import RuleRegistry, default_rules
 from .tracing import TracedUnit, TraceResult, trace_units
+from .uses import local_pins, model_pins, shared_modules
 
 __all__ = ["ModelAnalysis", "analyse_model", "LinearizeCandidate", "analyse_unit", "find_linearizable", "is_sum",
            "is_activation"]
@@ -58,6 +59,9 @@ class ModelAnalysis:
     traced: TraceResult
     regions: dict[str, list[Region]]
     training: bool
+    pinned: dict[str, str] = field(default_factory=dict)
+    """Modules whose tensors or submodules something else uses (qualified name ->
+    reason, :func:`repcompiler.uses.model_pins`): opaque to the regions, never replaced."""
 
     @property
     def units(self) -> list[TracedUnit]:
@@ -67,7 +71,8 @@ class ModelAnalysis:
 def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, training: bool | None = None,
                   bns_become_scales: bool = False) -> ModelAnalysis:
     """Trace ``model`` once (:func:`~repcompiler.tracing.trace_units`) and find each
-    unit's regions once. ``training``: trace in that mode (every module's flag is put
+    unit's regions once (modules registered at several paths or used other than by their
+    call are opaque: :mod:`repcompiler.uses`). ``training``: trace in that mode (every module's flag is put
     back afterwards); ``None`` traces in the modes the modules are in.
     ``bns_become_scales``: the caller replaces branch BNs by affines (``linearize``;
     see :mod:`repcompiler.tracing`)."""
@@ -78,11 +83,13 @@ def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, traini
         if training is not None:
             model.train(training)
         traced = trace_units(model, rules=rules, bns_become_scales=bns_become_scales)
-        regions = {u.path: find_regions(u.gm, rules) for u in traced.units}
+        pinned = model_pins(model, [(u.path, u.gm) for u in traced.units], [p for p, _ in traced.skipped])
+        regions = {u.path: find_regions(u.gm, rules, shared_modules=shared_modules(model),
+                                        pinned=local_pins(pinned, u.path)) for u in traced.units}
     finally:
         for m, f in zip(modules, flags):
             m.training = f
-    return ModelAnalysis(traced, regions, model.training if training is None else training)
+    return ModelAnalysis(traced, regions, model.training if training is None else training, pinned)
 
 
 @dataclass
@@ -237,31 +244,59 @@ def is_activation(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
-def _scan_refusals(gm: fx.GraphModule, covered: set[fx.Node]) -> list[tuple[fx.Node, str]]:
-    """Sums not in any selected region whose branches end in a BN that is not usable:
-    ``BN -> nonlinearity -> add`` or a BN with ``track_running_stats=False``."""
+def _refused_sums(gm: fx.GraphModule, covered: set[fx.Node],
+                  branch_reason: Callable[[fx.Node], str | None]) -> list[tuple[fx.Node, str]]:
+    """Sums not in any selected region with the reasons ``branch_reason`` gives for their
+    operands (sums with none are left out)."""
     out: list[tuple[fx.Node, str]] = []
     for n in gm.graph.nodes:
         if n in covered or not is_sum(n):
             continue
-        reasons = []
-        for a in _data_inputs(n):
-            cur, acts = a, []
-            while is_activation(gm, cur) and len(_data_inputs(cur)) == 1:
-                acts.append(cur)
-                cur = _data_inputs(cur)[0]
-            m = _get(gm, str(cur.target)) if cur.op == "call_module" else None
-            if not isinstance(m, _BN):
-                continue
-            if acts:
-                reasons.append(f"BN {cur.target} is followed by {_describe_node(gm, acts[-1])} before the add")
-            elif m.running_mean is None or m.running_var is None or not isinstance(
-                getattr(m, "act", nn.Identity()), nn.Identity
-            ):
-                reasons.append(_nonlinear_reason(gm, cur))
+        reasons = [r for a in _data_inputs(n) if (r := branch_reason(a))]
         if reasons:
             out.append((n, "; ".join(reasons)))
     return out
+
+
+def _scan_refusals(gm: fx.GraphModule, covered: set[fx.Node]) -> list[tuple[fx.Node, str]]:
+    """Sums not in any selected region whose branches end in a BN that is not usable:
+    ``BN -> nonlinearity -> add`` or a BN with ``track_running_stats=False``."""
+
+    def unusable_bn(a: fx.Node) -> str | None:
+        cur, acts = a, []
+        while is_activation(gm, cur) and len(_data_inputs(cur)) == 1:
+            acts.append(cur)
+            cur = _data_inputs(cur)[0]
+        m = _get(gm, str(cur.target)) if cur.op == "call_module" else None
+        if not isinstance(m, _BN):
+            return None
+        if acts:
+            return f"BN {cur.target} is followed by {_describe_node(gm, acts[-1])} before the add"
+        if m.running_mean is None or m.running_var is None or not isinstance(getattr(m, "act", nn.Identity()),
+                                                                              nn.Identity):
+            return _nonlinear_reason(gm, cur)
+        return None
+
+    return _refused_sums(gm, covered, unusable_bn)
+
+
+def _pinned_branches(gm: fx.GraphModule, covered: set[fx.Node], path: str,
+                     pinned: Mapping[str, str]) -> list[tuple[fx.Node, str]]:
+    """Sums outside every selected region with a branch through a conv or BN that stays
+    where it is because something else uses it (:mod:`repcompiler.uses`)."""
+
+    def pinned_module(a: fx.Node) -> str | None:
+        for _ in range(4):  # back along the branch: conv -> BN (-> conv -> BN)
+            name = qualify(path, str(a.target)) if a.op == "call_module" else ""
+            if name in pinned and isinstance(_get(gm, str(a.target)), (*_CONVS, _BN)):
+                return f"{name} is kept: {pinned[name]}"
+            ins = _data_inputs(a)
+            if a.op != "call_module" or len(ins) != 1:
+                return None
+            a = ins[0]
+        return None
+
+    return _refused_sums(gm, covered, pinned_module)
 
 
 def _traced_into_convs(unit: TracedUnit, region: Region) -> list[str]:
@@ -279,10 +314,13 @@ def _traced_into_convs(unit: TracedUnit, region: Region) -> list[str]:
     return out
 
 
-def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | None = None) -> list[LinearizeCandidate]:
+def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | None = None,
+                 pinned: Mapping[str, str] | None = None) -> list[LinearizeCandidate]:
     """The multi-branch BN blocks of one traced unit (linearizable ones carry their
     region) and the refused sums, with qualified names. ``regions``: the unit's regions
-    if already found (:class:`ModelAnalysis`), else they are found here."""
+    if already found (:class:`ModelAnalysis`), else they are found here. ``pinned``: the
+    model's pinned modules (:attr:`ModelAnalysis.pinned`); a sum left out of every block
+    because a branch module is pinned is refused with that reason."""
     gm = unit.gm
     cands: list[LinearizeCandidate] = []
     covered: set[fx.Node] = set()
@@ -309,7 +347,7 @@ def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | 
     for c in cands:
         if not c.ok:
             c.inner = [o.name for o in cands if o.ok and o.modules < c.modules]
-    for node, why in _scan_refusals(gm, covered):
+    for node, why in [*_scan_refusals(gm, covered), *_pinned_branches(gm, covered, unit.path, pinned or {})]:
         owner = qualify(unit.path, (node_owner(node) or [""])[-1])
         cands.append(LinearizeCandidate(name=qualify(owner, node.name), owner=owner, reason=why, unit=unit.path))
     return cands
@@ -322,5 +360,6 @@ def find_linearizable(
     or refused with the reason) and the parts that did not trace ``(path, reason)``."""
     rules = rules if rules is not None else default_rules
     analysis = analyse_model(model, rules=rules)
-    cands = [c for unit in analysis.units for c in analyse_unit(unit, rules, analysis.regions[unit.path])]
+    cands = [c for unit in analysis.units
+             for c in analyse_unit(unit, rules, analysis.regions[unit.path], analysis.pinned)]
     return cands, list(analysis.traced.skipped)

@@ -5,8 +5,8 @@ A module whose class (or a base class) has a lowering rule is a leaf of the trac
 when its rule declines (returns ``None``) it is opaque, so no region contains it and
 no region entry would mention it. :func:`opaque_reasons` lists every such module with
 the reason: forward hooks (a fold would drop them), a subclass overriding
-``forward`` (the base class's rule does not describe it, e.g. a weight-standardized
-conv), a BatchNorm without running statistics (``track_running_stats=False``
+``forward`` or a method the base class's ``forward`` calls (``_conv_forward`` ...; the
+base class's rule does not describe it, e.g. a weight-standardized conv), a BatchNorm without running statistics (``track_running_stats=False``
 normalizes with batch statistics even in eval mode), a non-zero padding mode, or the
 rule declining for another reason.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .rules import LowerInfo, RuleRegistry, default_rules, has_forward_hooks
+from .rules import LowerInfo, RuleRegistry, default_rules, departure, has_forward_hooks
 
 __all__ = ["opaque_reasons", "conv_reason"]
 
@@ -32,9 +32,9 @@ _DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.BatchNorm1d: 1, nn.BatchNo
 
 
 def _ruled_base(module: nn.Module, rules: RuleRegistry) -> type:
-    """The most basic class in ``module``'s MRO that still finds a rule: the class the
-    rule was written for (``nn.Conv2d`` for a ``Conv2d`` subclass)."""
-    return [c for c in type(module).__mro__ if isinstance(c, type) and rules.lookup(c) is not None][-1]
+    """The class the rule that applies to ``module`` was written for (``nn.Conv2d`` for a
+    ``Conv2d`` subclass without a rule of its own)."""
+    return rules.ruled_class(module)  # type: ignore[return-value]
 
 
 def _info(module: nn.Module, path: str) -> LowerInfo:
@@ -46,9 +46,9 @@ def _info(module: nn.Module, path: str) -> LowerInfo:
 def _reason(module: nn.Module, base: type) -> str:
     if has_forward_hooks(module):
         return "has forward hooks (a fold or a block would drop them; hook-based weight/spectral norm live there)"
-    if type(module).forward is not base.forward:
-        return (f"{type(module).__name__} overrides forward(); the rule for {base.__name__} does not describe "
-                "what it computes")
+    why = departure(module, base)
+    if why is not None:
+        return why
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
         return "track_running_stats=False: normalizes with batch statistics even in eval mode (not affine)"
     mode = getattr(module, "padding_mode", "zeros")
@@ -75,8 +75,8 @@ def conv_reason(module: nn.Module, rules: RuleRegistry | None = None, *, block: 
     convs), a rule that declines the instance (``padding_mode``, a subclass overriding
     ``forward``), forward hooks. With ``block`` (the conv would be replaced by a training
     block, :func:`repcompiler.orepa_transform`) also a lazy conv with uninitialised
-    parameters and a parametrized weight (the rule folds its current value; a block
-    would drop the parametrization).
+    parameters, a parametrized weight (the rule folds its current value; a block
+    would drop the parametrization) and backward hooks (training would lose them).
     """
     rules = rules if rules is not None else default_rules
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -88,6 +88,8 @@ def conv_reason(module: nn.Module, rules: RuleRegistry | None = None, *, block: 
     if block and parametrize.is_parametrized(module):
         names = ", ".join(module.parametrizations.keys())  # type: ignore[union-attr]
         return f"parametrized {names} (e.g. spectral_norm, weight_norm): a block would drop the parametrization"
+    if block and (module._backward_hooks or module._backward_pre_hooks):
+        return "has backward hooks (a block would drop them, and they change what training computes)"
     return _declined(module, "", rules)
 
 

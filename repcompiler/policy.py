@@ -6,6 +6,7 @@ forms (dict, callable, list) and the check of ``block_options``."""
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import operator
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -13,8 +14,8 @@ import torch
 from torch import fx, nn
 
 from .blocks import ConvGeometry, get_block
-from .blocks.registry import accepted_options
-from .errors import RegistrationError, UnsupportedError, check_choice
+from .blocks.registry import accepted_options, build_block
+from .errors import RegistrationError, UnsupportedError, check_choice, first_line
 from .tracing import TraceResult, trace_units
 
 __all__ = ["Policy", "POLICIES", "POLICY_OPTIONS", "default_block_for", "shortcut_convs", "policy_choice", "check_policy_and_options"]
@@ -181,9 +182,9 @@ def check_policy_and_options(policy: Policy, block: str,
     if isinstance(policy, str):
         check_choice("policy", policy, POLICIES, owner="orepa_transform")
         rule = policy
-    options = dict(block_options or {})
     if not isinstance(block_options, (Mapping, type(None))):
         raise UnsupportedError(f"orepa_transform: block_options must be a dict, got {type(block_options).__name__}")
+    options = dict(block_options or {})
     clash = sorted(set(options) & {"mode", "scaling"})
     if clash:
         raise UnsupportedError(f"orepa_transform: block_options {clash} are orepa_transform's own arguments")
@@ -195,6 +196,43 @@ def check_policy_and_options(policy: Policy, block: str,
     if unknown:
         raise UnsupportedError(f"orepa_transform: block_options {unknown} are not accepted by block(s) "
                                f"{', '.join(names)}")
+    for name in names:
+        _check_option_values(name, options)
     return rule, options
+
+
+# a conv each default block is built for (its probe): 2-d, 8 -> 8 channels, "same" padding
+_PROBE_KERNEL = {"orepa_1x1": 1, "orepa_large": 7}
+
+
+def _check_option_values(name: str, options: dict[str, Any]) -> None:
+    """Raise :class:`UnsupportedError` for a ``block_options`` value block ``name``
+    cannot take: a boolean option (its builder's default is a bool) given a non-bool,
+    or a value its builder refuses on a conv it builds without the options (a bad value,
+    not a geometry the block does not cover: that one is refused per conv)."""
+    build = get_block(name)
+    given = accepted_options(build, options)
+    if not given:
+        return
+    try:
+        params = inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for key, value in given.items():
+        p = params.get(key)
+        if p is not None and isinstance(p.default, bool) and not isinstance(value, bool):
+            raise UnsupportedError(f"orepa_transform: block_options[{key!r}] must be True or False "
+                                   f"(block {name!r}), got {value!r}")
+    k = _PROBE_KERNEL.get(name, 3)
+    geom = ConvGeometry.from_module(nn.Conv2d(8, 8, k, padding=k // 2))
+    try:
+        build_block(name, geom)
+    except Exception:  # the block does not cover the probe: nothing to learn about the options
+        return
+    try:
+        build_block(name, geom, **given)
+    except Exception as exc:
+        raise UnsupportedError(f"orepa_transform: block_options {given!r} are refused by block {name!r}: "
+                               f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 

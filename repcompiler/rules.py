@@ -16,8 +16,11 @@ callable; the built-in ones and the types they receive (:class:`FunctionCall`,
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,6 +35,8 @@ from .third_party import register_third_party_rules
 
 __all__ = [
     "has_forward_hooks",
+    "global_hooks",
+    "departure",
     "LowerInfo",
     "RuleRegistry",
     "default_rules",
@@ -56,6 +61,75 @@ def has_forward_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or forward-pre hooks of its own: they may change
     what it computes, so a fold or a block replacing it would drop them."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+# how a module is called and how its attributes are read: overriding one of these
+# changes what any forward computes
+_CALL_PATH = ("__call__", "_call_impl", "_wrapped_call_impl", "__getattr__", "__getattribute__", "forward")
+
+
+@functools.lru_cache(maxsize=None)
+def _methods_used(base: type) -> tuple[str, ...]:
+    """The methods of ``base`` its ``forward`` calls, transitively (``_conv_forward`` for
+    ``nn.Conv2d``, ``_check_input_dim`` for ``nn.BatchNorm2d``), with the call path."""
+    found: list[str] = list(_CALL_PATH)
+    todo = [base.forward]
+    seen: set[int] = set()
+    while todo:
+        f = inspect.unwrap(todo.pop())
+        code = getattr(f, "__code__", None)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        for name in code.co_names:
+            attr = inspect.getattr_static(base, name, None)
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            if isinstance(attr, types.FunctionType) and name not in found:
+                found.append(name)
+                todo.append(attr)
+    return tuple(found)
+
+
+def departure(module: nn.Module, base: type) -> str | None:
+    """Why ``module`` (an instance of ``base``, the class a rule was written for) may not
+    compute what ``base`` computes, or ``None``: its class overrides ``forward`` or a method
+    ``base.forward`` calls (``_conv_forward`` ...), or how the module is called or its
+    attributes are read (``__call__``, ``__getattr__`` ...)."""
+    cls = type(module)
+    if cls is base:
+        return None
+    for name in _methods_used(base):
+        mine = inspect.getattr_static(cls, name, None)
+        if mine is not inspect.getattr_static(base, name, None):
+            where = "" if name == "forward" else f", which {base.__name__}.forward relies on"
+            return f"{cls.__name__} overrides {name}(){where}; the rule for {base.__name__} does not describe it"
+    return None
+
+
+_GLOBAL_HOOKS = {
+    "_global_forward_pre_hooks": "register_module_forward_pre_hook",
+    "_global_forward_hooks": "register_module_forward_hook",
+    "_global_backward_pre_hooks": "register_module_full_backward_pre_hook",
+    "_global_backward_hooks": "register_module_full_backward_hook / register_module_backward_hook",
+    "_global_module_registration_hooks": "register_module_module_registration_hook",
+    "_global_parameter_registration_hooks": "register_module_parameter_registration_hook",
+    "_global_buffer_registration_hooks": "register_module_buffer_registration_hook",
+}
+
+
+def global_hooks() -> list[str]:
+    """The kinds of global module hooks registered now (``torch.nn.modules.module``'s
+    ``register_module_forward_hook`` ...), each with how many: they run on every module
+    call (or registration), so no rule describes a module while they are there."""
+    from torch.nn.modules import module as _module
+
+    out = []
+    for table, how in _GLOBAL_HOOKS.items():
+        hooks = getattr(_module, table, None)
+        if hooks:
+            out.append(f"{len(hooks)} x {how}")
+    return out
 
 
 class RuleRegistry:
@@ -86,6 +160,8 @@ class RuleRegistry:
 
     def register(self, target: Any, lower: Callable[..., Any], *, override: bool = False) -> None:
         """Register ``lower`` for ``target`` (a module type or a function)."""
+        if not isinstance(override, bool):
+            raise RegistrationError(f"rule for {_name(target)}: override must be True or False, got {override!r}")
         if not callable(lower):
             raise RegistrationError(f"rule for {_name(target)} must be callable, got {type(lower).__name__}")
         if not (isinstance(target, type) or callable(target)):
@@ -100,6 +176,26 @@ class RuleRegistry:
     def unregister(self, target: Any) -> None:
         self._rules.pop(target, None)
 
+    def ruled_class(self, target: Any) -> type | None:
+        """The class in the MRO of a module (or module type) whose rule applies to it."""
+        if self._pending:
+            self._resolve_pending()
+        cls = type(target) if isinstance(target, nn.Module) else target
+        if isinstance(cls, type):
+            return next((c for c in cls.__mro__ if c in self._rules), None)
+        return None
+
+    def departure(self, module: nn.Module) -> str | None:
+        """Why ``module``'s rule does not describe it (:func:`departure` against the class
+        the rule was written for), or ``None``."""
+        base = self.ruled_class(module)
+        return None if base is None else departure(module, base)
+
+    def describes(self, module: nn.Module) -> bool:
+        """Whether a rule applies to ``module`` and describes what it computes (no
+        override of what the rule's class relies on; hooks not considered)."""
+        return self.ruled_class(module) is not None and self.departure(module) is None
+
     def lookup(self, target: Any) -> Callable[..., Any] | None:
         """The rule for a module instance (MRO walk), a module type, or a function."""
         if self._pending:
@@ -107,10 +203,8 @@ class RuleRegistry:
         if isinstance(target, nn.Module):
             target = type(target)
         if isinstance(target, type):
-            for cls in target.__mro__:
-                if cls in self._rules:
-                    return self._rules[cls]
-            return None
+            cls = self.ruled_class(target)
+            return None if cls is None else self._rules[cls]
         try:
             return self._rules.get(target)
         except TypeError:  # unhashable callables
@@ -119,8 +213,9 @@ class RuleRegistry:
     def lower_module(self, module: nn.Module, info: LowerInfo) -> A.Expr | None:
         """The module's expression, or ``None`` (opaque): no rule, the rule declines, or the
         module has forward hooks (they may change what it computes, and a fold would drop
-        them; hook-based ``spectral_norm``/``weight_norm`` recompute the weight in one)."""
-        if has_forward_hooks(module):
+        them; hook-based ``spectral_norm``/``weight_norm`` recompute the weight in one), or
+        its class overrides what the rule's class relies on (:func:`departure`)."""
+        if has_forward_hooks(module) or self.departure(module) is not None:
             return None
         rule = self.lookup(module)
         return None if rule is None else rule(module, info)
@@ -133,8 +228,11 @@ class RuleRegistry:
         or ``num_features``; dims from ``kernel_size`` or a ``...1d/2d/3d`` class
         name): a module that declares none, or a rule that raises, counts as not
         declining (it stays a leaf, as it always was), since a rule may decline
-        only because the guessed geometry is wrong."""
+        only because the guessed geometry is wrong. A module whose class overrides
+        what the rule's class relies on (:func:`departure`) always declines."""
         rule = self.lookup(module)
+        if rule is not None and self.departure(module) is not None:
+            return True
         geometry = _declared_geometry(module)
         if rule is None or geometry is None:
             return False
@@ -171,25 +269,14 @@ def _name(target: Any) -> str:
 # -- built-in module rules -----------------------------------------------------------
 
 
-def _own_forward(m: nn.Module, bases: tuple[type, ...]) -> bool:
-    """True if ``m``'s class overrides ``forward`` of the built-in ``bases`` (e.g. a
-    weight-standardized conv): the base rule would then not describe what it computes."""
-    fwd = type(m).forward
-    return all(fwd is not b.forward for b in bases)
-
-
 def _lower_conv(m: nn.Module, info: LowerInfo) -> A.Expr | None:
     if getattr(m, "padding_mode", "zeros") != "zeros":
-        return None
-    if _own_forward(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return None
     return A.Conv.from_module(m, name=info.name)
 
 
 def _lower_bn(m: nn.Module, info: LowerInfo) -> A.Expr | None:
     if m.running_mean is None or m.running_var is None:
-        return None
-    if _own_forward(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.modules.batchnorm._BatchNorm)):
         return None
     return A.BatchNorm(m, dims=info.dims, name=info.name or type(m).__name__)
 

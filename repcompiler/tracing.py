@@ -50,6 +50,8 @@ from torch import nn
 
 from .capture import CaptureTracerMixin  # hook (issue 15): capture what plain fx rejects
 from .errors import TraceError
+from .inputs import check_rules
+from .isolation import preserved_state
 from .rules import RuleRegistry, default_rules, has_forward_hooks
 
 __all__ = ["RepTracer", "TracedUnit", "TraceResult", "trace_model", "trace_units"]
@@ -75,6 +77,11 @@ _TV_LEAVES = tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n
 class RepTracer(CaptureTracerMixin, fx.Tracer):
     """``fx.Tracer`` whose leaves are rule-registered modules plus the usual ``torch.nn``
     leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
+
+    proxy_buffer_attributes = True
+    """Buffers read in traced code (``self.bn.running_var``) are ``get_attr`` nodes, as
+    parameters are: every read of a module's tensors is visible (:mod:`repcompiler.uses`),
+    and an in-place update of a buffer is a node, not a write done while tracing."""
 
     def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
                  bns_become_scales: bool = False) -> None:
@@ -123,15 +130,27 @@ def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_le
     modules (not copies) with ``model``. ``bns_become_scales``: see the module docstring."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace_model expects an nn.Module, got {type(model).__name__}")
+    check_rules(rules, "trace_model")
+    _check_leaves(extra_leaves, "trace_model")
     tracer = RepTracer(rules, extra_leaves, bns_become_scales)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many exception types
-        raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
-    _resolve_string_types(graph, type(model).forward)
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
-    return gm
+    # the capture evaluates parameter-only values of the user's code (a parametrization's
+    # power iteration, an in-place buffer update): none of it may stay in the model
+    with preserved_state(model):
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # fx raises many exception types
+            raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
+        _resolve_string_types(graph, type(model).forward)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _check_leaves(extra_leaves: object, title: str) -> None:
+    """Raise :class:`TraceError` unless ``extra_leaves`` is a collection of module types."""
+    ok = isinstance(extra_leaves, (list, tuple, set, frozenset)) and all(
+        isinstance(t, type) and issubclass(t, nn.Module) for t in extra_leaves)
+    if not ok:
+        raise TraceError(f"{title}: extra_leaves must be a list or tuple of nn.Module subclasses, "
+                         f"got {extra_leaves!r}")
 
 
 def _resolve_string_types(graph: fx.Graph, forward: Any) -> None:
@@ -201,6 +220,10 @@ def trace_units(
     leaves) are not traced on their own: there is nothing inside them to rewrite.
     ``bns_become_scales``: see the module docstring.
     """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace_units expects an nn.Module, got {type(model).__name__}")
+    check_rules(rules, "trace_units")
+    _check_leaves(extra_leaves, "trace_units")
     rules = rules if rules is not None else default_rules
     result = TraceResult()
     tracer_probe = RepTracer(rules, extra_leaves)

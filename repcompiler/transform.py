@@ -77,8 +77,10 @@ are left as they are and reported). ``policy`` refines per layer:
 
 Left as they are and reported with the reason: convs that are not plain convs, as the
 rule registry decides (:func:`repcompiler.opaque.conv_reason`: transposed convs,
-``padding_mode`` other than ``'zeros'``, conv subclasses that override ``forward``,
-forward hooks; and, for a block, lazy convs and parametrized weights), and convs a
+``padding_mode`` other than ``'zeros'``, conv subclasses that override ``forward`` or a
+method it calls, forward hooks; and, for a block, lazy convs and parametrized weights),
+convs whose tensors something else reads or that hold a parameter another module holds
+too (a tied weight: a block would untie them; :mod:`repcompiler.uses`), and convs a
 block's builder rejects. A model with no transformed conv comes back
 unchanged with a ``UserWarning``.
 
@@ -115,8 +117,9 @@ from .pairing import pair_by_order, pair_by_regions
 from .policy import POLICIES, Policy, check_policy_and_options, default_block_for, policy_choice, shortcut_convs
 from .report import TransformReport, count_convs, count_params
 from .opaque import conv_reason
-from .entry import check_model, copy_model
-from .inputs import check_weights
+from .inputs import check_flags, check_model, check_weights, copy_model
+from .isolation import preserved_state
+from .uses import tied_pins
 
 __all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
 
@@ -204,6 +207,8 @@ def orepa_transform(
         The transformed model (and the report).
     """
     check_model(model, "orepa_transform")
+    check_flags("orepa_transform", inplace=inplace, post_bn=post_bn, return_report=return_report,
+                insert_bn=insert_bn, optional=("insert_bn",))
     check_weights(model, "orepa_transform", allow_meta=True)  # NaN/inf would be copied into (from_conv) or kept
     check_choice("mode", mode, MODES, owner="orepa_transform")
     check_choice("scaling", scaling, SCALINGS, owner="orepa_transform")
@@ -214,126 +219,134 @@ def orepa_transform(
     reparam_1x1 = bool(options.pop("reparam_1x1", True))  # read by the default policy, not a builder
     t0 = time.perf_counter()
     work = copy_model(model, "orepa_transform", inplace)
-    report = TransformReport(title="orepa_transform", convs_before=count_convs(work), params_before=count_params(work))
+    # analysis reads parametrized weights (a power iteration in training mode) and runs checks:
+    # the modules the model keeps get their state back
+    with preserved_state(work):
+        report = TransformReport(title="orepa_transform", convs_before=count_convs(work), params_before=count_params(work))
 
-    # One capture and one region analysis (training mode: linearize needs the training
-    # forward) serve both steps below: the conv -> BN pairing and the shortcut analysis
-    # are read from the units' graphs first, since linearizing rewrites them.
-    analysis = analyse_model(work, training=True, bns_become_scales=True)
-    pairs, order, covered, skipped = pair_by_regions(work, analysis)
-    shortcuts = shortcut_convs(work, analysis.traced) if block == "orepa" and rule == "paper" else set()
+        # One capture and one region analysis (training mode: linearize needs the training
+        # forward) serve both steps below: the conv -> BN pairing and the shortcut analysis
+        # are read from the units' graphs first, since linearizing rewrites them.
+        analysis = analyse_model(work, training=True, bns_become_scales=True)
+        pairs, order, covered, skipped = pair_by_regions(work, analysis)
+        shortcuts = shortcut_convs(work, analysis.traced) if block == "orepa" and rule == "paper" else set()
 
-    # Existing multi-branch blocks (RepVGG, DBB, ACNet, MobileOne, ...; issue 7): each is
-    # linearized whole into one online conv (mode="offline": left in its BN-per-branch
-    # form) instead of wrapping each of its convs; see repcompiler.linearize.
-    # Their branch BNs become scales, so a post-BN is inserted unless insert_bn=False (with
-    # from_conv: from_bn, scales from the BNs and the post-BN the identity in eval mode)
-    _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn is not False, mode=mode,
-                                     init="from_bn" if init == "from_conv" else "default", report=report,
-                                     analysis=analysis)
-    report.skipped += skipped
-    order = [n for n in order if n not in in_blocks]  # the first conv left (a stem) after linearizing
-    if insert_bn is None:
-        insert_bn = init == "fresh"
+        # Existing multi-branch blocks (RepVGG, DBB, ACNet, MobileOne, ...; issue 7): each is
+        # linearized whole into one online conv (mode="offline": left in its BN-per-branch
+        # form) instead of wrapping each of its convs; see repcompiler.linearize.
+        # Their branch BNs become scales, so a post-BN is inserted unless insert_bn=False (with
+        # from_conv: from_bn, scales from the BNs and the post-BN the identity in eval mode)
+        _, in_blocks = linearize_regions(work, scaling=scaling, post_bn=post_bn and insert_bn is not False, mode=mode,
+                                         init="from_bn" if init == "from_conv" else "default", report=report,
+                                         analysis=analysis)
+        report.skipped += skipped
+        order = [n for n in order if n not in in_blocks]  # the first conv left (a stem) after linearizing
+        if insert_bn is None:
+            insert_bn = init == "fresh"
 
-    # modules inside existing blocks are not touched
-    existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
+        # modules used other than by their call, or holding a tensor another module holds, stay
+        pinned = {**tied_pins(work), **analysis.pinned}
 
-    def is_covered(name: str) -> bool:
-        return any(c == "" or name == c or name.startswith(c + ".") for c in covered)
+        # modules inside existing blocks are not touched
+        existing = [n for n, m in work.named_modules() if isinstance(m, (OnlineConv, OfflineBlock))]
 
-    sites: list[_ConvSite] = []
-    others: list[tuple[str, str]] = []
-    seen: dict[int, str] = {}
-    for name, m in work.named_modules(remove_duplicate=False):
-        if not name or _inside_block(name, existing) or isinstance(m, (OnlineConv, OfflineBlock)):
-            continue
-        if name in in_blocks:  # part of an existing multi-branch block (see above)
-            continue
-        if isinstance(m, nn.modules.conv._ConvNd):
-            why = conv_reason(m, block=True)  # the registry decides what is a plain conv
-            if not _is_conv(m) or why:
-                others.append((name, why or "not a conv"))
+        def is_covered(name: str) -> bool:
+            return any(c == "" or name == c or name.startswith(c + ".") for c in covered)
+
+        sites: list[_ConvSite] = []
+        others: list[tuple[str, str]] = []
+        seen: dict[int, str] = {}
+        for name, m in work.named_modules(remove_duplicate=False):
+            if not name or _inside_block(name, existing) or isinstance(m, (OnlineConv, OfflineBlock)):
                 continue
-            if name in pairs:
-                sites.append(_ConvSite(name, m, pairs[name], "trace"))
-            elif is_covered(name):
-                # inside a traced unit but never called as a module
-                sites.append(_ConvSite(name, m, None, "not called in the traced graph"))
+            if name in in_blocks:  # part of an existing multi-branch block (see above)
+                continue
+            if isinstance(m, nn.modules.conv._ConvNd):
+                why = conv_reason(m, block=True)  # the registry decides what is a plain conv
+                if why is None and name in pinned:  # its tensors are used elsewhere, or tied (repcompiler.uses)
+                    why = f"{pinned[name]}; a block would replace it"
+                if not _is_conv(m) or why:
+                    others.append((name, why or "not a conv"))
+                    continue
+                if name in pairs:
+                    sites.append(_ConvSite(name, m, pairs[name], "trace"))
+                elif is_covered(name):
+                    # inside a traced unit but never called as a module
+                    sites.append(_ConvSite(name, m, None, "not called in the traced graph"))
+                else:
+                    sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order"))
+        first_name = order[0] if order else (sites[0].name if sites else None)
+
+        for name, why in others:
+            report.add(name, _describe(work.get_submodule(name)), "refused", why)
+
+        built: dict[int, nn.Module] = {}
+        for site in sites:
+            conv = site.conv
+            desc = _describe(conv)
+            if id(conv) in built:
+                _set(work, site.name, built[id(conv)])
+                report.add(site.name, desc, "transformed", "shared module: the block of " + seen[id(conv)])
+                continue
+            choice, _ = policy_choice(policy, site.name, conv)
+            if choice is None:
+                report.add(site.name, desc, "kept", "policy")
+                continue
+            has_bn = site.bn_name is not None
+            will_have_post = post_bn and (has_bn or insert_bn)
+            try:
+                # from_conv keeps the conv's bias (eval mode: a BN does not absorb it)
+                geom = ConvGeometry.from_module(conv, bias=conv.bias is not None and (init == "from_conv"
+                                                                                     or not will_have_post))
+                # a stacked stem (orepa_large) cannot start as the conv's kernel: from_conv uses orepa
+                first = site.name == first_name and init == "fresh"
+                name = default_block_for(geom, block=block, first=first,  # type: ignore[assignment]
+                                         shortcut=site.name in shortcuts, policy=rule,
+                                         reparam_1x1=reparam_1x1) if choice == "default" else choice
+                if name is None:
+                    why = "a 1x1 on a basic block's residual shortcut stays plain (paper)" if reparam_1x1 else \
+                        "reparam_1x1=False: 1x1 convs stay plain (the paper's Tab. 2 ablation)"
+                    report.add(site.name, desc, "kept", "policy: " + why)
+                    continue
+                if name == "orepa_large" and choice == "default" and init == "from_conv":
+                    name = "orepa"
+                expr = build_block(name, geom, mode=mode, scaling=scaling, **options).to(device=conv.weight.device,
+                                                                                         dtype=conv.weight.dtype)
+                init_note = "fresh (the conv's weights are not used)"
+                if init == "from_conv":
+                    init_note = f"from_conv (branch {init_from_conv(expr, conv)!r} = the conv, other branches 0)"
+            except RepCompilerError as exc:
+                why = f"init='from_conv': {exc}" if init == "from_conv" else str(exc)
+                report.add(site.name, desc, "refused", why, count_params(conv), count_params(conv))
+                continue
+            inserted = None
+            if post_bn and not has_bn and insert_bn:
+                inserted = _BN_FOR_DIMS[geom.dims](geom.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+                if init == "from_conv":
+                    identity_bn_(inserted)
+            cls = HybridBlock if isinstance(expr, HybridExpr) else OnlineConv if mode == "online" else OfflineBlock
+            new = cls(expr, inserted, block=name)
+            new.bias_from_inserted_bn = inserted is not None and conv.bias is None
+            new.train(conv.training)
+            copy_frozen(new, conv)  # a block made from a frozen conv is frozen
+            _set(work, site.name, new)
+            built[id(conv)] = new
+            seen[id(conv)] = site.name
+            if has_bn and post_bn:
+                bn_note = f"{site.bn_name} (existing)"
+            elif has_bn:
+                _set(work, site.bn_name, nn.Identity())
+                bn_note = f"{site.bn_name} removed (post_bn=False)"
+            elif inserted is not None:
+                bn_note = "inserted"
             else:
-                sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order"))
-    first_name = order[0] if order else (sites[0].name if sites else None)
-
-    for name, why in others:
-        report.add(name, _describe(work.get_submodule(name)), "refused", why)
-
-    built: dict[int, nn.Module] = {}
-    for site in sites:
-        conv = site.conv
-        desc = _describe(conv)
-        if id(conv) in built:
-            _set(work, site.name, built[id(conv)])
-            report.add(site.name, desc, "transformed", "shared module: the block of " + seen[id(conv)])
-            continue
-        choice, _ = policy_choice(policy, site.name, conv)
-        if choice is None:
-            report.add(site.name, desc, "kept", "policy")
-            continue
-        has_bn = site.bn_name is not None
-        will_have_post = post_bn and (has_bn or insert_bn)
-        try:
-            # from_conv keeps the conv's bias (eval mode: a BN does not absorb it)
-            geom = ConvGeometry.from_module(conv, bias=conv.bias is not None and (init == "from_conv"
-                                                                                 or not will_have_post))
-            # a stacked stem (orepa_large) cannot start as the conv's kernel: from_conv uses orepa
-            first = site.name == first_name and init == "fresh"
-            name = default_block_for(geom, block=block, first=first,  # type: ignore[assignment]
-                                     shortcut=site.name in shortcuts, policy=rule,
-                                     reparam_1x1=reparam_1x1) if choice == "default" else choice
-            if name is None:
-                why = "a 1x1 on a basic block's residual shortcut stays plain (paper)" if reparam_1x1 else \
-                    "reparam_1x1=False: 1x1 convs stay plain (the paper's Tab. 2 ablation)"
-                report.add(site.name, desc, "kept", "policy: " + why)
-                continue
-            if name == "orepa_large" and choice == "default" and init == "from_conv":
-                name = "orepa"
-            expr = build_block(name, geom, mode=mode, scaling=scaling, **options).to(device=conv.weight.device,
-                                                                                     dtype=conv.weight.dtype)
-            init_note = "fresh (the conv's weights are not used)"
-            if init == "from_conv":
-                init_note = f"from_conv (branch {init_from_conv(expr, conv)!r} = the conv, other branches 0)"
-        except RepCompilerError as exc:
-            why = f"init='from_conv': {exc}" if init == "from_conv" else str(exc)
-            report.add(site.name, desc, "refused", why, count_params(conv), count_params(conv))
-            continue
-        inserted = None
-        if post_bn and not has_bn and insert_bn:
-            inserted = _BN_FOR_DIMS[geom.dims](geom.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
-            if init == "from_conv":
-                identity_bn_(inserted)
-        cls = HybridBlock if isinstance(expr, HybridExpr) else OnlineConv if mode == "online" else OfflineBlock
-        new = cls(expr, inserted, block=name)
-        new.bias_from_inserted_bn = inserted is not None and conv.bias is None
-        new.train(conv.training)
-        copy_frozen(new, conv)  # a block made from a frozen conv is frozen
-        _set(work, site.name, new)
-        built[id(conv)] = new
-        seen[id(conv)] = site.name
-        if has_bn and post_bn:
-            bn_note = f"{site.bn_name} (existing)"
-        elif has_bn:
-            _set(work, site.bn_name, nn.Identity())
-            bn_note = f"{site.bn_name} removed (post_bn=False)"
-        elif inserted is not None:
-            bn_note = "inserted"
-        else:
-            bn_note = "none"
-        reason = f"{name}, post-BN: {bn_note}, init: {init_note}" + (
-            "" if site.how == "trace" else f" (BN pairing: {site.how})")
-        if not conv.weight.requires_grad:
-            reason += ", frozen"
-        report.add(site.name, desc, "transformed", reason, count_params(conv), count_params(new),
-                   block=name, post_bn=bn_note, init=init_note, frozen=not conv.weight.requires_grad)
+                bn_note = "none"
+            reason = f"{name}, post-BN: {bn_note}, init: {init_note}" + (
+                "" if site.how == "trace" else f" (BN pairing: {site.how})")
+            if not conv.weight.requires_grad:
+                reason += ", frozen"
+            report.add(site.name, desc, "transformed", reason, count_params(conv), count_params(new),
+                       block=name, post_bn=bn_note, init=init_note, frozen=not conv.weight.requires_grad)
 
     report.convs_after = count_convs(work)
     report.params_after = count_params(work)

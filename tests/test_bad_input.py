@@ -107,6 +107,169 @@ def _out(tmp: Path, name: str) -> str:
     return os.fspath(tmp / name)
 
 
+def lazy_conv() -> nn.Module:
+    """An uninitialised ``LazyConv2d`` (no weight shape until the first forward)."""
+    return nn.Sequential(nn.LazyConv2d(4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+
+
+def bn_var(value: float, eps: float | None = None) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        m = conv_bn()
+        m[4].running_var[2] = value
+        if eps is not None:
+            m[4].eps = eps
+        return m
+
+    return make
+
+
+def overflowing() -> nn.Module:
+    """Finite weights whose conv -> BN overflows float32 to inf on any input."""
+    m = conv_bn()
+    with torch.no_grad():
+        m[3].weight.mul_(1e36)
+        m[4].running_var.fill_(1e-30)
+    return m
+
+
+class ReturnsNone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.conv(x)
+
+
+class _Leaf(nn.Module):
+    pass
+
+
+def _expect_registered(call: Callable[[], Any]) -> Callable[[Any, Path], Any]:
+    """Run a registration that must fail (nothing is registered by the row)."""
+    return lambda m, d: call()
+
+
+# every public entry point, every argument: a bad value raises the library's error naming
+# the argument (or the module/tensor) and what to do; never a raw torch/fx/pathlib error
+ENTRY_ROWS: list[tuple[str, Callable[[], Any], Callable[[Any, Path], Any], type, str]] = [
+    # the model: lazy modules, BatchNorm statistics no eval BN can use, TorchScript
+    *[(f"{name}-lazy", lazy_conv, call, UnsupportedError, "lazy module(s) with uninitialised parameters: 0 (LazyConv2d)")
+      for name, call in [("fold", lambda m, d: rc.fold(m)), ("deploy", lambda m, d: rc.deploy(m)),
+                         ("linearize", lambda m, d: rc.linearize(m)),
+                         ("transform", lambda m, d: rc.orepa_transform(m)),
+                         ("export", lambda m, d: rc.export(m, _out(d, "m.onnx"), X)),
+                         ("quant-report", lambda m, d: rc.quant_report(m, X))]],
+    ("fold-negative-running-var", bn_var(-0.5), lambda m, d: rc.fold(m, X), UnsupportedError,
+     "4.running_var[2] = -0.5 is negative"),
+    ("deploy-negative-running-var", bn_var(-0.5), lambda m, d: rc.deploy(m), UnsupportedError,
+     "4.running_var[2] = -0.5 is negative"),
+    ("fold-zero-var-eps-0", bn_var(0.0, eps=0.0), lambda m, d: rc.fold(m), UnsupportedError,
+     "4.running_var[2] = 0 with eps=0: var + eps is 0"),
+    ("linearize-zero-var-eps-0", bn_var(0.0, eps=0.0), lambda m, d: rc.linearize(m, init="from_bn"),
+     UnsupportedError, "4.running_var[2] = 0 with eps=0"),
+    ("fold-overflow", overflowing, lambda m, d: rc.fold(m), rc.VerificationError,
+     "region 3 -> 4: the original modules give NaN/inf on a random input"),
+    ("fold-torchscript", lambda: torch.jit.script(conv_bn()), lambda m, d: rc.fold(m), UnsupportedError,
+     "TorchScript modules cannot be traced"),
+    # fold / deploy options
+    ("fold-rules-dict", conv_bn, lambda m, d: rc.fold(m, rules={}), UnsupportedError,
+     "fold: rules must be a RuleRegistry (or None for the global one), got dict"),
+    ("deploy-rules-int", conv_bn, lambda m, d: rc.deploy(m, rules=3), UnsupportedError, "deploy: rules must be a"),
+    ("fold-inplace-str", conv_bn, lambda m, d: rc.fold(m, inplace="no"), UnsupportedError,
+     "fold: inplace must be True or False, got 'no'"),
+    ("fold-verify-int", conv_bn, lambda m, d: rc.fold(m, verify=0), UnsupportedError, "verify must be True or False"),
+    ("deploy-merge-convs-str", conv_bn, lambda m, d: rc.deploy(m, merge_convs="yes"), UnsupportedError,
+     "deploy: merge_convs must be True or False"),
+    ("fold-report-none", conv_bn, lambda m, d: rc.fold(m, return_report=None), UnsupportedError,
+     "return_report must be True or False"),
+    ("fold-inputs-int", conv_bn, lambda m, d: rc.fold(m, 3), UnsupportedError,
+     "example_inputs must be a tensor or a tuple"),
+    # linearize / linearize_regions
+    ("linearize-post-bn-str", conv_bn, lambda m, d: rc.linearize(m, post_bn="no"), UnsupportedError,
+     "linearize: post_bn must be True or False"),
+    ("linearize-rules-dict", conv_bn, lambda m, d: rc.linearize(m, rules={}), UnsupportedError, "rules must be a"),
+    ("linearize-init", conv_bn, lambda m, d: rc.linearize(m, init="bn"), UnsupportedError, "init must be one of"),
+    ("linearize-nan", with_nan, lambda m, d: rc.linearize(m), UnsupportedError, "non-finite weights"),
+    ("linearize-regions-non-module", lambda: 3, lambda m, d: rc.linearize_regions(m), UnsupportedError,
+     "linearize_regions expects an nn.Module, got int"),
+    ("linearize-regions-mode", conv_bn, lambda m, d: rc.linearize_regions(m, mode="train"), UnsupportedError,
+     "mode must be one of"),
+    ("linearize-regions-verify-str", conv_bn, lambda m, d: rc.linearize_regions(m, verify="yes"), UnsupportedError,
+     "verify must be True or False"),
+    # orepa_transform
+    ("transform-prior-3", conv_bn, lambda m, d: rc.orepa_transform(m, block_options={"prior": 3}), UnsupportedError,
+     "prior must be one of ('dct', 'official', None), got 3"),
+    ("transform-weight-init-bad", conv_bn, lambda m, d: rc.orepa_transform(m, block_options={"weight_init": "x"}),
+     UnsupportedError, "weight_init must be one of"),
+    ("transform-bool-option-str", conv_bn,
+     lambda m, d: rc.orepa_transform(m, block_options={"depthwise_separable": "no"}), UnsupportedError,
+     "block_options['depthwise_separable'] must be True or False"),
+    ("transform-options-list", conv_bn, lambda m, d: rc.orepa_transform(m, block_options=[("prior", None)]),
+     UnsupportedError, "block_options must be a dict, got list"),
+    ("transform-insert-bn-str", conv_bn, lambda m, d: rc.orepa_transform(m, insert_bn="no"), UnsupportedError,
+     "insert_bn must be True, False or None, got 'no'"),
+    ("transform-post-bn-int", conv_bn, lambda m, d: rc.orepa_transform(m, post_bn=0), UnsupportedError,
+     "post_bn must be True or False"),
+    ("transform-inplace-str", conv_bn, lambda m, d: rc.orepa_transform(m, inplace="no"), UnsupportedError,
+     "inplace must be True or False"),
+    ("transform-block-int", conv_bn, lambda m, d: rc.orepa_transform(m, block=3), rc.RegistrationError,
+     "no block named 3"),
+    ("transform-policy-int", conv_bn, lambda m, d: rc.orepa_transform(m, policy=3), UnsupportedError,
+     "policy must be"),
+    ("transform-init", conv_bn, lambda m, d: rc.orepa_transform(m, init="conv"), UnsupportedError,
+     "init must be one of"),
+    # export
+    ("export-path-int", conv_bn, lambda m, d: rc.export(m, 3, X), UnsupportedError,
+     "export: path must be a str or an os.PathLike, got int"),
+    ("export-path-bytes", conv_bn, lambda m, d: rc.export(m, os.fsencode(_out(d, "m.onnx")), X), UnsupportedError,
+     "decode a bytes path first"),
+    ("export-path-empty", conv_bn, lambda m, d: rc.export(m, "", X), UnsupportedError, "export: path is empty"),
+    ("export-format-int", conv_bn, lambda m, d: rc.export(m, _out(d, "m.onnx"), X, format=3), UnsupportedError,
+     "format must be a string"),
+    ("export-deploy-str", conv_bn, lambda m, d: rc.export(m, _out(d, "m.onnx"), X, deploy="no"), UnsupportedError,
+     "export: deploy must be True or False"),
+    ("export-optimize-str", conv_bn, lambda m, d: rc.export(m, _out(d, "m.onnx"), X, onnx_optimize="no"),
+     UnsupportedError, "onnx_optimize must be True, False or None"),
+    ("export-float64-onnx", lambda: conv_bn().double(), lambda m, d: rc.export(m, _out(d, "m.onnx"), X.double()),
+     UnsupportedError, "no float64 Conv kernel"),
+    ("export-returns-none", ReturnsNone, lambda m, d: rc.export(m, _out(d, "m.onnx"), X), UnsupportedError,
+     "ReturnsNone returns no tensor (its output is NoneType)"),
+    ("export-rtol-str", conv_bn, lambda m, d: rc.export(m, _out(d, "m.onnx"), X, rtol="1e-4"), UnsupportedError,
+     "rtol must be a number"),
+    # quant_report, accumulate, tracing
+    ("quant-report-bits-str", conv_bn, lambda m, d: rc.quant_report(m, X, bits="8"), UnsupportedError,
+     "bits must be an integer"),
+    ("quant-report-inputs-none", conv_bn, lambda m, d: rc.quant_report(m, None), UnsupportedError,
+     "calibration_inputs must be"),
+    ("accumulate-non-module", lambda: 3, lambda m, d: rc.accumulate(m), UnsupportedError,
+     "model must be an nn.Module"),
+    ("trace-model-non-module", lambda: 3, lambda m, d: rc.trace_model(m), rc.TraceError,
+     "trace_model expects an nn.Module"),
+    ("trace-model-rules", conv_bn, lambda m, d: rc.trace_model(m, rules={}), UnsupportedError,
+     "trace_model: rules must be a RuleRegistry"),
+    ("trace-model-leaves-int", conv_bn, lambda m, d: rc.trace_model(m, extra_leaves=3), rc.TraceError,
+     "extra_leaves must be a list or tuple of nn.Module subclasses"),
+    ("trace-units-non-module", lambda: 3, lambda m, d: rc.trace_units(m), rc.TraceError,
+     "trace_units expects an nn.Module"),
+    # registration
+    ("register-rule-not-callable", lambda: None, _expect_registered(lambda: rc.register_rule(_Leaf, 3)),
+     rc.RegistrationError, "must be callable"),
+    ("register-rule-override-str", lambda: None,
+     _expect_registered(lambda: rc.register_rule(_Leaf, lambda m: None, override="no")), rc.RegistrationError,
+     "override must be True or False"),
+    ("register-rule-target-str", lambda: None, _expect_registered(lambda: rc.register_rule("Conv2d", lambda m: None)),
+     rc.RegistrationError, "rule target must be a module type or a function"),
+    ("register-block-override-str", lambda: None,
+     _expect_registered(lambda: rc.register_block("bad_row_block", lambda g: None, override="no")),
+     rc.RegistrationError, "override must be True or False"),
+    ("register-block-empty-name", lambda: None, _expect_registered(lambda: rc.register_block("", lambda g: None)),
+     rc.RegistrationError, "non-empty string"),
+    ("register-block-duplicate", lambda: None, _expect_registered(lambda: rc.register_block("orepa", lambda g: None)),
+     rc.RegistrationError, "already registered (pass override=True)"),
+]
+
+
 # (id, model factory, call(model, tmp), expected exception or None, message/report fragment, monkeypatch)
 ROWS: list[tuple[str, Callable[[], Any], Callable[[Any, Path], Any], type | None, str, Any]] = [
     ("fold-non-module", lambda: (lambda t: t), lambda m, d: rc.fold(m), UnsupportedError, "expects an nn.Module", None),
@@ -176,7 +339,8 @@ ROWS: list[tuple[str, Callable[[], Any], Callable[[Any, Path], Any], type | None
 
 
 def _snapshot(model: Any) -> Any:
-    if not isinstance(model, nn.Module) or any(t.is_meta for t in model.state_dict().values()):
+    if not isinstance(model, nn.Module) or any(t.is_meta or isinstance(t, nn.parameter.UninitializedTensorMixin)
+                                               for t in model.state_dict().values()):
         return None if not isinstance(model, nn.Module) else [(n, p.requires_grad) for n, p in model.named_parameters()]
     return ({k: v.clone() for k, v in model.state_dict().items()},
             [(n, p.requires_grad) for n, p in model.named_parameters()], [m.training for m in model.modules()])
@@ -210,6 +374,17 @@ def test_library_bad_input(case: tuple, tmp_path: Path, monkeypatch: pytest.Monk
         assert "Traceback" not in str(info.value)
     assert _same(before, _snapshot(model)), "the caller's model was modified"
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporaries left
+
+
+@pytest.mark.parametrize("case", ENTRY_ROWS, ids=[r[0] for r in ENTRY_ROWS])
+def test_entry_point_bad_argument(case: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each public entry point checks its arguments up front: the library's error (one
+    of its subclasses) naming the argument, the caller's model unchanged, nothing written,
+    nothing registered."""
+    name, make, call, error, fragment = case
+    test_library_bad_input((name, make, call, error, fragment, None), tmp_path, monkeypatch)
+    assert "bad_row_block" not in rc.available_blocks()
+    assert rc.lookup_rule(_Leaf()) is None
 
 
 def test_opaque_reasons_lists_each_with_its_reason() -> None:
@@ -294,6 +469,9 @@ TINY = "test_cli_models:tiny_net"
     (["export", TINY, "-o", "{tmp}/x.pt2", "--opset", "17"], EXIT_ERROR, "opset applies only to ONNX"),
     (["export", TINY, "-o", "{tmp}/x.onnx", "--rtol", "-1"], EXIT_ERROR, "rtol must be >= 0"),
     (["export", TINY, "-o", "{tmp}/no/x.onnx"], EXIT_ERROR, "does not exist"),
+    (["export", TINY, "-o", "{tmp}/x.onnx", "--opset", "3"], EXIT_ERROR, "opset must be an integer >= 7"),
+    (["transform", TINY, "--block", "nope", "-o", "{tmp}/x.pt"], EXIT_ERROR, "no block named 'nope'"),
+    (["deploy", "test_cli_models:not_a_module", "-o", "{tmp}/x.pt"], EXIT_ERROR, "int"),
 ])
 def test_cli_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list, code: int, fragment: str) -> None:
     _write_files(tmp_path)

@@ -119,11 +119,35 @@ class _CaptureFx(CaptureTracerMixin, fx.Tracer):
     pass
 
 
+def _targets(graph: fx.Graph) -> list:
+    return [(n.op, n.target) for n in graph.nodes]
+
+
 def test_same_graph_as_plain_fx_where_plain_fx_traces():
+    """Node for node the graph of plain fx, except that ``out += identity`` is the in-place
+    ``operator.iadd`` (plain fx records ``out + identity`` and loses the write)."""
     m = torchvision.models.resnet18().eval()
-    plain = fx.GraphModule(m, _PlainFx().trace(m)).code
-    captured = fx.GraphModule(m, _CaptureFx().trace(m)).code
-    assert plain == captured
+    plain = _targets(_PlainFx().trace(m))
+    captured = _targets(_CaptureFx().trace(m))
+    assert [(op, operator.add if t is operator.iadd else t) for op, t in captured] == plain
+    assert sum(t is operator.iadd for _, t in captured) == 8  # one per BasicBlock
+
+
+def test_augmented_assignment_keeps_its_write():
+    """``y = x; x += 1`` then reading ``y``: eager code sees the write, so must the graph."""
+
+    class Alias(nn.Module):
+        def forward(self, x):
+            x = x.clone()
+            y = x
+            x += 1.0
+            return y * 2
+
+    m = Alias()
+    gm = capture(m)
+    x = torch.randn(3)
+    assert torch.equal(gm(x), m(x))
+    assert not torch.equal(fx.symbolic_trace(m)(x), m(x))  # what plain fx records
 
 
 class _Child(nn.Module):

@@ -14,9 +14,15 @@ could merge into a conv without growing the kernel. Checked by
 returning nothing on the re-traced folded model. So when a maximal region is refused
 (bias under zero padding, a kernel that would grow), its best exact sub-regions must
 have been folded (issue 15 item 7).
+
+The same programs with adversarial user code added (reads of parameters and buffers
+outside their modules, in-place writes into tensors read again, conv subclasses
+overriding ``_conv_forward``, hooks): ``fold`` without inputs never changes an output.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -55,6 +61,12 @@ class DagNet(nn.Module):
                 v = F.pad(a, [1, 1, 1, 1])
             elif op == "scale":
                 v = a * 0.5
+            elif op == "readw":  # a conv's weight read outside the conv
+                v = a * (1.0 + self.ops[name].weight.abs().mean())
+            elif op == "readbn":  # a BN's buffer read outside the BN
+                v = a + self.ops[name].running_var.mean()
+            elif op == "mul_":  # an in-place write into a value that may be read again later
+                v = a.mul_(1.5)
             else:  # pragma: no cover
                 raise AssertionError(op)
             vals.append(v)
@@ -181,6 +193,71 @@ def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), report
     left = undone_folds(trace_model(folded))
     assert not left, f"exact folds left undone: {left}\n{report}\nprogram: {net.program}"
+
+
+class DoubledConv(nn.Conv2d):
+    """A conv subclass overriding ``_conv_forward`` (not ``forward``): not a plain conv."""
+
+    def _conv_forward(self, x, w, b):
+        return F.conv2d(x, 2.0 * w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _insert(program: list, p: int, entry: tuple) -> list:
+    """``program`` with ``entry`` inserted before position ``p`` (value indices after it
+    shift by one; ``entry`` reads values before it)."""
+    out = list(program[:p]) + [entry]
+    for op, ins, name in program[p:]:
+        out.append((op, tuple(i + 1 if i >= p + 1 else i for i in ins), name))
+    return out
+
+
+def _adversarial(net: DagNet, draw) -> DagNet:
+    """``net`` with user-code patterns a fold must see: reads of conv weights and BN
+    buffers outside their modules, in-place writes into values read again later, conv
+    subclasses overriding ``_conv_forward``, a forward hook on a conv, a forward hook of
+    the model reading a conv's weight."""
+    program, mods = list(net.program), dict(net.ops.items())
+    convs = [n for n, m in mods.items() if type(m) is nn.Conv2d]
+    bns = [n for n, m in mods.items() if isinstance(m, nn.BatchNorm2d)]
+    for n in convs:
+        if draw(st.integers(0, 3)) == 0:  # a subclass with the same parameters
+            old = mods[n]
+            new = DoubledConv(old.in_channels, old.out_channels, old.kernel_size, padding=old.padding,
+                              groups=old.groups, bias=old.bias is not None).double()
+            new.load_state_dict(old.state_dict())
+            mods[n] = new
+    for _ in range(draw(st.integers(1, 3))):
+        kinds = ["mul_"] + (["readw"] if convs else []) + (["readbn"] if bns else [])
+        kind = draw(st.sampled_from(kinds))
+        p = draw(st.integers(0, len(program)))
+        src = draw(st.integers(0, p))
+        name = draw(st.sampled_from(convs if kind == "readw" else bns if kind == "readbn" else [""]))
+        program = _insert(program, p, (kind, (src,), name))
+    out = DagNet(program, mods).double().eval()
+    if convs and draw(st.booleans()):
+        out.ops[draw(st.sampled_from(convs))].register_forward_hook(lambda m, a, o: o * 1.25)
+    if convs and draw(st.booleans()):
+        name = draw(st.sampled_from(convs))
+        out.register_forward_hook(lambda m, a, o, _n=name: o * (1.0 + m.ops[_n].weight.abs().mean()))
+    return out
+
+
+@settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow])
+@given(dag_nets(), st.data())
+def test_fold_without_inputs_sees_reads_writes_overrides_and_hooks(case, data):
+    """``fold`` without inputs (no numeric check of the whole model) never changes an
+    output of random programs with reads of parameters and buffers, in-place writes into
+    tensors read twice, conv subclasses overriding ``_conv_forward`` and hooks."""
+    net, c0 = case
+    net = _adversarial(net, data.draw)
+    x = torch.randn(2, c0, SIZE, SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        want = copy.deepcopy(net)(x.clone())
+    folded, report = repcompiler.fold(net, return_report=True)
+    with torch.no_grad():
+        got = folded(x.clone())
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), f"{report}\nprogram: {net.program}"
 
 
 @settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])

@@ -9,6 +9,12 @@ those nodes are linear and none of their values (except ``e``'s) is used outside
 Validity is monotone along the dominator chain, so the walk stops at the first
 invalid entry (:func:`entry_candidates`).
 
+A region whose entry is written in place between its reads (``x.mul_(3)`` between two
+branches reading ``x``, through any alias of ``x``; :mod:`repcompiler.effects`) is not
+valid either: folded, it would read the entry once. Writes only get more numerous up
+the chain, so the walk stops there too, and the refused candidate is kept in
+``LoweredGraph.refusals`` for the report.
+
 Identity calls are **aliases**: a chain of ``nn.Identity`` calls starting at the entry
 computes the entry's value, so it may be used outside the region too (e.g. a skip
 branch's identity that another block also reads). Such a chain is left out of the
@@ -24,7 +30,7 @@ import torch.fx as fx
 
 from .lowering import LoweredGraph
 
-__all__ = ["Candidate", "dominators", "entry_candidates"]
+__all__ = ["Candidate", "dominators", "entry_candidates", "written_between_reads"]
 
 ROOT = "__root__"
 
@@ -58,11 +64,31 @@ def entry_candidates(g: LoweredGraph, idom: dict[Hashable, Hashable], e: fx.Node
         found = _closure(g, e, d, assigned)  # type: ignore[arg-type]
         if found is None:
             break
+        why = written_between_reads(g, d, e, *found)  # type: ignore[arg-type]
+        if why:
+            g.refusals.setdefault(e, (d, *found, why))  # type: ignore[arg-type]
+            break
         if not cands or found[0] != cands[-1][1]:  # same body from further up: d is an alias
             cands.append((d, *found))  # type: ignore[arg-type]
         nd = idom.get(d)
         d = None if nd is d else nd
     return cands
+
+
+def written_between_reads(g: LoweredGraph, d: fx.Node, e: fx.Node, body: set[fx.Node],
+                          aliases: list[fx.Node]) -> str:
+    """Why the region ``(d, e)`` does not read one value, or ``''``: its entry (or a value
+    sharing its storage) is written in place at or after the region's first read of it
+    and up to its exit. Folded, the region reads the entry once, at the exit."""
+    entry = {d, *aliases}
+    reads = [g.order[n] for n in body if any(a in entry for a in n.all_input_nodes)]
+    if not reads:
+        return ""
+    w = g.effects.writer_between(entry, min(reads), g.order[e])
+    if w is None:
+        return ""
+    return (f"its input {d.name} is modified in place by {w.name} ({w.format_node()}) between the region's reads "
+            "of it: the branches do not read one value")
 
 
 def _closure(

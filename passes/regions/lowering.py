@@ -5,8 +5,10 @@ node: whether it is a constant (computed from parameters and buffers only), its
 **kind** (``unary`` - a module/function with a lowering rule; ``sum``/``cat`` - a
 parallel sum or channel concat of branches; ``elementwise`` - an activation the
 region stops at; ``shared`` - a module called or registered more than once;
-``opaque`` - anything else), its channel count and dimensionality, and for ``unary``
-nodes the algebra expression its rule lowers it to.
+``pinned`` - a module whose tensors or submodules something else uses
+(:mod:`repcompiler.uses`), the reason in ``why``; ``opaque`` - anything else), its
+channel count and dimensionality, and for ``unary`` nodes the algebra expression its
+rule lowers it to.
 
 Lowering:
 
@@ -16,6 +18,11 @@ Lowering:
   ``x.add(y)`` is looked up as ``torch.add``);
 * ``a + b`` / ``torch.add`` / ``a - b`` of two data values: parallel sum;
   ``torch.cat([...], dim=1)``: channel concat.
+
+Effects: :class:`~repcompiler.effects.Effects` of the graph (in-place writes and the
+values they reach through aliases). A value written in place is not a constant (nor is
+a node that writes), and a region whose entry is written between its reads is invalid
+(:mod:`~repcompiler.passes.regions.dominance`).
 
 Channel counts for parameter-free leaves (identity, average pooling, padding) come
 from ``ShapeProp`` metadata when the graph was shape-propagated, otherwise they are
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
@@ -35,7 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import algebra as A
+from ...effects import Effects
 from ...rules import INPUT, FunctionCall, LowerInfo, RuleRegistry
+from ...uses import graph_pins
 
 __all__ = [
     "LoweredGraph",
@@ -88,7 +97,8 @@ class LoweredGraph:
     """Per-graph analysis state: constants, node kinds, channels/dims and lowerings
     (see the module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, rules: RuleRegistry, shared: frozenset[int]) -> None:
+    def __init__(self, gm: fx.GraphModule, rules: RuleRegistry, shared: frozenset[int],
+                 pinned: Mapping[str, str] | None = None) -> None:
         self.gm = gm
         self.rules = rules
         self.nodes = [n for n in gm.graph.nodes]
@@ -108,12 +118,24 @@ class LoweredGraph:
                 calls[str(n.target)] = calls.get(str(n.target), 0) + 1
         self.calls = calls
         self.shared = shared
+        self.pinned: dict[str, str] = {**graph_pins(gm), **(pinned or {})}
+        """Module targets used other than by their call (:mod:`repcompiler.uses`) -> reason."""
+        self.why: dict[fx.Node, str] = {}
+        """Why a module call with a rule is not linear here (``pinned`` nodes)."""
+        self.effects = Effects(gm, rules.describes)
+        self.refusals: dict[fx.Node, tuple[fx.Node, set[fx.Node], list[fx.Node], str]] = {}
+        """Exit -> the first larger region ending there that in-place writes made invalid:
+        ``(entry, body, aliases, reason)`` (:mod:`~repcompiler.passes.regions.dominance`)."""
 
     # -- constants ---------------------------------------------------------------
     def constant(self, n: fx.Node) -> bool:
         if n in self.is_const:
             return self.is_const[n]
-        if n.op == "get_attr":
+        # a value written in place (a buffer updated in forward, or anything sharing its
+        # storage) is not a constant, nor is a node that writes: evaluating it would write
+        if n in self.effects.writers or self.effects.written(n):
+            res = False
+        elif n.op == "get_attr":
             res = True
         elif n.op in ("call_function", "call_method") and n.all_input_nodes:
             res = all(self.constant(a) for a in n.all_input_nodes)
@@ -157,6 +179,9 @@ class LoweredGraph:
                 return "elementwise" if isinstance(m, ELEMENTWISE_MODULES) else "opaque"
             if (self.calls[str(n.target)] > 1 or id(m) in self.shared) and type(m) is not nn.Identity:
                 return "shared"
+            if str(n.target) in self.pinned:
+                self.why[n] = f"{n.target} is kept: {self.pinned[str(n.target)]}"
+                return "pinned"
             return "unary"
         if n.op not in ("call_function", "call_method"):
             return "opaque"
@@ -200,7 +225,7 @@ class LoweredGraph:
                 self.chan[n] = int(shape[1])
                 self.dims[n] = len(shape) - 2
         for n, k in self.kind.items():
-            if n.op == "call_module" and k in ("unary", "shared"):
+            if n.op == "call_module" and k in ("unary", "shared", "pinned"):
                 m = fetch_attr(self.gm, str(n.target))
                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                     self._set(self.chan, self.data_in[n][0], m.in_channels)

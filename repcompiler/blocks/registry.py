@@ -103,6 +103,8 @@ def register_block(name: str, build: BlockBuilder, *, override: bool = False) ->
         raise RegistrationError(f"a block name must be a non-empty string, got {name!r}")
     if not callable(build):
         raise RegistrationError(f"block {name!r}: build must be callable, got {type(build).__name__}")
+    if not isinstance(override, bool):
+        raise RegistrationError(f"block {name!r}: override must be True or False, got {override!r}")
     if name in _BLOCKS and not override:
         raise RegistrationError(f"a block named {name!r} is already registered (pass override=True)")
     _BLOCKS[name] = build

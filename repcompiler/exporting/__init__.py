@@ -44,9 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from ..deploy import deploy as deploy_model
-from ..entry import check_model
 from ..errors import TraceError, UnsupportedError, VerificationError, first_line
-from ..inputs import as_inputs, check_tolerances, check_weights, run_example
+from ..inputs import as_inputs, check_flags, check_model, check_path, check_tolerances, check_weights, run_example
 from ..io import atomic_dir, check_output_path
 from ..online import OfflineBlock, OnlineConv
 from ..progress import Stages
@@ -230,6 +229,9 @@ def export(
     """
     t0 = time.perf_counter()
     check_model(model, "export")
+    path = check_path(path, "export")
+    check_flags("export", deploy=deploy, dynamic_batch=dynamic_batch, verify=verify, progress=progress,
+                onnx_optimize=onnx_optimize, optional=("onnx_optimize",))
     fmt = resolve_format(path, format)
     check_options(fmt, opset=opset, onnx_exporter=onnx_exporter, onnx_optimize=onnx_optimize,
                   torchscript_method=torchscript_method)
@@ -238,17 +240,23 @@ def export(
     args = _tensor_inputs(example_inputs)
     dest = check_output_path(path)
     check_weights(model, "export")
-    check_dtypes(fmt, [t.dtype for t in (*model.parameters(), *args)], verify=verify)
+    check_dtypes(fmt, [t.dtype for t in (*model.parameters(), *args)], verify=verify,
+                 convs=any(isinstance(m, (nn.modules.conv._ConvNd, OnlineConv, OfflineBlock)) for m in model.modules()))
     flags = [(m, m.training) for m in model.modules()]
     stages = ["deploy", "export", "verify"] if verify else ["deploy", "export"]
     try:
         model.eval()
         with Stages(f"export {dest.name}", stages, enabled=progress) as bar:
             bar.start("deploy")
-            ref = run_flat(lambda *a: run_example(model, a, "export"), args)
+            eager = run_example(model, args, "export")
+            ref = run_flat(lambda *a: eager, args)
+            if not ref:
+                raise UnsupportedError(f"export: {type(model).__name__} returns no tensor (its output is "
+                                       f"{type(eager).__name__}); an artifact would have no outputs - make forward "
+                                       "return the tensors to export")
             d_rtol, d_atol = default_tolerances(t.dtype for t in ref)
             rtol, atol = (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
-            ref_other = run_flat(model, _other_batch(args)) if verify and dynamic_batch else []
+            ref_other = run_flat(lambda *a: run_example(model, a, "export"), _other_batch(args)) if verify and dynamic_batch else []
             target, report = (deploy_model(model, args, inplace=False, verify=verify, return_report=True)
                               if deploy else (model, None))
             bar.done()

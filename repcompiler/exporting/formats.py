@@ -66,6 +66,8 @@ _SUFFIXES = {
 
 def normalize_format(fmt: str) -> str:
     """Canonical format name; raises :class:`UnsupportedError` for an unknown one."""
+    if not isinstance(fmt, str):
+        raise UnsupportedError(f"export: format must be a string ({', '.join(FORMATS)}) or None, got {fmt!r}")
     key = fmt.strip().lower().replace("-", "_")
     if key not in _ALIASES:
         raise UnsupportedError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -133,10 +135,17 @@ def default_tolerances(dtypes: Iterable[torch.dtype]) -> tuple[float, float]:
     return rtol, rtol / 10
 
 
-def check_dtypes(fmt: str, dtypes: Iterable[torch.dtype], *, verify: bool) -> None:
+def check_dtypes(fmt: str, dtypes: Iterable[torch.dtype], *, verify: bool, convs: bool = True) -> None:
     """Refuse a dtype the format's runtime cannot run when the artifact is to be
-    verified: onnxruntime has no bfloat16 convolution kernels."""
+    verified: onnxruntime has no bfloat16 convolution kernels, and (CPU) no float64
+    ones (``convs``: the model has convolutions)."""
     found = set(dtypes)
+    if fmt == "onnx" and verify and convs and torch.float64 in found:
+        raise UnsupportedError(
+            "export: the model computes in float64, and onnxruntime's CPU provider has no float64 Conv kernel, so "
+            "the ONNX artifact cannot be verified; export model.float() (with float inputs), use "
+            "format='exported_program'/'torchscript', or pass verify=False"
+        )
     if fmt == "onnx" and verify and torch.bfloat16 in found:
         raise UnsupportedError(
             "export: the model computes in bfloat16, which onnxruntime cannot run (no bfloat16 Conv kernel), so "

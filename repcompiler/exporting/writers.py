@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import TraceError, UnsupportedError, first_line
+from ..isolation import preserved_state
 from .formats import MIN_DYNAMO_OPSET
 
 __all__ = ["write_artifact", "load_artifact", "onnx_opset", "onnx_op_counts", "run_flat"]
@@ -194,13 +195,16 @@ def write_artifact(model: nn.Module, args: tuple[Tensor, ...], out: Path, *, fmt
                    n_outputs: int, opset: int | None, onnx_exporter: str, onnx_optimize: bool,
                    torchscript_method: str) -> str:
     """Write ``model`` to ``out`` in ``fmt``; returns the exporter used (``"dynamo"`` /
-    ``"torchscript"`` for ONNX, ``"trace"`` / ``"script"``, ``"torch.export"``)."""
-    if fmt == "onnx":
-        return _export_onnx(model, args, out, n_outputs=n_outputs, dynamic=dynamic, exporter=onnx_exporter,
-                            opset=opset, optimize=onnx_optimize)
-    if fmt == "torchscript":
-        return _export_torchscript(model, args, out, method=torchscript_method)
-    return _export_program(model, args, out, dynamic=dynamic)
+    ``"torchscript"`` for ONNX, ``"trace"`` / ``"script"``, ``"torch.export"``). The
+    exporters run ``model``: its state is restored afterwards
+    (:func:`repcompiler.isolation.preserved_state`)."""
+    with preserved_state(model):
+        if fmt == "onnx":
+            return _export_onnx(model, args, out, n_outputs=n_outputs, dynamic=dynamic, exporter=onnx_exporter,
+                                opset=opset, optimize=onnx_optimize)
+        if fmt == "torchscript":
+            return _export_torchscript(model, args, out, method=torchscript_method)
+        return _export_program(model, args, out, dynamic=dynamic)
 
 
 def load_artifact(fmt: str, path: Path) -> Callable[..., list[Tensor]]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedError, check_choice
-from ..inputs import as_inputs
+from ..inputs import as_inputs, check_model
 from .fake import channel_sqnr_db, check_bits, power_ratio_db, sqnr_db
 from .rows import QuantLayerRow, QuantReport
 from .sim import QuantSim, SimLayer
@@ -172,6 +172,7 @@ def quant_report(
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedError(f"{_TITLE}: model must be an nn.Module, got {type(model).__name__}")
+    check_model(model, _TITLE)
     bits = check_bits(bits, _TITLE)
     check_choice("weight_mode", weight_mode, WEIGHT_MODES, owner=_TITLE)
     if isinstance(per_channel_axis, bool) or not isinstance(per_channel_axis, int):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import IncompatibleError, RepCompilerError, UnsupportedError, first_line
+from ..isolation import isolated_call
 from ..online import OfflineBlock, OnlineConv
 from .fake import channel_observer, fake_quantize_per_tensor, fake_quantize_weight, tensor_observer
 
@@ -176,10 +177,10 @@ class QuantSim:
 
     # -- runs --------------------------------------------------------------------------
     def forward(self, inputs: tuple[Any, ...], index: int) -> list[Tensor]:
-        """Run the copy on one batch; the floating output tensors."""
+        """Run the copy on one batch (from the same state every time: a ``forward`` that
+        updates a buffer does not drift the later runs); the floating output tensors."""
         try:
-            with torch.no_grad():
-                out = self.model(*inputs)
+            out = isolated_call(self.model, inputs)
         except RepCompilerError:
             raise
         except Exception as exc:
