@@ -20,6 +20,15 @@ leading dims (``flatten``, ``reshape``, ``view``; LeViT's
 ``bn(x.flatten(0, 1)).reshape_as(x)``) are allowed when the metadata shows the last
 dim unchanged; the Linear's output may also be read for its shape only.
 
+A Linear applied **channels-last** (token mixers and MLP blocks: ``fc`` on NHWC, then
+``permute(0, 3, 1, 2)`` and a ``BatchNorm2d``; ``fc`` on ``(B, N, C)`` tokens, then
+``transpose(1, 2)`` and a ``BatchNorm1d``) folds the same way (``Linear -> BN``):
+the permute moves the Linear's output features (its last dim) to dim 1, the dim any
+BatchNorm normalises, so the BN is a per-feature affine of the Linear's output, for
+every input. Only a permute / transpose / movedim that provably moves the last dim
+to dim 1 (from its own dims, or the shape metadata for ``transpose(1, 2)``) and whose
+value nothing else reads qualifies.
+
 The folded Linear is installed at the Linear's qualified name and the BN's becomes
 ``nn.Identity`` (as :func:`repcompiler.fold` does for module-only regions), both in the
 graph module and, when given, in the module the graph was traced from; every fold is
@@ -142,6 +151,68 @@ def _shape_only_use(u: fx.Node, n: fx.Node) -> bool:
     return u.op == "call_function" and getattr(u.target, "__name__", "") == "getattr" and u.args[1:2] == ("shape",)
 
 
+_BN_RANKS = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+
+
+def _plain_bn(m: Any) -> bool:
+    """A built-in BatchNorm1d/2d/3d in eval mode with running statistics, no hooks."""
+    return (type(m) in _BN_RANKS and not m.training and m.running_mean is not None
+            and not (m._forward_hooks or m._forward_pre_hooks))
+
+
+def _int_dims(args: Any) -> list[int] | None:
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = args[0]
+    return list(args) if all(isinstance(a, int) and not isinstance(a, bool) for a in args) else None
+
+
+def _last_to_channels(u: fx.Node, n: fx.Node, rank: int | None) -> bool:
+    """``u`` moves ``n``'s last dim to dim 1 (channels-last back to channels-first):
+    ``n.permute(0, 3, 1, 2)``, ``n.transpose(1, 2)`` of a 3-d value, ``n.movedim(-1, 1)``.
+    ``rank``: ``n``'s rank when known otherwise (shape metadata wins)."""
+    if u.op not in ("call_function", "call_method") or not u.args or u.args[0] is not n or u.kwargs:
+        return False
+    name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+    rank = _rank(n) if _rank(n) is not None else rank
+    rest = u.args[1:]
+    if name == "permute":
+        dims = _int_dims(rest)
+        if dims is None or len(dims) < 2 or (rank is not None and rank != len(dims)):
+            return False
+        r = len(dims)
+        return sorted(d % r for d in dims) == list(range(r)) and dims[1] % r == r - 1
+    if name in ("transpose", "swapaxes", "movedim", "moveaxis"):
+        dims = _int_dims(rest)
+        if dims is None or len(dims) != 2:
+            return False
+        a, b = dims
+        if name in ("movedim", "moveaxis"):
+            return b == 1 and (a == -1 or (rank is not None and a == rank - 1))
+        last = {-1} | ({rank - 1} if rank is not None else set())
+        return (a == 1 and b in last) or (b == 1 and a in last)
+    return False
+
+
+def _bn_after_channels_last(gm: fx.GraphModule, lin: fx.Node) -> fx.Node | None:
+    """The BatchNorm that normalises ``lin``'s output features after a permute moving
+    them back to dim 1 (a Linear applied channels-last: ``bn(fc(x.permute(0, 2, 3,
+    1)).permute(0, 3, 1, 2))``, ``bn1d(fc(tokens).transpose(1, 2))``), when nothing
+    else reads the Linear's or the permute's value."""
+    users = [u for u in lin.users if not _shape_only_use(u, lin)]
+    if len(users) != 1:
+        return None
+    perm = users[0]
+    after = [u for u in perm.users if not _shape_only_use(u, perm)]
+    if len(after) != 1 or not _plain_bn(_module(gm, after[0])) or after[0].args[:1] != (perm,):
+        return None
+    bn = _module(gm, after[0])
+    # the BN accepts one rank (BatchNorm1d after a permute: 3, as a 2-d value has no dim
+    # 2 to move): wherever the model runs, the permuted value has it
+    if not _last_to_channels(perm, lin, _BN_RANKS[type(bn)]):
+        return None
+    return after[0] if bn.num_features == gm.get_submodule(str(lin.target)).out_features else None
+
+
 def _bn_after(gm: fx.GraphModule, lin: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """The BN1d that reads ``lin``'s value (directly or through leading-dim merges)
     and the merge nodes in between, when nothing else reads the value."""
@@ -190,6 +261,10 @@ class FoldLinearBN(GraphPass):
             if pair is not None:
                 modified |= self._apply(gm, n, pair[0], bn_first=False, kept=kept)
                 continue
+            bn_node = _bn_after_channels_last(gm, n)
+            if bn_node is not None:
+                modified |= self._apply(gm, n, bn_node, bn_first=False, kept=kept)
+                continue
             prev = n.args[0]
             while (isinstance(_module(gm, prev), (nn.Dropout, nn.Identity)) and not _module(gm, prev).training
                    and len(prev.users) == 1 and len(prev.args) == 1):
@@ -206,8 +281,9 @@ class FoldLinearBN(GraphPass):
         lin, bn = gm.get_submodule(str(lin_node.target)), gm.get_submodule(str(bn_node.target))
         fused = fuse_linear_bn(lin, bn, bn_first)  # type: ignore[arg-type]
         x = torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(0)).to(lin.weight)
+        as_bn = (1,) * (_BN_RANKS.get(type(bn), 2) - 2)  # a BN2d/3d reads [N, C, 1, 1(, 1)]
         with torch.no_grad():
-            want = lin(bn(x)) if bn_first else bn(lin(x))
+            want = lin(bn(x)) if bn_first else bn(lin(x).reshape(4, -1, *as_bn)).reshape(4, -1)
             got = fused(x)
         err = float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
         if not err <= 100 * torch.finfo(want.dtype).eps:

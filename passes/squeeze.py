@@ -254,9 +254,38 @@ def squeeze_region(
     region.exit.replace_all_uses_with(new)
     if replaced is not None:
         replaced[region.exit] = new
+    body = set(region.nodes)
+    for n in region.nodes:  # reads of a value's dims (the only uses outside, see find_regions): the
+        if n is not region.exit:  # region's input has those dims too, and is defined before them
+            n.replace_all_uses_with(entry, delete_user_cb=lambda u: u not in body)
+    operands = [a for n in region.nodes for a in n.all_input_nodes if a not in body]
     for n in reversed(region.nodes):
         graph.erase_node(n)
+    _erase_dead_operands(graph, operands)
     return target
+
+
+def _erase_dead_operands(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase the region's constant operands (``self.weight + self.id_tensor``, parameter
+    reads) that nothing reads any more, and what only they read: the module they read
+    may be replaced (a conv traced into and folded whole)."""
+    todo, erased = list(nodes), set()
+    while todo:
+        n = todo.pop()
+        if n in erased or n.users or n.op not in ("get_attr", "call_function", "call_method"):
+            continue
+        if n.is_impure() or (n.op == "call_method" and str(n.target).endswith("_")):
+            continue
+        if any(a.op in ("placeholder",) for a in n.all_input_nodes) or not _constant(n):
+            continue
+        ins = list(n.all_input_nodes)
+        graph.erase_node(n)
+        erased.add(n)
+        todo += ins
+
+
+def _constant(n: fx.Node) -> bool:
+    return n.op == "get_attr" or (bool(n.all_input_nodes) and all(_constant(a) for a in n.all_input_nodes))
 
 
 class SqueezeRegions(GraphPass):

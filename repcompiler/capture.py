@@ -65,6 +65,7 @@ compiler already folds.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import inspect
 import logging
@@ -105,6 +106,9 @@ class CaptureInfo:
     used: list[tuple[str, str]] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)
+    opaque_calls: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, reason)`` of submodules kept as opaque calls because their own
+    ``forward`` does not trace (:func:`repcompiler.tracing.trace_model`)."""
     scaled_bns: list[str] = field(default_factory=list)
     """Targets of training-mode BNs whose BN-and-pad layer was rewritten because they
     become learnable affines (``bns_become_scales``): the rewritten graph is exact only
@@ -241,7 +245,8 @@ class CaptureTracerMixin:
         self._concrete: dict[fx.Node, Any] = {}
         self.capture = CaptureInfo()
         try:
-            graph = super().trace(root, concrete_args)  # type: ignore[misc]
+            with _bn_checks_recorded(root):
+                graph = super().trace(root, concrete_args)  # type: ignore[misc]
         finally:
             self._concrete = {}
         if isinstance(self.root, nn.Module):  # type: ignore[attr-defined]
@@ -312,6 +317,62 @@ class CaptureTracerMixin:
                     if child is mod:
                         return f"{parent_path}.{name}" if parent_path else name
         return super().path_of_module(mod)  # type: ignore[misc]
+
+
+def _bn_ranks() -> dict[Any, tuple[int, int | None]]:
+    bn = nn.modules.batchnorm
+    out: dict[Any, tuple[int, int | None]] = {}
+    for cls, ranks in ((bn.BatchNorm1d, (2, 3)), (bn.BatchNorm2d, (4, 4)), (bn.BatchNorm3d, (5, 5)),
+                       (bn.LazyBatchNorm1d, (2, 3)), (bn.LazyBatchNorm2d, (4, 4)), (bn.LazyBatchNorm3d, (5, 5)),
+                       (nn.SyncBatchNorm, (2, None))):
+        out[cls._check_input_dim] = ranks
+    return out
+
+
+_BN_RANKS = _bn_ranks()
+
+
+def _rank_check(lo: int, hi: int | None, name: str) -> Callable[[Any], None]:
+    """A BatchNorm's input check as graph nodes: ``torch._assert`` on ``input.dim()``."""
+
+    def check(input: Any) -> None:
+        if not isinstance(input, Proxy):
+            d = input.dim()
+            if d < lo or (hi is not None and d > hi):
+                raise ValueError(f"{name}: expected {lo}{'' if hi == lo else '+' if hi is None else f'..{hi}'}D "
+                                 f"input (got {d}D input)")
+            return
+        d = input.dim()
+        ok = (d >= lo) if hi is None else (d >= lo) & (d <= hi)
+        torch._assert(ok, f"{name}: unexpected input rank")
+
+    return check
+
+
+@contextlib.contextmanager
+def _bn_checks_recorded(root: Any) -> Iterator[None]:
+    """While tracing, a built-in BatchNorm's input checks (``_check_input_dim``, which
+    branches on ``input.dim()``, and SyncBatchNorm's non-empty channel check) do not
+    stop the trace of a BatchNorm subclass's own ``forward`` (``super().forward(x)``:
+    timm's ``SyncBatchNormAct``): the rank check becomes an assert on ``input.dim()``
+    in the graph; the channel check is dropped (a zero-channel input fails in the
+    BatchNorm's own call anyway)."""
+    patched: list[nn.Module] = []
+    if isinstance(root, nn.Module):
+        for m in root.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and "_check_input_dim" not in m.__dict__:
+                ranks = _BN_RANKS.get(type(m)._check_input_dim)
+                if ranks is not None:
+                    m.__dict__["_check_input_dim"] = _rank_check(*ranks, type(m).__name__)
+                    if isinstance(m, nn.SyncBatchNorm):
+                        m.__dict__["_check_non_zero_input_channels"] = lambda input: None
+                    patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("_check_input_dim", None)
+            m.__dict__.pop("_check_non_zero_input_channels", None)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

@@ -51,6 +51,7 @@ from .inputs import as_inputs, check_flags, check_model, check_rules, check_weig
 from .isolation import detached_copy, fresh_inputs, isolated_call, propagate_shapes
 from .leftovers import explain_left_bns
 from .online import block_calls_as_modules
+from .norm_act import folded_norms, leaf_uses, owned_nodes, strip_folded_norms, unused_modules
 from .opaque import opaque_reasons
 from .tracing import TracedUnit, trace_units
 from .uses import local_pins, model_pins, shared_modules
@@ -138,15 +139,45 @@ def compile_folds(
         ref_out, unit_args, unit_received, unit_outs = _run_capturing(work, inputs, traced.units, title)
 
     shared = shared_modules(work)
+    # submodules the eval forward never runs (GoogLeNet's auxiliary heads): traced on their own
+    units = list(traced.units)
+    for path, found in _unreached(work, traced.units, rules):
+        units += found.units
+        report.skipped += [(qualify(path, p) if p != "<root>" else path, why) for p, why in found.skipped]
+        report.notes.append(f"{path}: not executed by the forward of {type(model).__name__} in eval mode; "
+                            "traced and folded on its own")
     # modules whose tensors or submodules are used other than by their call stay as they are
-    pinned = model_pins(work, [(u.path, u.gm) for u in traced.units], [p for p, _ in traced.skipped])
-    _report_pinned(traced.units, pinned, rules, report)  # read from the graphs before they are rewritten
+    pinned = model_pins(work, [(u.path, u.gm) for u in units], [p for p, _ in report.skipped])
+    _report_pinned(units, pinned, rules, report)  # read from the graphs before they are rewritten
     pairs: list[tuple[str, str]] = []
     replaced: dict[fx.Node, str] = {}
+    norms: set[str] = set()
+    unused: list[tuple[str, list[str]]] = []
     with _few_threads():
-        for unit in traced.units:
-            replaced.update(_fold_unit(work, unit, rules, shared, verify, report, unit_received.get(unit.path),
-                                       merge_convs, pairs, local_pins(pinned, unit.path)))
+        for unit in units:
+            owned, uses = owned_nodes(unit.gm), leaf_uses(unit.gm)  # before the rewrite edits the unit's graph
+            done = _fold_unit(work, unit, rules, shared, verify, report, unit_received.get(unit.path), merge_convs,
+                              pairs, local_pins(pinned, unit.path))
+            replaced.update(done)
+            prefix = unit.path + "." if unit.path else ""
+            norms |= folded_norms(owned, prefix, done)
+            unused += [(p, sorted({done[n] for n in uses[p[len(prefix):]]}))
+                       for p in unused_modules(work, uses, prefix, done)]
+    # a norm-plus-activation module whose norm folded away keeps only its activation
+    stripped = strip_folded_norms(work, norms, rules)
+    for path, match in stripped:
+        report.add(path, type(match.module).__name__, "folded",
+                   f"its norm folded into the conv before it; {match.activation} stays after it",
+                   activation=match.activation)
+    # a conv/BN traced into (its forward computes with its tensors) that a fold consumed whole
+    taken = {p for p, _ in stripped}
+    for path, into in unused:
+        if path in taken:
+            continue
+        module = work.get_submodule(path)
+        set_submodule(work, path, nn.Identity())
+        report.add(path, type(module).__name__, "folded",
+                   f"its forward was traced into and folded into {', '.join(into) or 'a conv'}")
     for linear, bn in pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
@@ -250,6 +281,52 @@ def _run_capturing(
         for h in handles:
             h.remove()
     return out, called, received, outputs
+
+
+def _reached(unit: TracedUnit) -> set[str]:
+    """Module paths (qualified) the unit's graph runs or reads: called modules, the
+    modules whose forward created a node, the owners of attributes read."""
+    out: set[str] = {unit.path}
+    for n in unit.gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            out.add(qualify(unit.path, str(n.target) if n.op == "call_module" else str(n.target).rpartition(".")[0]))
+        for v in (n.meta.get("nn_module_stack") or {}).values():
+            out.add(qualify(unit.path, v[0] if isinstance(v, tuple) else str(v)))
+    return out
+
+
+def _unreached(model: nn.Module, units: Sequence[TracedUnit], rules: RuleRegistry) -> list[tuple[str, Any]]:
+    """Submodules of traced units that hold a conv or a BatchNorm but that the traced
+    forward never runs (e.g. GoogLeNet's auxiliary heads, used in training only), each
+    with its own trace (:func:`trace_units` of the submodule, paths qualified)."""
+    reached: set[str] = set()
+    for u in units:
+        reached |= _reached(u)
+    covered = {u.path for u in units}
+    out: list[tuple[str, Any]] = []
+
+    def visit(path: str, m: nn.Module) -> None:
+        for name, child in m.named_children():
+            cpath = qualify(path, name)
+            if cpath in covered:
+                continue
+            if cpath in reached or any(r.startswith(cpath + ".") for r in reached):
+                if cpath not in reached or any(r.startswith(cpath + ".") for r in reached):
+                    visit(cpath, child)
+                continue
+            if not any(isinstance(x, _CONV_OR_BN) for x in child.modules()):
+                continue
+            found = trace_units(child, rules=rules)
+            for fu in found.units:
+                fu.path = qualify(cpath, fu.path)
+            out.append((cpath, found))
+
+    for u in units:
+        visit(u.path, u.module)
+    return out
+
+
+_CONV_OR_BN = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
 
 
 def _report_pinned(units: Sequence[TracedUnit], pinned: dict[str, str], rules: RuleRegistry,

@@ -5,7 +5,9 @@ The pairing reads the model's one capture and region analysis
 (:class:`repcompiler.multibranch.ModelAnalysis`: traced units and their linear regions,
 the same analysis ``linearize`` selects its multi-branch blocks from, so
 ``orepa_transform`` traces each unit once): a conv whose only user is a BatchNorm in
-an exact region is paired with it. Parts that do not trace fall back to sibling order
+an exact region is paired with it, and so is a conv whose only user is a
+norm-plus-activation module (:mod:`repcompiler.norm_act`: timm's ``BatchNormAct2d``;
+the module is its post-BN, the activation stays after it). Parts that do not trace fall back to sibling order
 in the parent module (:func:`pair_by_order`).
 """
 
@@ -14,9 +16,11 @@ from __future__ import annotations
 from torch import nn
 
 from .multibranch import ModelAnalysis, analyse_model
+from .norm_act import match_norm_act
+from .passes.regions.lowering import is_rank_read
 from .passes.find_regions import Region
 
-__all__ = ["region_pairs", "pair_by_regions", "pair_by_order"]
+__all__ = ["region_pairs", "norm_act_pairs", "pair_by_regions", "pair_by_order"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = nn.modules.batchnorm._BatchNorm
@@ -44,6 +48,28 @@ def region_pairs(gm: nn.Module, region: Region) -> dict[str, str]:
     return out
 
 
+def norm_act_pairs(gm: nn.Module) -> dict[str, str]:
+    """``conv -> module`` targets where a conv's only user (reads of its dims aside) is a
+    call of a norm-plus-activation module (:func:`repcompiler.norm_act.match_norm_act`,
+    e.g. timm's ``BatchNormAct2d``) over the conv's channels: the module is the conv's
+    post-BN (its activation stays after it)."""
+    out: dict[str, str] = {}
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return out
+    for n in graph.nodes:
+        if n.op != "call_module" or not _is_conv(gm.get_submodule(str(n.target))):
+            continue
+        users = [u for u in n.users if not is_rank_read(u)]
+        if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (n,):
+            continue
+        m = gm.get_submodule(str(users[0].target))
+        match = match_norm_act(m)
+        if match is not None and match.num_features == gm.get_submodule(str(n.target)).out_channels:
+            out[str(n.target)] = str(users[0].target)
+    return out
+
+
 def pair_by_regions(
     model: nn.Module, analysis: ModelAnalysis | None = None
 ) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
@@ -66,6 +92,7 @@ def pair_by_regions(
         prefix = unit.path + "." if unit.path else ""
         covered.add(unit.path)
         found = {c: b for r in analysis.regions[unit.path] for c, b in region_pairs(unit.gm, r).items()}
+        found.update({c: b for c, b in norm_act_pairs(unit.gm).items() if c not in found})
         for node in unit.gm.graph.nodes:
             if node.op != "call_module" or not _is_conv(unit.gm.get_submodule(node.target)):
                 continue

@@ -11,7 +11,9 @@
   a leaf (its traced ``forward`` would bake the training branch, batch statistics and
   all, into a rewritten owner's code) unless it is a conv subclass whose ``forward``
   does not read ``self.training`` (DBB's identity-based 1x1: the same code in both
-  modes), and so does one with forward hooks of its own (tracing into it would run
+  modes), and so does one with forward hooks of its own. A norm-plus-activation module
+  (:mod:`repcompiler.norm_act`: timm's ``SyncBatchNormAct``, whose rule does not
+  decline for lack of a declared geometry) is traced into in eval mode too (tracing into it would run
   the hooks on proxies);
 * the usual ``torch.nn`` leaves (activations, pooling, linear, ... but not containers);
 * torchvision's op modules that do not trace (RoI ops, deformable conv, ...),
@@ -27,7 +29,14 @@ in training mode too (:mod:`repcompiler.capture_patterns`); the traced units rem
 the option (``TracedUnit.options``), so an owner re-traced for its rewrite
 (:func:`repcompiler.rewrite.owner_graph`) is traced the same way.
 
-Where a whole model does not trace (torchvision's detection models iterate over
+Where a submodule's ``forward`` does not trace (iteration over a traced shape,
+``for s in x.size()``; data-dependent control flow), :func:`trace_model` keeps the
+**smallest failing submodule** as an opaque call (the innermost module whose
+``forward`` raised) and traces the rest around it, retrying until the model traces
+or the model's own code fails; the kept modules are listed in the graph's
+:func:`~repcompiler.capture.capture_info` (``opaque_calls``) and in
+:func:`trace_units`' ``skipped`` list. Where the model's own ``forward`` does not
+trace (torchvision's detection models iterate over
 proxies; RAFT has data-dependent control flow), :func:`trace_units` falls back to the
 **largest submodules that do trace**: it tries the root, and on failure each child in
 turn, recursively. The result lists the traced units (qualified name, module,
@@ -44,11 +53,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
 import torch.fx as fx
 import torchvision.ops as tvops
 from torch import nn
 
-from .capture import CaptureTracerMixin  # hook (issue 15): capture what plain fx rejects
+from .capture import CaptureTracerMixin, capture_info
 from .errors import TraceError
 from .inputs import check_rules
 from .isolation import preserved_state
@@ -90,10 +100,16 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
         self.rules = rules if rules is not None else default_rules
         self.extra_leaves = tuple(extra_leaves) + _TV_LEAVES
         self._declined: dict[int, bool] = {}
+        self.opaque: dict[int, str] = {}
+        """``id(module) -> reason``: submodules kept as opaque calls because their own
+        ``forward`` does not trace (see :func:`trace_model`)."""
+        self.failed: tuple[nn.Module, str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, fx.GraphModule):
             return False
+        if id(m) in self.opaque:
+            return True
         if self.rules.lookup(m) is not None and not self._declines(m):
             return True
         if self.extra_leaves and isinstance(m, self.extra_leaves):
@@ -105,15 +121,42 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
         since fx patches parameter access while it traces)."""
         if id(m) not in self._declined:
             self._declined[id(m)] = ((not m.training or _mode_free_conv(m)) and not has_forward_hooks(m)
-                                     and self.rules.declines(m))
+                                     and (self.rules.declines(m) or (not m.training and _norm_act(m, self.rules))))
         return self._declined[id(m)]
 
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if self.failed is None:  # the innermost module whose forward failed
+                self.failed = (m, self.path_of_module(m), _short(exc))
+            raise
+
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self.failed = None
         if isinstance(root, nn.Module):
             for m in root.modules():
                 if self.rules.lookup(m) is not None:
                     self._declines(m)
         return super().trace(root, concrete_args)
+
+
+def _norm_act(m: nn.Module, rules: RuleRegistry) -> bool:
+    """A norm-plus-activation module (:mod:`repcompiler.norm_act`): traced into in eval
+    mode, so its norm folds and its activation stays."""
+    from .norm_act import match_norm_act  # traces with this module's tracer: imported late
+    from .rules import LowerInfo
+
+    rule = rules.lookup(m)
+    mean = getattr(m, "running_mean", None)
+    if rule is None or not isinstance(mean, torch.Tensor):
+        return False
+    try:  # a rule that lowers it (as a plain BN) keeps it a leaf
+        if rule(m, LowerInfo(int(mean.numel()), 2)) is not None:
+            return False
+    except Exception:  # the rule needs the real geometry: keep the leaf
+        return False
+    return match_norm_act(m, rules) is not None
 
 
 def _mode_free_conv(m: nn.Module) -> bool:
@@ -135,11 +178,22 @@ def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_le
     tracer = RepTracer(rules, extra_leaves, bns_become_scales)
     # the capture evaluates parameter-only values of the user's code (a parametrization's
     # power iteration, an in-place buffer update): none of it may stay in the model
+    opaque: list[tuple[str, str]] = []
     with preserved_state(model):
-        try:
-            graph = tracer.trace(model)
-        except Exception as exc:  # fx raises many exception types
-            raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
+        while True:
+            try:
+                graph = tracer.trace(model)
+                break
+            except Exception as exc:  # fx raises many exception types
+                failed = tracer.failed
+                if failed is None or failed[0] is model or id(failed[0]) in tracer.opaque:
+                    raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
+                # the smallest failing submodule stays an opaque call; the rest of the model traces
+                tracer.opaque[id(failed[0])] = failed[2]
+                opaque.append((failed[1], failed[2]))
+                log.info("%s: %s does not trace (%s); kept as an opaque call", type(model).__name__, failed[1],
+                         failed[2])
+        capture_info(graph).opaque_calls.extend(opaque)
         _resolve_string_types(graph, type(model).forward)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -244,6 +298,12 @@ def trace_units(
                 log.info("could not trace %s (%s); tracing its children", path or "<root>", reason)
             else:
                 result.units.append(TracedUnit(path, m, gm, options))
+                for p, why in capture_info(gm).opaque_calls:
+                    qp = f"{path}.{p}" if path else p
+                    result.skipped.append((qp, f"{why} (called as an opaque module; {path or '<root>'} traced "
+                                               "around it; its children are traced on their own)"))
+                    for name, child in m.get_submodule(p).named_children():
+                        visit(f"{qp}.{name}", child)
                 return
         for name, child in m.named_children():
             visit(f"{path}.{name}" if path else name, child)

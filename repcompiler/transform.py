@@ -13,8 +13,9 @@ report says so). The same capture and regions serve the linearization of existin
 multi-branch blocks (below), the residual-shortcut analysis of the policy and the
 pairing (:mod:`repcompiler.pairing`, read before the linearization rewrites the
 graphs): a ``chain`` region that starts with a conv and the BatchNorm that is its only
-user (each called once) pairs them. Such
-a conv already has its post-addition BN: it stays where it is in the model.
+user (each called once) pairs them, and so does a conv whose only user is a
+norm-plus-activation module (timm's ``BatchNormAct2d``, :mod:`repcompiler.norm_act`).
+Such a conv already has its post-addition BN: it stays where it is in the model.
 Where no BN follows, one is inserted inside the block (``insert_bn=True``, for
 training from scratch). ``post_bn=False`` (the paper's ablation) inserts none and
 replaces a following BN by ``nn.Identity``. A conv bias is kept only where no
@@ -112,6 +113,7 @@ from .conv_init import INITS, copy_frozen, identity_bn_, init_from_conv
 from .errors import RepCompilerError, check_choice
 from .online import HybridBlock, HybridExpr, OfflineBlock, OnlineConv
 from .linearize import linearize_regions
+from .norm_act import match_norm_act
 from .multibranch import analyse_model
 from .pairing import pair_by_order, pair_by_regions
 from .policy import POLICIES, Policy, check_policy_and_options, default_block_for, policy_choice, shortcut_convs
@@ -271,8 +273,10 @@ def orepa_transform(
                 if name in pairs:
                     sites.append(_ConvSite(name, m, pairs[name], "trace"))
                 elif is_covered(name):
-                    # inside a traced unit but never called as a module
-                    sites.append(_ConvSite(name, m, None, "not called in the traced graph"))
+                    # inside a traced unit but never called there (a head the forward does not
+                    # run, GoogLeNet's aux heads): its BN by module order, as in untraced parts
+                    sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order (not called in the "
+                                           "traced graph)"))
                 else:
                     sites.append(_ConvSite(name, m, pair_by_order(work, name), "module order"))
         first_name = order[0] if order else (sites[0].name if sites else None)
@@ -332,11 +336,15 @@ def orepa_transform(
             _set(work, site.name, new)
             built[id(conv)] = new
             seen[id(conv)] = site.name
+            norm_act = match_norm_act(work.get_submodule(site.bn_name)) if has_bn else None
+            stays = f"; {norm_act.activation} stays after it" if norm_act is not None else ""
             if has_bn and post_bn:
-                bn_note = f"{site.bn_name} (existing)"
+                bn_note = f"{site.bn_name} (existing{stays})"
             elif has_bn:
-                _set(work, site.bn_name, nn.Identity())
-                bn_note = f"{site.bn_name} removed (post_bn=False)"
+                # a norm-plus-activation module loses its norm only: its activation stays
+                _set(work, site.bn_name, norm_act.tail_of(work.get_submodule(site.bn_name)) if norm_act is not None
+                     else nn.Identity())
+                bn_note = f"{site.bn_name} removed (post_bn=False{stays})"
             elif inserted is not None:
                 bn_note = "inserted"
             else:

@@ -332,7 +332,8 @@ ROWS: list[tuple[str, Callable[[], Any], Callable[[Any, Path], Any], type | None
      lambda m, d: rc.fold(m, X, return_report=True)[1], None, "padding_mode='reflect'", None),
     ("fold-bn-with-hook", hooked_bn, lambda m, d: rc.fold(m, X, return_report=True)[1], None, "has forward hooks", None),
     ("fold-conv-own-forward", lambda: nn.Sequential(WSConv(3, 4, 3), nn.BatchNorm2d(4)),
-     lambda m, d: rc.fold(m, X, return_report=True)[1], None, "WSConv overrides forward()", None),
+     # its forward is traced into: the standardized kernel folds with the BN, the module is removed
+     lambda m, d: rc.fold(m, X, return_report=True)[1], None, "its forward was traced into and folded", None),
     ("fold-bn-untracked", lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4, track_running_stats=False)),
      lambda m, d: rc.fold(m, X, return_report=True)[1], None, "track_running_stats=False", None),
 ]

@@ -13,7 +13,20 @@ could merge into a conv without growing the kernel. Checked by
 :func:`repcompiler.passes.find_regions.undone_folds` (which enumerates those regions)
 returning nothing on the re-traced folded model. So when a maximal region is refused
 (bias under zero padding, a kernel that would grow), its best exact sub-regions must
-have been folded (issue 15 item 7).
+have been folded.
+
+The folding rule, asserted structurally on every folded random graph as well
+(:func:`exact_folds_left`), whatever else in the graph is refused (a biased output under
+zero padding, a ``ceil_mode`` pool with partial windows, a kernel that would grow):
+
+* every conv -> BN whose conv output is used only by that BN is folded;
+* every aligned multi-branch conv block (a sum of branches read from one value, each
+  an aligned conv - stride 1, odd kernel, centred zero padding, the same groups -
+  optionally followed by a BN, or a lone BN) is folded into one conv.
+
+The generator draws conv -> BN pairs (biased convs too) and ``ceil_mode`` pools with
+partial windows among the other ops, so refused regions around such pairs and blocks
+are common.
 
 The same programs with adversarial user code added (reads of parameters and buffers
 outside their modules, in-place writes into tensors read again, conv subclasses
@@ -23,6 +36,7 @@ overriding ``_conv_forward``, hooks): ``fold`` without inputs never changes an o
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -83,7 +97,8 @@ def dag_nets(draw):
     for i in range(n):
         src = draw(st.integers(0, len(shapes) - 1))
         c, s = shapes[src]
-        kinds = ["conv", "conv", "bn", "relu", "avg", "pad", "scale", "add", "cat", "block", "block"]
+        kinds = ["conv", "conv", "bn", "relu", "avg", "pad", "scale", "add", "cat", "block", "block", "convbn",
+                 "ceilpool"]
         kind = draw(st.sampled_from(kinds))
         name = f"m{i}"
         if kind == "block":  # a multi-branch block on one input: RepVGG / DBB / ACNet-like
@@ -139,6 +154,21 @@ def dag_nets(draw):
             mods[name] = nn.Conv2d(c, cout, k, padding=p, groups=g, bias=draw(st.booleans())).double()
             program.append(("mod", (src,), name))
             shapes.append((cout, s + 2 * p - k + 1))
+        elif kind == "convbn":  # conv -> BN, the conv biased or not (patch embeddings, stems)
+            k = draw(st.sampled_from([1, 3]))
+            cout = draw(st.sampled_from([2, 3, 4]))
+            mods[name] = nn.Conv2d(c, cout, k, padding=k // 2, bias=draw(st.booleans())).double()
+            program.append(("mod", (src,), name))
+            shapes.append((cout, s))
+            mods[name + "bn"] = nn.BatchNorm2d(cout).double()
+            program.append(("mod", (len(shapes) - 1,), name + "bn"))
+            shapes.append((cout, s))
+        elif kind == "ceilpool":  # partial windows at the border: never merges with a conv
+            if s < 4:
+                continue
+            mods[name] = nn.AvgPool2d(3, 2, ceil_mode=True)
+            program.append(("mod", (src,), name))
+            shapes.append((c, -(-(s - 3) // 2) + 1))
         elif kind == "bn":
             mods[name] = nn.BatchNorm2d(c).double()
             program.append(("mod", (src,), name))
@@ -177,6 +207,90 @@ def dag_nets(draw):
     return net.eval(), c0
 
 
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SUMS = {operator.add, torch.add}
+
+
+def _module(gm: nn.Module, n: torch.fx.Node) -> nn.Module | None:
+    return gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+
+
+def _single_use_conv(gm: nn.Module, n: torch.fx.Node, calls: dict) -> bool:
+    m = _module(gm, n)
+    return type(m) in _CONV_TYPES and len(n.users) == 1 and calls[n.target] == 1
+
+
+def _aligned(conv: nn.Module) -> bool:
+    """Stride 1, each window centred on its output pixel (odd kernel, 'same' zero padding)."""
+    return (conv.padding_mode == "zeros" and all(s == 1 for s in conv.stride)
+            and all(k % 2 == 1 and p == d * (k - 1) // 2
+                    for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation)))
+
+
+def _branch_nodes(operands: list) -> set:
+    out = set()
+    for a in operands:
+        out.add(a)
+        if a.op == "call_module" and a.args and isinstance(a.args[0], torch.fx.Node):
+            out.add(a.args[0])
+    return out
+
+
+def exact_folds_left(gm: torch.fx.GraphModule) -> list[str]:
+    """What the folding rule says must never be left, found structurally in ``gm``:
+
+    1. a BatchNorm whose input is a plain conv used only by it (and called once): the
+       BN's affine map always folds into the conv exactly, borders included;
+    2. an **aligned multi-branch block**: a sum of two distinct branches read from
+       one value, each an aligned conv (stride 1, odd kernel, centred zero padding;
+       its output used only by the branch; the same ``groups`` in every branch),
+       optionally followed by a BatchNorm, or a lone BatchNorm: its parallel sum is
+       one conv exactly, no bigger than its largest branch. (A channel concat of
+       plain convs is not required: its one conv would hold the zero-padded smaller
+       kernels, more weights than the branches.)
+
+    Whatever else is refused around them (a biased producer under zero padding, a
+    ``ceil_mode`` pool with partial windows, a kernel that would grow), these fold.
+    """
+    calls: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    left = []
+    for n in gm.graph.nodes:
+        m = _module(gm, n)
+        if isinstance(m, nn.BatchNorm2d) and calls[n.target] == 1 and _single_use_conv(gm, n.args[0], calls):
+            left.append(f"conv -> BN: {n.args[0].target} -> {n.target}")
+        if not (n.op == "call_function" and n.target in _SUMS):
+            continue
+        operands = list(n.args[:2])
+        if not all(isinstance(a, torch.fx.Node) for a in operands) or len(set(operands)) < len(operands):
+            continue
+        groups = {_module(gm, a).groups for a in gm.graph.nodes if a in _branch_nodes(operands)
+                  and type(_module(gm, a)) in _CONV_TYPES}
+        if len(groups) > 1:
+            continue  # a grouped and a dense branch: one dense conv would be bigger
+        roots = []
+        for a in operands:
+            cur, ok = a, len(a.users) == 1
+            mm = _module(gm, cur)
+            if isinstance(mm, nn.BatchNorm2d):
+                cur = cur.args[0]
+                mm = _module(gm, cur)
+                if type(mm) in _CONV_TYPES:
+                    ok = ok and len(cur.users) == 1 and _aligned(mm)
+                    cur = cur.args[0]
+            elif type(mm) in _CONV_TYPES:
+                ok = ok and _aligned(mm)
+                cur = cur.args[0]
+            else:
+                ok = False
+            roots.append(cur if ok else None)
+        if None not in roots and len(set(roots)) == 1:
+            left.append(f"aligned branch block: {n.name}")
+    return left
+
+
 @settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 @given(dag_nets())
 def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
@@ -191,7 +305,10 @@ def test_fold_preserves_random_dags_and_reaches_a_fixpoint(case):
     assert torch.equal(again, want), "fold modified the user's model"
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), report
-    left = undone_folds(trace_model(folded))
+    traced = trace_model(folded)
+    rule = exact_folds_left(traced)
+    assert not rule, f"folds the rule requires left undone: {rule}\n{report}\nprogram: {net.program}"
+    left = undone_folds(traced)
     assert not left, f"exact folds left undone: {left}\n{report}\nprogram: {net.program}"
 
 
@@ -372,11 +489,64 @@ def test_refused_block_folds_its_best_sub_region(cin, c, bias, convs, why):
     net.eval()
     x = torch.randn(2, cin, SIZE, SIZE, dtype=torch.float64)
     assert undone_folds(trace_model(net))  # the check can fail: the unfolded block has some
+    assert exact_folds_left(trace_model(net))  # so can the rule's
     folded, report = repcompiler.fold(net, x, return_report=True)
     with torch.no_grad():
         assert torch.allclose(folded(x), net(x), rtol=1e-9, atol=1e-9)
     assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == convs
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert not undone_folds(trace_model(folded)), report
+    assert not exact_folds_left(trace_model(folded)), report
     if why:
         assert any(why in e.reason for e in report.entries if e.action != "folded"), report
+
+
+class _ConvBNIntoBlock(nn.Module):
+    """conv (biased) -> BN, its output read only by a RepVGG-like block (3x3+BN, 1x1+BN):
+    the whole region is refused (the BN's shift under the 3x3's zero padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.a(y) + self.b(y)
+
+
+class _PatchEmbed(nn.Module):
+    """``AvgPool2d(2, ceil_mode=True) -> conv1x1 -> BN`` (a downsampling shortcut / patch
+    embedding): on an odd input the pool has partial windows and cannot merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.pool(x)))
+
+
+@pytest.mark.parametrize("cls", [_ConvBNIntoBlock, _PatchEmbed])
+def test_exact_folds_inside_a_refused_region(cls):
+    """A refused maximal region still gets its conv -> BN pairs and its aligned block folded."""
+    torch.manual_seed(0)
+    net = cls().double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    net.eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    folded, report = repcompiler.fold(net, x, return_report=True)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), rtol=1e-9, atol=1e-9)
+    assert report.refused, report  # the maximal region was refused ...
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), report  # ... its parts folded
+    assert not exact_folds_left(trace_model(folded)), report

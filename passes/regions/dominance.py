@@ -5,7 +5,9 @@ The data-flow graph of a :class:`~repcompiler.passes.regions.lowering.LoweredGra
 sources) is handed to networkx for its immediate dominators. For a linear node ``e``
 the entries it could have are its dominators ``idom(e), idom(idom(e)), ...``; the
 region of ``(d, e)`` is every node on a path from ``d`` to ``e``. It is valid when all
-those nodes are linear and none of their values (except ``e``'s) is used outside.
+those nodes are linear and none of their values (except ``e``'s) is used outside
+(reading a value's number of dimensions is not a use: every value of a region has
+the region's dims, and the rewrite points such reads at the folded output).
 Validity is monotone along the dominator chain, so the walk stops at the first
 invalid entry (:func:`entry_candidates`).
 
@@ -28,7 +30,7 @@ from typing import Hashable
 import networkx as nx
 import torch.fx as fx
 
-from .lowering import LoweredGraph
+from .lowering import LoweredGraph, is_rank_read
 
 __all__ = ["Candidate", "dominators", "entry_candidates", "written_between_reads"]
 
@@ -107,7 +109,7 @@ def _closure(
                 return None
             body.add(p)
             stack.append(p)
-    leaks = [n for n in body if n is not e and any(u not in body for u in n.users)]
+    leaks = [n for n in body if n is not e and any(u not in body and not is_rank_read(u) for u in n.users)]
     aliases = _split_aliases(g, d, body, leaks) if leaks else []
     if aliases is None:
         return None

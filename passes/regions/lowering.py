@@ -58,6 +58,7 @@ __all__ = [
     "METHODS",
     "fetch_attr",
     "is_identity_call",
+    "is_rank_read",
 ]
 
 log = logging.getLogger(__name__)
@@ -418,3 +419,16 @@ class LoweredGraph:
 def is_identity_call(gm: fx.GraphModule, n: fx.Node) -> bool:
     """Whether ``n`` calls an ``nn.Identity`` (exactly that type) of ``gm``."""
     return n.op == "call_module" and type(fetch_attr(gm, str(n.target))) is nn.Identity
+
+
+_RANK_METHODS = ("dim", "ndimension")
+
+
+def is_rank_read(n: fx.Node) -> bool:
+    """Whether ``n`` only reads the number of dimensions of its one tensor input
+    (``x.ndim``, ``x.dim()``, ``x.ndimension()``; timm's norm layers assert it). Every
+    value of a region has its dims, so such a read of a value inside a region may read
+    the folded region's output instead: it is not a use that keeps the value alive."""
+    if n.op == "call_function" and n.target is getattr:
+        return len(n.args) == 2 and n.args[1] == "ndim" and not n.kwargs
+    return n.op == "call_method" and n.target in _RANK_METHODS and len(n.args) == 1 and not n.kwargs

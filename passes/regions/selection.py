@@ -20,14 +20,16 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ... import algebra as A
 from .dominance import Candidate
 from .expression import build_region
-from .lowering import CONV_FUNCTIONS, PLAIN_LEAVES, LoweredGraph, fetch_attr, is_identity_call
+from .lowering import CONV_FUNCTIONS, PLAIN_LEAVES, LoweredGraph, fetch_attr, is_identity_call, is_rank_read
 from .region import Region
 
 __all__ = ["choose_region", "not_worth", "worth_alone", "region_cost"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AFFINES = (A.Affine, A.BatchNorm)
 
 
 def choose_region(g: LoweredGraph, cands: list[Candidate], e: fx.Node,
@@ -105,8 +107,11 @@ def _n_convs(g: LoweredGraph, reg: Region) -> int:
 
 
 def _cuts_pair(g: LoweredGraph, d: fx.Node, body: set[fx.Node]) -> bool:
-    """True if the region would start with per-channel ops that belong with the linear
-    op before them (e.g. take a BN away from its conv)."""
-    if not g.linear(d) or any(u not in body for u in d.users):
+    """True if the region would start with per-channel affine ops (BN, scale) that
+    belong with the conv-like op ``d`` before them (take a BN away from its conv)."""
+    users = [u for u in d.users if not is_rank_read(u)]
+    if not g.linear(d) or any(u not in body for u in users):
         return False
-    return all(g.kind.get(u) == "unary" and isinstance(g.lowered.get(u), PLAIN_LEAVES) for u in d.users)
+    if g.kind.get(d) == "unary" and isinstance(g.lowered.get(d), PLAIN_LEAVES):
+        return False  # d is itself per-channel (a BN): nothing before it to keep a pair with
+    return all(g.kind.get(u) == "unary" and isinstance(g.lowered.get(u), _AFFINES) for u in users)
