@@ -10,6 +10,8 @@ pass replaces every such **branch-level BN** by a learnable per-channel affine m
 * ``scaling="vector"``: ``scale`` is a learnable ``[C]`` vector (the paper's choice: it
   keeps the branches' optimization diverse, which is what the BN was good for);
 * ``scaling="scalar"``: one learnable number per branch;
+* ``scaling="fixed"``: the scale stays at its initial value (a buffer: 1 with
+  ``init="default"``, the BN's eval factor with ``"from_bn"``);
 * ``scaling="none"``: no learnable scale.
 
 The BN's constant shift survives as a learnable per-channel ``bias`` (it matters for a
@@ -129,11 +131,11 @@ def scale_for_bn(
     bias = nn.Parameter(b)
     if scaling == "vector":
         leaf: A.Expr = A.Affine(c, dims, scale=nn.Parameter(s), shift=bias, name=label)
-    elif init == "default":
+    elif init == "default" and scaling != "fixed":
         scale = nn.Parameter(torch.ones((), **kw)) if scaling == "scalar" else None
         leaf = A.Affine(c, dims, scale=scale, shift=bias, name=label)
-    elif scaling == "none":
-        # from_bn with a scale that cannot hold the BN's per-channel factor: keep it fixed
+    elif scaling in ("none", "fixed"):
+        # fixed, or from_bn with a scale that cannot hold the BN's per-channel factor: keep it fixed
         leaf = A.Affine(c, dims, scale=s, shift=bias, name=label)
     else:
         fixed = A.Affine(c, dims, scale=s, name=f"bn_factor({name})" if name else "bn_factor")

@@ -36,6 +36,12 @@ BN (:meth:`OnlineConv.deploy_expr`).
 
 :class:`OfflineBlock` is the baseline the paper compares against: the same branches
 run unfolded on the feature map (a BN inside every branch uses batch statistics).
+
+:class:`HybridBlock` holds a :class:`HybridExpr`: an online part (an :class:`OnlineConv`
+with its own BN: one generated kernel, one conv) plus branches that run on the feature
+map, each ending in a BN, summed - OREPA-VGG as the official code trains it (the OREPA
+kxk online, RepVGG's 1x1 and identity branches with their BNs). In eval mode it folds,
+like the others, into one conv.
 """
 
 from __future__ import annotations
@@ -51,12 +57,13 @@ from . import algebra as A
 from .accumulate import step_kernel
 from .blocks.accel import KernelAccelerator, plain_ops_required
 from .blocks.named import BlockExpr, StackExpr
-from .errors import InexactFoldError
+from .errors import IncompatibleError, InexactFoldError
 from .rules import LowerInfo, register_rule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnlineConv", "OfflineBlock", "reparam_block_forward", "block_calls_as_modules"]
+__all__ = ["OnlineConv", "OfflineBlock", "HybridExpr", "HybridBlock", "reparam_block_forward",
+           "block_calls_as_modules"]
 
 
 def reparam_block_forward(block: nn.Module, input: Tensor) -> Tensor:
@@ -287,6 +294,55 @@ class OfflineBlock(_ReparamBlock):
 
     def extra_repr(self) -> str:
         return f"block={self.block or type(self.expr).__name__}, offline"
+
+
+class HybridExpr(A.Expr):
+    """``online(x) + offline(x)``: an :class:`OnlineConv` (its generated kernel, one conv,
+    its post-BN) and an expression whose branches run on the feature map (e.g. a
+    :class:`~repcompiler.blocks.named.BlockExpr` built in offline mode: a BN ending each
+    branch). ``fold`` (eval mode) is the online part's deploy form plus the offline
+    part's fold: one kernel."""
+
+    def __init__(self, online: OnlineConv, offline: A.Expr, *, block: str = "") -> None:
+        super().__init__()
+        self.online = online
+        self.offline = offline
+        self.block = block
+        if self.plan()[0] is None:
+            raise IncompatibleError(f"block {block!r}: the online and offline parts have no common folded form: "
+                                    + "; ".join(self.plan()[1]))
+
+    @property
+    def terms(self) -> list[A.Expr]:
+        """The online part's deploy expression and the offline part."""
+        return [self.online.deploy_expr(), self.offline]
+
+    def plan(self) -> tuple[Any, tuple[str, ...]]:
+        plans = [t.plan() for t in self.terms]
+        reasons = tuple(r for _, rs in plans for r in rs)
+        if any(spec is None for spec, _ in plans):
+            return None, reasons
+        p = A.parallel([spec for spec, _ in plans], names=lambda: ["online", "offline"])
+        return p.spec, reasons + p.reasons
+
+    def fold(self, check: bool = True) -> A.Kernel:
+        self._check(check)
+        return A.add([t.fold(check=False) for t in self.terms], check=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.online(x) + self.offline(x)
+
+    def label(self) -> str:
+        return f"{self.block or 'hybrid'}(online + offline)"
+
+
+class HybridBlock(OfflineBlock):
+    """A block whose ``expr`` is a :class:`HybridExpr`: its online part generates one
+    kernel per forward, its other branches run on the feature map; the sum, then the
+    post-BN (if any). Deploys to one conv like the other blocks."""
+
+    def extra_repr(self) -> str:
+        return f"block={self.block or type(self.expr).__name__}, hybrid (online kxk + feature-map branches)"
 
 
 def _lower_block(m: nn.Module, info: LowerInfo) -> A.Expr:

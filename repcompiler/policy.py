@@ -18,7 +18,7 @@ from .blocks.registry import accepted_options, build_block
 from .errors import RegistrationError, UnsupportedError, check_choice, first_line
 from .tracing import TraceResult, trace_units
 
-__all__ = ["Policy", "POLICIES", "default_block_for", "shortcut_convs", "policy_choice", "check_policy_and_options"]
+__all__ = ["Policy", "POLICIES", "POLICY_OPTIONS", "default_block_for", "shortcut_convs", "policy_choice", "check_policy_and_options"]
 
 Policy = Union[None, str, Mapping[str, Union[str, None]], Callable[[str, nn.Module], Union[str, None]], Sequence[str]]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -31,6 +31,9 @@ def _is_conv(m: nn.Module) -> bool:
 
 #: the built-in default policies (``policy=None`` is ``"paper"``)
 POLICIES = ("paper", "all")
+#: ``block_options`` the default policy reads itself (not passed to a builder):
+#: ``reparam_1x1=False`` leaves every 1x1 conv plain (the paper's Tab. 2 "Rep 1x1" ablation)
+POLICY_OPTIONS = ("reparam_1x1",)
 
 
 def _odd_large(geom: ConvGeometry, k: int) -> bool:
@@ -38,13 +41,17 @@ def _odd_large(geom: ConvGeometry, k: int) -> bool:
 
 
 def default_block_for(geom: ConvGeometry, *, block: str = "orepa", first: bool = False, shortcut: bool = False,
-                      policy: str = "paper") -> str | None:
+                      policy: str = "paper", reparam_1x1: bool = True) -> str | None:
     """The block the default policy gives a conv (see the module docstring); ``None``:
-    the conv stays as it is (a residual-shortcut 1x1 under ``policy="paper"``)."""
+    the conv stays as it is (``shortcut``: a 1x1 on a basic block's residual shortcut,
+    under ``policy="paper"``; every 1x1 with ``reparam_1x1=False``, the paper's Tab. 2
+    ablation of its "Rep 1x1" component)."""
     check_choice("policy", policy, POLICIES, owner="default_block_for")
     if block != "orepa":
         return block
     if geom.is_pointwise_kernel:
+        if not reparam_1x1:
+            return None
         return None if shortcut and policy == "paper" else "orepa_1x1"
     if (first and _odd_large(geom, 5)) or (policy == "paper" and _odd_large(geom, 7)):
         return "orepa_large"
@@ -72,8 +79,30 @@ def _reaches(src: fx.Node, dst: fx.Node) -> bool:
     return False
 
 
+def _pointwise_between(gm: fx.GraphModule, src: fx.Node, dst: fx.Node) -> bool:
+    """Whether a 1x1 conv module is called on some path from ``src`` to ``dst``."""
+    seen, todo = set(), [dst]
+    while todo:
+        n = todo.pop()
+        if n is src or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            m = gm.get_submodule(str(n.target))
+            if _is_conv(m) and all(k == 1 for k in m.kernel_size):
+                return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
 def shortcut_convs(model: nn.Module, traced: TraceResult | None = None) -> set[str]:
-    """Qualified names of the 1x1 convs on a residual shortcut (see the module docstring).
+    """Qualified names of the 1x1 convs on the residual shortcut of a **basic** block:
+    a 1x1 conv whose output (through BNs) is added to a residual branch that starts at the
+    conv's own input and holds no 1x1 conv (ResNet-18/34's projections). A shortcut next
+    to a residual branch with 1x1 convs (a bottleneck: ResNet-50 and deeper) is not
+    included: the official OREPA-ResNet gives it ``orepa_1x1``. In parts that do not
+    trace: a 1x1 whose qualified name contains ``downsample`` or ``shortcut`` and whose
+    parent module holds no other 1x1 conv.
 
     ``traced``: the model's capture, when the caller has it (``orepa_transform`` reads
     its one analysis); by default the model is traced here."""
@@ -93,13 +122,19 @@ def shortcut_convs(model: nn.Module, traced: TraceResult | None = None) -> set[s
                 while n.op == "call_module" and isinstance(unit.gm.get_submodule(str(n.target)), (_BNS, nn.Identity)):
                     n = n.args[0]  # type: ignore[assignment]
                 if n.op == "call_module" and prefix + str(n.target) in convs and isinstance(n.args[0], fx.Node) \
-                        and _reaches(n.args[0], other):
+                        and _reaches(n.args[0], other) and not _pointwise_between(unit.gm, n.args[0], other):
                     out.add(prefix + str(n.target))
     traced = [u.path for u in res.units]
-    for name in convs:  # parts that did not trace: by name
+    for name in convs:  # parts that did not trace: by name, and the parent's other 1x1 convs
         untraced = not any(p == "" or name.startswith(p + ".") for p in traced)
-        if untraced and any(w in name for w in ("downsample", "shortcut")):
-            out.add(name)
+        parts = name.split(".")
+        at = next((i for i, w in enumerate(parts) if "downsample" in w or "shortcut" in w), None)
+        if untraced and at is not None:
+            parent, own = ".".join(parts[:at]), ".".join(parts[:at + 1])
+            siblings = [c for c in convs if c != name and (not parent or c.startswith(parent + "."))
+                        and not c.startswith(own + ".") and c != own]
+            if not siblings:
+                out.add(name)
     return out
 
 
@@ -155,6 +190,8 @@ def check_policy_and_options(policy: Policy, block: str,
         raise UnsupportedError(f"orepa_transform: block_options {clash} are orepa_transform's own arguments")
     names = ("orepa", "orepa_1x1", "orepa_large") if block == "orepa" else (block,)
     known = {k for n in names for k in accepted_options(get_block(n), options)}
+    if block == "orepa":
+        known |= set(POLICY_OPTIONS)
     unknown = sorted(set(options) - known)
     if unknown:
         raise UnsupportedError(f"orepa_transform: block_options {unknown} are not accepted by block(s) "

@@ -46,21 +46,31 @@ Which block (the *policy*); the default (``policy="paper"``, or ``None``), for
   asymmetric, 1-d/2-d/3-d) -> ``orepa``;
 * a large odd kernel -> ``orepa_large`` (the linear deep stem): every conv whose kernel
   dims are all odd with some >= 7, and the model's first conv already from 5;
-* 1x1 convs -> ``orepa_1x1``, **except a 1x1 on a residual shortcut**, which stays a
-  plain conv (+BN), as the official models keep ResNet's projection shortcuts: a 1x1
-  conv whose output (through BNs) is added to another value that its own input also
-  reaches (the graph analysis of the traced model); in parts that do not trace, a 1x1
-  whose qualified name contains ``downsample`` or ``shortcut``. On torchvision ResNets
-  this gives the official OREPA-ResNet: ResNet-18/34's 1x1 projections stay conv+BN,
-  ResNet-50's bottleneck 1x1s (``conv1``, ``conv3``) get ``orepa_1x1``.
+* 1x1 convs -> ``orepa_1x1``, **except a 1x1 on a basic block's residual shortcut**,
+  which stays a plain conv (+BN), as the official code builds the basic block's
+  projection with a plain conv + BN and the bottleneck's with ``conv_bn`` (which its
+  OREPA assignment makes an ``OREPA_1x1``): a 1x1 conv whose output (through BNs) is
+  added to a residual branch that starts at the conv's own input and holds no 1x1 conv
+  (the graph analysis of the traced model,
+  :func:`~repcompiler.policy.shortcut_convs`); in parts that do not trace, a 1x1 whose
+  qualified name contains ``downsample`` or ``shortcut`` and whose parent module holds
+  no other 1x1. On torchvision ResNets this gives the official OREPA-ResNet:
+  ResNet-18/34's 1x1 projections stay conv+BN; ResNet-50's bottleneck 1x1s (``conv1``,
+  ``conv3``) and its four projection shortcuts get ``orepa_1x1``.
 
 ``policy="all"`` is the earlier rule: every 1x1 -> ``orepa_1x1``, ``orepa_large`` only for
 the first conv (odd kernel, some dim >= 5), every other kxk -> ``orepa``.
 
 ``block_options`` (a dict) go to every block's builder that accepts them (e.g.
-``{"weight_init": "repcompiler"}``, the Tab. 2 switches ``{"prior": None}``,
-``{"depthwise_separable": False}``, ``{"reparam_1x1": False}``, ``{"deep_stem": False}``;
-see :mod:`repcompiler.blocks.orepa`); a key no block of the transform accepts raises.
+``{"weight_init": "repcompiler"}``; see :mod:`repcompiler.blocks.orepa`); a key no block
+of the transform accepts raises. The paper's Tab. 2 ablations, one component each:
+``{"prior": None}`` (frequency prior: the kxk block loses its prior branch),
+``{"depthwise_separable": False}`` (linear depthwise separable: the kxk block loses its
+``dw_pw`` branch), ``{"reparam_1x1": False}`` ("Rep 1x1": every 1x1 conv stays a plain
+conv instead of ``orepa_1x1``; read by the default policy) and ``{"deep_stem": False}``
+(linear deep stem: the large stem kernel gets a plain ``orepa`` block). ``{"pw_kxk":
+False}`` removes the kxk block's 1x1 -> kxk branch (a DBB base branch, not a Tab. 2
+component).
 
 With another ``block`` name every conv gets that block (convs its builder rejects
 are left as they are and reported). ``policy`` refines per layer:
@@ -105,7 +115,7 @@ from torch import nn
 from .blocks import MODES, SCALINGS, ConvGeometry, build_block, get_block
 from .conv_init import INITS, copy_frozen, identity_bn_, init_from_conv, trained_evidence
 from .errors import RepCompilerError, check_choice
-from .online import OfflineBlock, OnlineConv
+from .online import HybridBlock, HybridExpr, OfflineBlock, OnlineConv
 from .linearize import linearize_regions
 from .norm_act import match_norm_act
 from .multibranch import analyse_model
@@ -191,7 +201,10 @@ def orepa_transform(
             multi-branch blocks get one unless it is ``False``.
         mode: ``"online"`` (one conv per forward) or ``"offline"`` (branches on the
             feature map, a BN per branch: the DBB/RepVGG baseline).
-        scaling: ``"vector"``, ``"scalar"`` or ``"none"`` branch scales (online).
+        scaling: branch scales (online): ``"vector"`` (learnable per channel, the
+            paper's), ``"scalar"`` (learnable per branch), ``"fixed"`` (kept at the
+            branches' init values, not learnable) or ``"none"`` (no scale: every branch
+            weighted 1).
         post_bn: ``False`` removes the post-BN (following BNs become ``nn.Identity``).
         block_options: extra builder options, passed to each block that accepts them
             (e.g. ``{"prior": None}``; see the module docstring).
@@ -222,6 +235,7 @@ def orepa_transform(
     if block != "orepa":
         get_block(block)  # raises for an unknown name
     rule, options = check_policy_and_options(policy, block, block_options)
+    reparam_1x1 = bool(options.pop("reparam_1x1", True))  # read by the default policy, not a builder
     t0 = time.perf_counter()
     work = copy_model(model, "orepa_transform", inplace)
     # analysis reads parametrized weights (a power iteration in training mode) and runs checks:
@@ -308,9 +322,12 @@ def orepa_transform(
                 # a stacked stem (orepa_large) cannot start as the conv's kernel: from_conv uses orepa
                 first = site.name == first_name and init == "fresh"
                 name = default_block_for(geom, block=block, first=first,  # type: ignore[assignment]
-                                         shortcut=site.name in shortcuts, policy=rule) if choice == "default" else choice
+                                         shortcut=site.name in shortcuts, policy=rule,
+                                         reparam_1x1=reparam_1x1) if choice == "default" else choice
                 if name is None:
-                    report.add(site.name, desc, "kept", "policy: a 1x1 on a residual shortcut stays plain (paper)")
+                    why = "a 1x1 on a basic block's residual shortcut stays plain (paper)" if reparam_1x1 else \
+                        "reparam_1x1=False: 1x1 convs stay plain (the paper's Tab. 2 ablation)"
+                    report.add(site.name, desc, "kept", "policy: " + why)
                     continue
                 if name == "orepa_large" and choice == "default" and init == "from_conv":
                     name = "orepa"
@@ -328,7 +345,7 @@ def orepa_transform(
                 inserted = _BN_FOR_DIMS[geom.dims](geom.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
                 if init == "from_conv":
                     identity_bn_(inserted)
-            cls = OnlineConv if mode == "online" else OfflineBlock
+            cls = HybridBlock if isinstance(expr, HybridExpr) else OnlineConv if mode == "online" else OfflineBlock
             new = cls(expr, inserted, block=name)
             new.bias_from_inserted_bn = inserted is not None and conv.bias is None
             new.train(conv.training)

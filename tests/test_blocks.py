@@ -175,6 +175,15 @@ def test_orepa_branch_structure_and_init():
     assert not any(name.split('.')[-1] == 'scale' for name, _ in n.named_parameters())
     assert any(name.split('.')[-1] == 'scale' for name, _ in s.named_parameters())
     assert n.fast_fold().weight.shape == (16, 8, 3, 3)
+    assert not any(getattr(b, "scale", None) is not None for b in n.branches.values())  # every branch weighted 1
+    # "fixed": the scales stay at their init values - buffers, nothing learns them
+    f = build_block("orepa", geom(8, 16, 3), scaling="fixed")
+    assert not any(name.split('.')[-1] == 'scale' for name, _ in f.named_parameters())
+    fixed = {name.split('.')[-2]: b for name, b in f.named_buffers() if name.endswith(".scale")}
+    assert list(fixed) == list(f.branches)
+    for (name, b), want in zip(fixed.items(), OREPA_SCALE_INIT):
+        assert b.shape == (16,) and torch.all(b == want), name
+    torch.testing.assert_close(f.fast_fold().weight, f.fold(check=False).weight)
 
 
 def test_offline_blocks_have_a_bn_per_branch():

@@ -168,6 +168,16 @@ QUOTED = [
      lambda: _json("benchmarks/results/train_cost.json")["ratios"]["b64_time_online/dbb"], "{:.2f}"),
     ("docs/benchmarks.md", "{}x its peak memory",
      lambda: _json("benchmarks/results/train_cost.json")["ratios"]["b64_mem_online/dbb"], "{:.2f}"),
+    ("docs/index.md", "CPU: {}x plain at batch 8",
+     lambda: next(r["online/plain"] for r in _json("benchmarks/results/train_cost_paired.json")["rows"]
+                  if r["batch"] == 8), "{:.1f}"),
+    ("docs/index.md", "{}x at batch 64",
+     lambda: _summary("benchmarks/results/train_cost_paired.json", "b64_time_online/plain"), "{:.1f}"),
+    ("docs/paper.md", "{} min as the sum of the runs' own times",
+     lambda: _json("benchmarks/paper/results.json")["times_s"][
+         "training (Tab. 3 + Fig. 7), sum of the runs' own times"] / 60, "{:.1f}"),
+    ("docs/paper.md", "{} runs, 11 of them diverged",
+     lambda: len(_json("benchmarks/paper/results.json")["runs"]), "{}"),
     ("docs/benchmarks.md", "online {} ms",
      lambda: 1000 * _json("benchmarks/results/frozen_backbone.json")["median_s"]["online"], "{:.0f}"),
     ("docs/benchmarks.md", "plain {} ms",

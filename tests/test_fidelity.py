@@ -1,8 +1,11 @@
-"""Issue 16 items 1-5: the official OREPA behaviour by default, its deviations as options.
+"""The official OREPA behaviour by default (JUGGHM/OREPA_CVPR2022: ``blocks.py``,
+``blocks_repvgg.py``, ``models/resnet.py``, ``convnet_utils.py``), its deviations as
+named options.
 
 Initialisation (distributions against the official code's), the paper's OREPA-ResNet
 block assignment, the official prior and the prior cache after ``load_state_dict``, the
-Tab. 2 component switches, OREPA-VGG."""
+Tab. 2 component switches, the branch scalings, OREPA-VGG (the official hybrid and the
+fully online option)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from torch.nn import functional as F
 import repcompiler as rc
 from repcompiler.blocks import ConvGeometry, OrepaAccelerator, ResidualConv, build_block, official_prior
 from repcompiler.errors import UnsupportedError
-from repcompiler.online import OnlineConv
+from repcompiler.online import HybridBlock, OnlineConv
 from repcompiler.testing import check_block
 
 
@@ -94,24 +97,36 @@ def test_2c_wide_first_1x1_is_the_official_stacked_identity(groups):
     assert not isinstance(old, ResidualConv) and torch.count_nonzero(old.weight) > 0
 
 
-@pytest.mark.parametrize("cin,cout,groups,width", [(8, 32, 1, 8), (32, 8, 1, 8), (16, 16, 1, 16), (16, 8, 2, 8)])
-def test_1x1_block_official_width_rule_and_identity(cin, cout, groups, width):
-    """OREPA_1x1: the first 1x1 is ``in`` wide if out > in else ``out`` wide, its
-    identity on the matching factor; random weights kaiming(a=0)."""
+@pytest.mark.parametrize("cin,cout,groups", [(8, 32, 1), (32, 8, 1), (16, 16, 1), (16, 8, 2), (8, 16, 2)])
+def test_1x1_block_is_the_official_orepa_1x1(cin, cout, groups):
+    """Official ``OREPA_1x1``: weights ``kaiming_uniform_(a=1)`` (bound sqrt(3/fan_in));
+    ``pw_pw`` for out > in: a learnable identity (in x in) then a random out x in 1x1;
+    otherwise a random out x in 1x1 then a learnable identity (out x out)."""
     torch.manual_seed(0)
     g = ConvGeometry(cin, cout, (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), groups)
     e = build_block("orepa_1x1", g)
-    mixer = e.pw_pw.pointwise
+    first, last = e.pw_pw.parts.values()
     Cg = cin // groups
-    assert tuple(mixer.weight.shape) == (width, Cg, 1, 1) and torch.count_nonzero(mixer.weight) == 0
-    ident = mixer.id_weight().reshape(width, Cg)
-    assert all(ident[i, i % Cg] == 1 for i in range(width)) and ident.sum() == width
-    assert tuple(e.pw_pw.weight.shape) == (cout, width // groups, 1, 1)
-    big = build_block("orepa_1x1", ConvGeometry(256, 256, (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1)))
-    for w in (big.origin.weight, big.pw_pw.weight):
-        assert_uniform(w, math.sqrt(6 / fan_in(w)), "orepa_1x1")
+    if cout > cin:
+        assert tuple(first.weight.shape) == (cin, Cg, 1, 1) and tuple(last.weight.shape) == (cout, Cg, 1, 1)
+        ident, rand = first.weight, last.weight
+    else:
+        assert tuple(first.weight.shape) == (cout, Cg, 1, 1)
+        assert tuple(last.weight.shape) == (cout, cout // groups, 1, 1)
+        ident, rand = last.weight, first.weight
+    rows, cols = ident.shape[:2]
+    assert isinstance(ident, nn.Parameter) and torch.equal(ident.reshape(rows, cols)[:cols], torch.eye(cols))
+    assert all(isinstance(p, nn.Parameter) for p in (first.weight, last.weight))
+    for w in (e.origin.weight, rand):
+        assert w.abs().max() <= math.sqrt(3 / fan_in(w))
+    big = build_block("orepa_1x1", ConvGeometry(256, 128, (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1)))
+    for w in (big.origin.weight, list(big.pw_pw.parts.values())[0].weight):
+        assert_uniform(w, math.sqrt(3 / fan_in(w)), "orepa_1x1")
+    # at init the branch reads every input channel (no truncated identity in front)
+    k = big.pw_pw.fold(check=False).weight.reshape(128, 256)
+    assert (k.abs().sum(0) > 0).all()
     old = build_block("orepa_1x1", g, weight_init="repcompiler").pw_pw.pointwise
-    assert tuple(old.weight.shape) == (cin, Cg, 1, 1)
+    assert isinstance(old, ResidualConv) and tuple(old.weight.shape) == (cin, Cg, 1, 1)
 
 
 def test_weight_init_is_checked():
@@ -123,8 +138,9 @@ def test_weight_init_is_checked():
 
 
 def official_assignment(model: torchvision.models.ResNet) -> dict[str, str | None]:
-    """The official OREPA-ResNet: stem -> large conv, 3x3 -> OREPA, bottleneck 1x1s ->
-    OREPA_1x1, projection shortcuts -> plain conv+BN (None)."""
+    """The official OREPA-ResNet: stem -> large conv, 3x3 -> OREPA, bottleneck 1x1s and
+    the bottleneck's projection shortcut -> OREPA_1x1, the basic block's projection
+    shortcut -> plain conv+BN (None)."""
     want: dict[str, str | None] = {"conv1": "orepa_large"}
     for lname in ("layer1", "layer2", "layer3", "layer4"):
         for i, blk in enumerate(getattr(model, lname)):
@@ -133,8 +149,9 @@ def official_assignment(model: torchvision.models.ResNet) -> dict[str, str | Non
                 want.update({p + "conv1": "orepa_1x1", p + "conv2": "orepa", p + "conv3": "orepa_1x1"})
             else:
                 want.update({p + "conv1": "orepa", p + "conv2": "orepa"})
-            if blk.downsample is not None:
-                want[p + "downsample.0"] = None
+            if blk.downsample is not None:  # Bottleneck: conv_bn -> OREPA_1x1; BasicBlock: ConvBN
+                bottleneck = isinstance(blk, torchvision.models.resnet.Bottleneck)
+                want[p + "downsample.0"] = "orepa_1x1" if bottleneck else None
     return want
 
 
@@ -158,14 +175,15 @@ def test_policy_all_keeps_every_1x1_and_first_conv_stem():
 
 class Residual(nn.Module):
     """A residual net with unconventional names: ``proj`` is a shortcut 1x1, ``mix`` a
-    1x1 on the main path whose output is added, ``big`` a 7x7 that is not the first conv."""
+    conv on the main path whose output is added (a 3x3: a basic block; a 1x1: a
+    bottleneck), ``big`` a 7x7 that is not the first conv."""
 
-    def __init__(self) -> None:
+    def __init__(self, mix_kernel: int = 3) -> None:
         super().__init__()
         self.c0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.b0 = nn.BatchNorm2d(8)
         self.big = nn.Conv2d(8, 8, 7, padding=3, bias=False)
-        self.mix = nn.Conv2d(8, 16, 1, bias=False)
+        self.mix = nn.Conv2d(8, 16, mix_kernel, padding=mix_kernel // 2, bias=False)
         self.bm = nn.BatchNorm2d(16)
         self.proj = nn.Conv2d(8, 16, 1, bias=False)
         self.bp = nn.BatchNorm2d(16)
@@ -179,8 +197,10 @@ def test_shortcut_found_by_the_graph_and_large_kernels_anywhere():
     torch.manual_seed(0)
     m = Residual()
     out, rep = rc.orepa_transform(m, return_report=True)
-    assert isinstance(out.proj, nn.Conv2d) and out.mix.block == "orepa_1x1" and out.big.block == "orepa_large"
+    assert isinstance(out.proj, nn.Conv2d) and out.mix.block == "orepa" and out.big.block == "orepa_large"
     assert out.c0.block == "orepa"
+    bottleneck = rc.orepa_transform(Residual(mix_kernel=1))
+    assert bottleneck.proj.block == "orepa_1x1" and bottleneck.mix.block == "orepa_1x1"
     old = rc.orepa_transform(m, policy="all")
     assert old.proj.block == "orepa_1x1" and old.big.block == "orepa"
     # the kept shortcut deploys with the rest, exactly
@@ -256,7 +276,9 @@ def test_prior_cache_follows_load_state_dict():
 # -- 4. the component switches (Tab. 2) -----------------------------------------------------
 
 FULL = ("origin", "avg", "prior", "pw_kxk", "pointwise", "dw_pw")
-SWITCHES = [({"prior": None}, "prior"), ({"depthwise_separable": False}, "dw_pw"), ({"reparam_1x1": False}, "pw_kxk")]
+# the kxk block's branch switches: two Tab. 2 components (frequency prior, linear
+# depthwise separable) and the 1x1 -> kxk branch (a structural option, not in Tab. 2)
+SWITCHES = [({"prior": None}, "prior"), ({"depthwise_separable": False}, "dw_pw"), ({"pw_kxk": False}, "pw_kxk")]
 
 
 def n_params(m: nn.Module) -> int:
@@ -313,7 +335,30 @@ def test_switches_through_the_transform_deploy_exactly(switch, removed):
     assert sum(isinstance(m, nn.Conv2d) for m in rc.deploy(cut).modules()) == 3
 
 
-@pytest.mark.parametrize("options", [{}, {"prior": None}, {"depthwise_separable": False}, {"reparam_1x1": False},
+def test_rep_1x1_switch_leaves_exactly_the_1x1_convs_plain():
+    """Tab. 2's "Rep 1x1" is OREPA_1x1 on the 1x1 convs: ``reparam_1x1=False`` keeps every
+    1x1 conv a plain conv + BN and changes nothing else (the kxk blocks keep all their
+    branches, including the 1x1 -> kxk one)."""
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet50(num_classes=10)
+    full, rep_full = rc.orepa_transform(plain, return_report=True)
+    cut, rep_cut = rc.orepa_transform(plain, block_options={"reparam_1x1": False}, return_report=True)
+    blocks = {e.name: e.details.get("block") for e in rep_full.entries}
+    blocks_cut = {e.name: e.details.get("block") for e in rep_cut.entries}
+    changed = {n for n in blocks if blocks[n] != blocks_cut[n]}
+    assert changed == {n for n, b in blocks.items() if b == "orepa_1x1"} and len(changed) == 36
+    assert all(blocks_cut[n] is None and isinstance(cut.get_submodule(n), nn.Conv2d) for n in changed)
+    assert all("reparam_1x1=False" in e.reason for e in rep_cut.by_action("kept"))
+    assert tuple(cut.layer1[0].conv2.branches.branches) == FULL
+    cut = cut.double()
+    rc.testing.randomize_module(cut, torch.Generator().manual_seed(1))
+    cut.eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(rc.deploy(cut)(x), cut(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("options", [{}, {"prior": None}, {"depthwise_separable": False}, {"pw_kxk": False},
                                      {"prior": "official"}, {"weight_init": "repcompiler"}])
 def test_check_block_on_orepa_configurations(options):
     ks = 3 if options.get("prior") == "official" else None
@@ -325,7 +370,8 @@ def test_check_block_on_1x1_large_and_vgg():
     check_block("orepa_1x1", max_examples=8, derandomize=True, use_deploy=False)
     check_block("orepa_large", max_examples=4, derandomize=True, use_deploy=False, kernel_size=5, dims=(2,),
                 options={"deep_stem": False})
-    check_block("orepa_vgg", max_examples=6, derandomize=True, use_deploy=False, dims=(2,))
+    check_block("orepa_vgg", max_examples=6, derandomize=True, use_deploy=False, dims=(2,),
+                options={"form": "online"})
 
 
 # -- 5. OREPA-VGG -----------------------------------------------------------------------------
@@ -339,10 +385,71 @@ def plain_vgg() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 5))
 
 
-def test_orepa_vgg_branches_trains_and_deploys_to_the_plain_conv_count():
+def feature_map_convs(model: nn.Module, x: torch.Tensor) -> int:
+    """The 2-d convolutions one training forward of ``model`` runs on a batch of ``x``'s
+    size (kernel generation works on weights, never on a batch of feature maps)."""
+
+    class Count(torch.overrides.TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "conv2d" and args and args[0].shape[0] == x.shape[0]:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(x)
+    return Count.n
+
+
+def test_orepa_vgg_is_the_official_hybrid():
+    """Official ``RepVGGBlock_OREPA``: a five-branch OREPA kxk (no 1x1 branch; scales
+    0.25/0.25/0/0.5/0.5; ``kaiming_uniform_(a=1)``) online with its own BN, plus a 1x1
+    conv + BN and an identity BN on the feature map; no BN after the sum
+    (``post_bn=False``). Two feature-map convs per training forward; deploys to one conv."""
     torch.manual_seed(0)
     plain = plain_vgg()
-    model = rc.orepa_transform(plain, block="orepa_vgg")
+    model = rc.orepa_transform(plain, block="orepa_vgg", post_bn=False)
+    blocks = [m for m in model.modules() if isinstance(m, HybridBlock)]
+    assert len(blocks) == 4 and {m.block for m in blocks} == {"orepa_vgg"}
+    assert not any(isinstance(m, nn.BatchNorm2d) and n.count(".") == 0 for n, m in model.named_modules())
+    b = blocks[1]  # in == out, stride 1
+    kxk, rest = b.branches.online, b.branches.offline
+    assert isinstance(kxk, OnlineConv) and isinstance(kxk.post_bn, nn.BatchNorm2d)
+    assert tuple(kxk.branches.branches) == ("origin", "avg", "prior", "pw_kxk", "dw_pw")
+    assert kxk.accelerator is not None
+    scales = {n: br.scale.unique().tolist() for n, br in kxk.branches.branches.items()}
+    assert scales == {"origin": [0.25], "avg": [0.25], "prior": [0.0], "pw_kxk": [0.5], "dw_pw": [0.5]}
+    w = kxk.branches.origin.weight
+    assert_uniform(w, math.sqrt(3 / fan_in(w)), "OREPA-VGG kxk origin")
+    assert tuple(rest.branches) == ("pointwise", "identity")
+    assert all(isinstance(br.bn, nn.BatchNorm2d) for br in rest.branches.values())
+    assert tuple(blocks[2].branches.offline.branches) == ("pointwise",)  # strided: no identity
+    # training: two convs on the feature map per block (the online kxk, the 1x1 branch)
+    model.train()
+    x = torch.randn(8, 3, 12, 12)
+    assert feature_map_convs(model, x) == 2 * len(blocks)
+    # trains: every parameter gets a gradient
+    y = torch.randint(0, 5, (8,))
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # deploys to one conv per block, equal in float64 (eval mode, random BN statistics)
+    model = model.double()
+    rc.testing.randomize_module(model, torch.Generator().manual_seed(2))
+    model.eval()
+    dep = rc.deploy(model)
+    assert sum(isinstance(m, nn.Conv2d) for m in dep.modules()) == 4
+    assert not any(isinstance(m, (OnlineConv, HybridBlock)) for m in dep.modules())
+    xd = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(xd), model(xd), rtol=1e-10, atol=1e-10)
+
+
+def test_orepa_vgg_online_form_option_trains_and_deploys_to_the_plain_conv_count():
+    """``form="online"`` (not the official form): everything folded into one online conv."""
+    torch.manual_seed(0)
+    plain = plain_vgg()
+    model = rc.orepa_transform(plain, block="orepa_vgg", block_options={"form": "online"})
     blocks = [m for m in model.modules() if isinstance(m, OnlineConv)]
     assert len(blocks) == 4 and {m.block for m in blocks} == {"orepa_vgg"}
     assert tuple(blocks[1].branches.branches) == ("orepa", "pointwise", "identity")  # in == out, stride 1

@@ -41,25 +41,48 @@ def test_tiny_harness_end_to_end(digits, tmp_path):
     import figures
     import run_all
 
-    runs = [ablation.train_run(digits, cfg, 0.05, 0, 1) for cfg in ablation.CONFIGS]
+    runs = [ablation.train_run(digits, cfg, 0.05, seed, 1) for seed in (0, 1) for cfg in ablation.CONFIGS]
     for r in runs:
         assert r["deploy"] == "ok" and r["deployed_equal_acc"] and r["deployed_pred_mismatches"] == 0, r
         assert r["deployed_blocks_left"] == 0 and r["deployed_convs"] == 4
         assert math.isfinite(r["test_acc"]) and len(r["losses"]) == 1
         if r["config"] in ablation.ONLINE:
-            assert len(r["similarity"]) == 4 and len(r["sim_curve"]) == 2
-            assert all(len(m) == 6 for m in r["similarity"].values())
+            assert len(r["similarity"]) == 4 and all(len(m) == 6 for m in r["similarity"].values())
+            upd = r["update_similarity"]
+            assert len(upd) == 4 and all(len(v["cos"]) == 6 and len(v["norm"]) == 6 for v in upd.values())
+            # every branch was updated, except the prior whose scale is fixed at 0
+            moved = [[n > 0 for n in v["norm"]] for v in upd.values()]
+            want = [True, True, r["config"] != "orepa_fixed", True, True, True]
+            assert all(m == want for m in moved), (r["config"], moved)
         else:
-            assert "similarity" not in r
-    summary = ablation.summarize(runs)
+            assert "similarity" not in r and "update_similarity" not in r
+    summary = ablation.summarize(runs, select=1)
     assert set(summary["best"]) == {("digits", c) for c in ablation.CONFIGS}
-    paths = figures.write_all(tmp_path, runs, summary, [], ["digits"], [0.05])
-    run_all.write_results(tmp_path, "tiny", run_all.PRESETS["tiny"], runs, summary, [], ["digits"], [0.05],
+    p = figures.paired(runs, summary["best"], "digits", "orepa_vector", "plain")
+    assert p["seeds"] == [0, 1] and p["lo"] <= p["mean"] <= p["hi"]
+    paths = figures.write_all(tmp_path, runs, summary, [], ["digits"], 1)
+    run_all.write_results(tmp_path, "tiny", run_all.PRESETS["tiny"], runs, summary, [], ["digits"],
                           {"total": 1.0}, paths)
     text = (tmp_path / "results.md").read_text()
-    assert "OREPA no post-BN" in text and "DBB offline" in text and "Fig. 7" in text
+    assert "OREPA no post-BN" in text and "plain no BN" in text and "DBB offline" in text and "Fig. 7" in text
     for p in paths:
         assert p.stat().st_size > 10_000
+
+
+def test_learning_rate_search_extends_the_grid_until_the_best_rate_is_bracketed():
+    import run_all
+
+    def run(lr, val):
+        return {"dataset": "d", "config": "c", "lr": lr, "seed": 0, "val_acc": val, "diverged": False}
+
+    runs = [run(0.03, 0.5), run(0.1, 0.6), run(0.3, 0.7)]
+    assert run_all.next_rate(runs, "d", "c", 1) == 1.0  # best at the top edge: go up
+    runs.append(run(1.0, 0.65))
+    assert run_all.next_rate(runs, "d", "c", 1) is None  # bracketed
+    low = [run(0.03, 0.9), run(0.1, 0.6), run(0.3, 0.5)]
+    assert run_all.next_rate(low, "d", "c", 1) == 0.01
+    diverged = [run(0.03, 0.5), run(0.1, 0.6), dict(run(0.3, 0.9), diverged=True)]
+    assert run_all.next_rate(diverged, "d", "c", 1) is None  # a diverged top rate ranks last
 
 
 def test_divergence_is_detected(digits):

@@ -5,9 +5,13 @@ Configurations (:data:`CONFIGS`), each applied to the plain CNN of
 
 =================  =================================================================
 ``plain``          the CNN as is (conv + BN)
+``plain_no_bn``    the CNN with its BNs replaced by ``nn.Identity`` (no normalisation
+                   anywhere: the control for ``orepa_no_postbn``)
 ``orepa_vector``   ``rc.orepa_transform(model)`` (per-channel branch scales, post-BN)
-``orepa_scalar``   ``scaling="scalar"`` (one scale per branch)
-``orepa_none``     ``scaling="none"`` (no branch scale)
+``orepa_scalar``   ``scaling="scalar"`` (one learnable scale per branch)
+``orepa_fixed``    ``scaling="fixed"`` (the scales stay at their init values
+                   0.25/0.25/0/0.5/1/0.5: nothing learns them)
+``orepa_none``     ``scaling="none"`` (no branch scale: every branch weighted 1)
 ``orepa_no_postbn````post_bn=False`` (vector scales; the model's BNs after the blocks
                    become ``nn.Identity``: no BN anywhere)
 ``dbb_offline``    ``block="dbb", mode="offline", post_bn=False`` (DBB as its paper
@@ -16,9 +20,13 @@ Configurations (:data:`CONFIGS`), each applied to the plain CNN of
 
 One run (:func:`train_run`): SGD (momentum 0.9, weight decay 1e-4 on every parameter,
 cosine learning-rate decay to 0), a fixed batch size, a fixed number of epochs, one CPU thread.
-The seed sets the initialisation and the batch order; the data split is fixed. After
-every epoch the online configurations record their branch similarity
-(:func:`repcompiler.analysis.branch_similarity`). At the end: train/val/test accuracy
+The seed sets the initialisation and the batch order; the data split is fixed. Every
+epoch's mean training loss is recorded (the loss curves). The online configurations
+record, per block, each branch's equivalent kernel (:func:`repcompiler.analysis.branch_kernels`,
+scale included) at initialisation ``W_0`` and after training ``W_T``; the cosine
+similarity of the branches' **updates** ``W_T - W_0`` (what the paper's Proposition 1 is
+about: how differently the branches are optimized) and of the final kernels ``W_T``
+(the paper's Fig. 7 as drawn) are stored. At the end: train/val/test accuracy
 in eval mode; **divergence** = a non-finite loss during training (training stops
 there) or a final test accuracy below 0.2 (chance is 0.1); the trained model is
 deployed (``rc.deploy``, verified on a test batch) and the deployed model's test
@@ -40,14 +48,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import repcompiler as rc
-from repcompiler.analysis import branch_similarity
+from repcompiler.analysis import branch_kernels, branch_similarity, cosine_matrix
 
 from common import Split, make_model
 
 __all__ = ["CONFIGS", "ONLINE", "build", "train_run", "summarize"]
 
-CONFIGS = ("plain", "orepa_vector", "orepa_scalar", "orepa_none", "orepa_no_postbn", "dbb_offline")
-ONLINE = ("orepa_vector", "orepa_scalar", "orepa_none", "orepa_no_postbn")
+CONFIGS = ("plain", "plain_no_bn", "orepa_vector", "orepa_scalar", "orepa_fixed", "orepa_none", "orepa_no_postbn",
+           "dbb_offline")
+ONLINE = ("orepa_vector", "orepa_scalar", "orepa_fixed", "orepa_none", "orepa_no_postbn")
+#: each configuration's paired control: its difference to that one is reported per seed
+CONTROL = {c: ("plain_no_bn" if c == "orepa_no_postbn" else "plain") for c in CONFIGS if not c.startswith("plain")}
 CHANCE_LIMIT = 0.2
 
 
@@ -56,10 +67,18 @@ def build(config: str, dataset: str) -> nn.Module:
     model = make_model(dataset)
     if config == "plain":
         return model
+    if config == "plain_no_bn":
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, nn.Identity())
+        return model
     if config == "orepa_vector":
         return rc.orepa_transform(model, inplace=True)
     if config == "orepa_scalar":
         return rc.orepa_transform(model, scaling="scalar", inplace=True)
+    if config == "orepa_fixed":
+        return rc.orepa_transform(model, scaling="fixed", inplace=True)
     if config == "orepa_none":
         return rc.orepa_transform(model, scaling="none", inplace=True)
     if config == "orepa_no_postbn":
@@ -78,13 +97,21 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return (_predict(model, x) == y).float().mean().item()
 
 
-def _similarity_summary(model: nn.Module) -> dict[str, float]:
-    """Mean off-diagonal cosine similarity of every online block (NaN entries skipped)."""
+def _kernels(model: nn.Module) -> dict[str, list[Tensor]]:
+    """Each online block's branch equivalent kernels (scale included), by block name; copies
+    (a branch without a scale folds to a view of its own weight, which the optimizer then
+    updates in place)."""
+    return {n: [k.clone() for k in branch_kernels(m.expr)] for n, m in model.named_modules()
+            if isinstance(m, rc.OnlineConv)}
+
+
+def _update_similarity(k0: dict[str, list[Tensor]], k1: dict[str, list[Tensor]]) -> dict[str, list]:
+    """Per block: the cosine matrix of the branches' updates ``W_T - W_0`` and the norm of each update."""
     out = {}
-    for name, sim in branch_similarity(model).items():
-        off = sim[~torch.eye(len(sim), dtype=torch.bool)]
-        off = off[~torch.isnan(off)]
-        out[name] = off.mean().item() if len(off) else float("nan")
+    for name, before in k0.items():
+        deltas = [b1 - b0 for b0, b1 in zip(before, k1[name])]
+        out[name] = {"cos": cosine_matrix(deltas).tolist(),
+                     "norm": [d.double().norm().item() for d in deltas]}
     return out
 
 
@@ -105,9 +132,7 @@ def train_run(data: Split, config: str, lr: float, seed: int, epochs: int, batch
     gen = torch.Generator().manual_seed(seed)
     nonfinite_at = None
     losses: list[float] = []
-    sim_curve: list[dict[str, float]] = []
-    if config in ONLINE:
-        sim_curve.append(_similarity_summary(model))
+    k0 = _kernels(model) if config in ONLINE else {}
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -126,12 +151,10 @@ def train_run(data: Split, config: str, lr: float, seed: int, epochs: int, batch
         if nonfinite_at is not None:
             break
         losses.append(running / n)
-        if config in ONLINE:
-            sim_curve.append(_similarity_summary(model))
     model.eval()
     out: dict[str, Any] = {"config": config, "dataset": data.name, "lr": lr, "seed": seed, "epochs": epochs,
                            "batch": batch,
-                           "losses": losses, "nonfinite_at_epoch": nonfinite_at, "sim_curve": sim_curve}
+                           "losses": losses, "nonfinite_at_epoch": nonfinite_at}
     if nonfinite_at is None:
         out.update(train_acc=_accuracy(model, data.x_train, data.y_train),
                    val_acc=_accuracy(model, data.x_val, data.y_val),
@@ -142,6 +165,7 @@ def train_run(data: Split, config: str, lr: float, seed: int, epochs: int, batch
     out["train_seconds"] = time.perf_counter() - t0
     if config in ONLINE and nonfinite_at is None:
         out["similarity"] = {k: v.tolist() for k, v in branch_similarity(model).items()}
+        out["update_similarity"] = _update_similarity(k0, _kernels(model))
     out.update(_deploy_check(model, data) if nonfinite_at is None else {"deploy": "skipped (non-finite)"})
     return out
 
@@ -171,10 +195,24 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _rank(rs: list[dict[str, Any]]) -> tuple[int, float]:
+    """A rate's rank: fewer diverged seeds first, then higher mean validation accuracy."""
+    val = _ms([r["val_acc"] for r in rs])[0]
+    return (-sum(r["diverged"] for r in rs), val if not math.isnan(val) else -1.0)
+
+
+def best_rate(runs: list[dict[str, Any]]) -> float:
+    """The best learning rate of one (data set, configuration)'s ``runs`` (see :func:`_rank`)."""
+    by_lr: dict[float, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_lr.setdefault(r["lr"], []).append(r)
+    return max(by_lr, key=lambda lr: _rank(by_lr[lr]))
+
+
+def summarize(runs: list[dict[str, Any]], select: int | None = None) -> dict[str, Any]:
     """Per (data set, configuration, lr): mean/std of accuracies over seeds and the
-    number of diverged runs; per (data set, configuration) the best lr by mean
-    validation accuracy (a lr with any diverged seed ranks below every lr without)."""
+    number of diverged runs; per (data set, configuration) the best lr (:func:`best_rate`)
+    chosen on the seeds below ``select`` (default: all seeds)."""
     cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in runs:
         cells.setdefault((r["dataset"], r["config"], r["lr"]), []).append(r)
@@ -186,9 +224,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for what in ("train_acc", "val_acc", "test_acc"):
             row[what] = _ms([r[what] for r in rs])
         grid[key] = row
-    best = {}
-    for (ds, cfg, lr), row in grid.items():
-        score = (-row["diverged"], row["val_acc"][0] if not math.isnan(row["val_acc"][0]) else -1.0)
-        if (ds, cfg) not in best or score > best[(ds, cfg)][0]:
-            best[(ds, cfg)] = (score, lr)
-    return {"grid": grid, "best": {k: v[1] for k, v in best.items()}}
+    chosen: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if select is None or r["seed"] < select:
+            chosen.setdefault((r["dataset"], r["config"]), []).append(r)
+    return {"grid": grid, "best": {k: best_rate(rs) for k, rs in chosen.items()}}

@@ -33,7 +33,7 @@ from .. import algebra as A
 from ..algebra import ConvSpec
 from ..errors import RegistrationError, UnsupportedError, check_choice
 from .named import HOLD, ResidualConv
-from .parts import average_pattern, fixed_depthwise, fresh_weight, identity_fits, per_dim, placed_parts
+from .parts import average_pattern, fixed_depthwise, fresh_weight, identity_fits, per_dim, placed_parts, stacked_identity
 
 __all__ = ["Branch", "IntOrTuple", "GeomFn", "Parts", "as_branch", "ALIASES"]
 
@@ -92,7 +92,9 @@ class Branch:
         """A 1x1 conv. Alone, a 1x1 branch centred in the conv's window. In front of
         another branch, a channel mixer ``in -> out_channels`` (default: the conv's
         input width; an int or a callable of the geometry) with stride 1 and no padding.
-        ``init``: ``"random"``; ``"identity"`` (the weight starts as the identity);
+        ``init``: ``"random"``; ``"identity"`` (a learnable weight that starts as the
+        identity: in front of another branch its width must be the input's, alone or as
+        the last stage the conv must map ``in -> in``; weight decay pulls it toward zero);
         ``"residual"`` (a fixed identity plus a learnable weight starting at zero, as
         OREPA and DBB: weight decay pulls it toward the identity; for a width other than
         the input's, the official OREPA code's stacked identity, row ``i`` reading input
@@ -204,10 +206,7 @@ class _Pointwise(Branch):
         if init == "residual":
             mixer: A.Expr = ResidualConv(torch.nn.Parameter(torch.zeros(m, c // g, *one)), groups=g)
         elif init == "identity":
-            w = torch.zeros(m, c // g, *one)
-            for i in range(m):
-                w[(i, i % (c // g)) + (0,) * geom.dims] = 1.0
-            mixer = A.Conv(torch.nn.Parameter(w), groups=g)
+            mixer = A.Conv(torch.nn.Parameter(stacked_identity(m, c // g, geom.dims)), groups=g)
         else:
             mixer = A.Conv(fresh_weight(m, c // g, *one), groups=g)
         parts: Parts = [("pointwise", mixer)]
@@ -222,11 +221,18 @@ class _Pointwise(Branch):
         return parts, inner
 
     def parts(self, geom: ConvSpec, mode: str = "online") -> Parts:
-        if self._init(geom) != "random":
+        init = self._init(geom)
+        if init == "residual":
             raise UnsupportedError(f"{self!r}: {self.init} init only makes sense in front of another branch")
         if self.out_channels is not None and self.width(geom) != geom.out_channels:
             raise UnsupportedError(f"{self!r}: alone, a 1x1 branch maps to the conv's {geom.out_channels} channels")
-        weight = fresh_weight(geom.out_channels, geom.in_channels // geom.groups, *(1,) * geom.dims)
+        shape = (geom.out_channels, geom.in_channels // geom.groups, *(1,) * geom.dims)
+        if init == "identity":  # a learnable 1x1 that starts as the (grouped) identity
+            if geom.in_channels != geom.out_channels:
+                raise UnsupportedError(f"{self!r}: identity init needs in == out channels ({geom.describe()})")
+            weight = torch.nn.Parameter(stacked_identity(shape[0], shape[1], geom.dims))
+        else:
+            weight = fresh_weight(*shape)
         return placed_parts(weight, geom, geom.dilation, geom.groups)
 
     def __repr__(self) -> str:

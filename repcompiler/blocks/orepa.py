@@ -4,16 +4,24 @@
 dilated, asymmetric, any padding) - six branches, each ending in a learnable scale
 (online) or a BN (offline), summed:
 
-=============  ==============================================  ==========  ==========================
- branch         computes                                        scale init  removed by (Tab. 2)
-=============  ==============================================  ==========  ==========================
+=============  ==============================================  ==========  ===============================
+ branch         computes                                        scale init  removed by
+=============  ==============================================  ==========  ===============================
  ``origin``     kxk                                             0.25
  ``avg``        1x1 -> kxk average                              0.25
- ``prior``      1x1 -> fixed frequency prior (per channel)      0.0         ``prior=None``
- ``pw_kxk``     1x1 (identity-initialised) -> kxk               0.5         ``reparam_1x1=False``
- ``pointwise``  1x1 zero-padded to kxk (centre tap)             1.0
+ ``prior``      1x1 -> fixed frequency prior (per channel)      0.0         ``prior=None`` (Tab. 2)
+ ``pw_kxk``     1x1 (identity-initialised) -> kxk               0.5         ``pw_kxk=False``
+ ``pointwise``  1x1 zero-padded to kxk (centre tap)             1.0         ``pointwise=False``
  ``dw_pw``      depthwise kxk (multiplier 8) -> pointwise 1x1   0.5         ``depthwise_separable=False``
-=============  ==============================================  ==========  ==========================
+                                                                            (Tab. 2)
+=============  ==============================================  ==========  ===============================
+
+The paper's Tab. 2 components and their switches (each ablates exactly its component):
+frequency prior ``prior=None``; linear depthwise separable ``depthwise_separable=False``;
+"Rep 1x1" (``orepa_1x1`` for 1x1 convs) ``reparam_1x1=False`` - a policy option of
+:func:`~repcompiler.transform.orepa_transform` that leaves 1x1 convs plain; linear deep
+stem ``deep_stem=False``. ``pw_kxk=False`` (the 1x1 -> kxk branch, a DBB base branch)
+and ``pointwise=False`` are structural options, not Tab. 2 components.
 
 Initialisation, ``weight_init="official"`` (default) as the official code: every random
 branch weight ``kaiming_uniform_(a=0)`` (U(+-sqrt(6/fan_in))); the first 1x1 of
@@ -24,16 +32,26 @@ the delta) at every width: ``in_channels`` wide when ``groups <= 4``, else
 the random weights as ``nn.Conv*d`` does (U(+-1/sqrt(fan_in)), sqrt(6) smaller) and
 kaiming-initialises the 2C-wide first 1x1 instead of stacking the identity.
 
+Conditioning: the official initialisation draws larger branch weights than
+``nn.Conv*d`` (the ``pointwise`` branch of a depthwise conv has fan-in 1: U(+-sqrt(6)) at
+scale 1.0), so an untrained model evaluated with BN statistics that do not match its
+activations (e.g. random ones) rounds somewhat more in float32 than the plain model;
+``weight_init="repcompiler"`` draws the random weights as ``nn.Conv*d`` does. The
+official code initialises the same way. (Measured figures: ``docs/paper.md``.)
+
 The prior: ``prior="dct"`` (default) is the DCT-II basis for any kernel
 (:func:`~repcompiler.blocks.prior.frequency_prior`, no all-zero channel);
 ``prior="official"`` the official 1-d 3x3 prior (2-d 3x3 convs only; other convs are
 refused); ``prior=None`` removes the branch.
 
-``orepa_1x1`` (1x1 convs): ``origin`` 1x1 (scale 1.0) + ``pw_pw``: 1x1
-(``identity + weight``) -> 1x1 (scale 0.5). Official: the first 1x1 is ``in`` wide if
-``out > in`` else ``out`` wide, its identity on the matching factor (the stacked identity
-above: the first ``out`` rows of the identity when ``out < in``), random weights
-kaiming(a=0); ``"repcompiler"``: always ``in`` wide, ``nn.Conv*d`` init.
+``orepa_1x1`` (1x1 convs): ``origin`` 1x1 (scale 1.0) + ``pw_pw``: 1x1 -> 1x1 (scale
+0.5). Official (default), as ``OREPA_1x1``: every random weight ``kaiming_uniform_(a=1)``
+(U(+-sqrt(3/fan_in))); ``pw_pw`` is, for ``out > in``, a learnable ``in x in`` 1x1 that
+starts as the identity, then a random ``out x in`` 1x1; otherwise a random ``out x in``
+1x1, then a learnable ``out x out`` 1x1 that starts as the identity (the identity
+factors are plain weights, as the official code's: weight decay pulls them toward
+zero). ``weight_init="repcompiler"``: ``in``-wide ``identity + weight`` in front,
+``nn.Conv*d`` init.
 
 ``orepa_large`` (the "linear deep stem", all kernel dims odd, some >= 5): stages
 ``stage0``, ``stage1``, ... - ``(k-1)/2`` stacked 3x3 OREPA blocks whose kernels compose
@@ -42,23 +60,34 @@ stride, the ones between have no padding, so the stack equals its folded kernel
 everywhere, borders included. ``deep_stem=False`` (Tab. 2) builds the plain ``orepa``
 block for the large kernel instead. The ``orepa`` options pass through to its stages.
 
-``orepa_vgg`` (OREPA-VGG, the paper's Sec. 4): RepVGG with its kxk branch replaced by
-an OREPA kxk block: branches ``orepa`` (the nested OREPA block, ending in a scale - its
-linearized BN), ``pointwise`` (1x1) and ``identity`` (when ``in == out``, stride 1,
-"same"), each ending in a scale (online) or a BN (offline). The ``orepa`` options pass
-through to the nested block.
+``orepa_vgg`` (OREPA-VGG, the paper's Sec. 4.4). ``form="official"`` (default) as the
+official ``RepVGGBlock_OREPA``: a five-branch OREPA kxk (no ``pointwise`` branch; scales
+0.25/0.25/0/0.5/0.5; ``kaiming_uniform_(a=1)``; internal width ``in`` unless
+``groups >= out``) **online** with its own BN, plus a 1x1 conv + BN and, when
+``in == out`` and stride 1, an identity BN, both run **on the feature map**; summed (a
+:class:`~repcompiler.online.HybridExpr`, wrapped by the transform in a
+:class:`~repcompiler.online.HybridBlock`). The official block has no BN after the sum:
+``orepa_transform(model, block="orepa_vgg", post_bn=False)``; with ``post_bn=True`` a BN
+follows the sum (the model's own or an inserted one). Deployed: one conv.
+``form="online"`` (an option, not the official form): everything folded into one
+online conv per forward - branches ``orepa`` (the nested six-branch OREPA block),
+``pointwise`` (1x1) and ``identity``, each ending in a scale; the nested block's own
+1x1 branch duplicates ``pointwise``. In offline mode every branch ends in a BN (the
+``form="online"`` declaration built offline).
 
 Speed: the generic fold is the reference for deploy and checks. Online training uses
 the accelerators attached to the declarations (:mod:`.orepa_accel`), which find the
-branches by name and check their shapes; a block without one of OREPA's branches (a
-Tab. 2 switch) falls back to the generic fold, which is exact.
+branches by name and check their shapes; an ``orepa`` block without some of its
+optional branches keeps its accelerator (the missing branches enter as zeros).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from .. import algebra as A
 from ..algebra import ConvSpec
@@ -69,11 +98,13 @@ from .orepa_accel import NestedAccelerator, Orepa1x1Accelerator, OrepaAccelerato
 from .prior import PRIORS, frequency_prior, official_prior
 
 __all__ = ["orepa_config", "orepa_1x1_config", "orepa_large_config", "orepa_vgg_config", "build_orepa",
-           "build_orepa_1x1", "build_orepa_large", "build_orepa_vgg", "OREPA_SCALE_INIT", "EXPAND_RATIO",
-           "OREPA_BRANCHES", "WEIGHT_INIT_STYLES"]
+           "build_orepa_1x1", "build_orepa_large", "build_orepa_vgg", "OREPA_SCALE_INIT", "OREPA_VGG_SCALE_INIT",
+           "EXPAND_RATIO", "OREPA_BRANCHES", "WEIGHT_INIT_STYLES", "VGG_FORMS"]
 
 OREPA_BRANCHES = ("origin", "avg", "prior", "pw_kxk", "pointwise", "dw_pw")
 OREPA_SCALE_INIT = (0.25, 0.25, 0.0, 0.5, 1.0, 0.5)
+#: OREPA-VGG's kxk (official ``OREPA_3x3_RepVGG``): no 1x1 branch (its entry is unused)
+OREPA_VGG_SCALE_INIT = (0.25, 0.25, 0.0, 0.5, 0.0, 0.5)
 ORIGIN_1X1_SCALE_INIT = (1.0, 0.5)
 EXPAND_RATIO = 8
 #: ``weight_init`` of the OREPA blocks: the official code's initialisation (default) or
@@ -81,9 +112,9 @@ EXPAND_RATIO = 8
 WEIGHT_INIT_STYLES = ("official", "repcompiler")
 
 
-def _style(weight_init: str, block: str) -> str:
+def _style(weight_init: str, block: str, official: str = "kaiming") -> str:
     check_choice("weight_init", weight_init, WEIGHT_INIT_STYLES, owner=f"block {block!r}")
-    return "kaiming" if weight_init == "official" else "torch"
+    return official if weight_init == "official" else "torch"
 
 
 def _prior_fn(prior: str | None) -> Callable[[ConvSpec], torch.Tensor]:
@@ -95,17 +126,28 @@ def _prior_fn(prior: str | None) -> Callable[[ConvSpec], torch.Tensor]:
 def orepa_config(*, expand_ratio: int = EXPAND_RATIO, internal_channels: int | None = None,
                  scale_init: tuple[float, ...] = OREPA_SCALE_INIT, weight_init: str = "official",
                  prior: str | None = "dct", depthwise_separable: bool = True,
-                 reparam_1x1: bool = True) -> BlockConfig:
-    """The declaration of the OREPA kxk block (see the module docstring for the options)."""
+                 pw_kxk: bool = True, pointwise: bool = True, vgg: bool = False) -> BlockConfig:
+    """The declaration of the OREPA kxk block (see the module docstring for the options).
+
+    ``vgg=True``: OREPA-VGG's kxk as the official ``OREPA_3x3_RepVGG`` builds it
+    (``kaiming_uniform_(a=1)`` weights, internal width ``in`` unless ``groups >= out``,
+    then ``2 * in`` with a random first 1x1); the 1x1 branch is then left out with
+    ``pointwise=False``."""
     s = tuple(scale_init)
-    style = _style(weight_init, "orepa")
+    style = _style(weight_init, "orepa", "kaiming_a1" if vgg else "kaiming")
     check_choice("prior", prior, PRIORS, owner="block 'orepa'")
 
     def width(g: ConvSpec) -> int:
-        return internal_channels or (g.in_channels if g.groups <= 4 else 2 * g.in_channels)
+        if internal_channels:
+            return internal_channels
+        if vgg:
+            return g.in_channels if g.groups < g.out_channels else 2 * g.in_channels
+        return g.in_channels if g.groups <= 4 else 2 * g.in_channels
 
     def init(g: ConvSpec) -> str:
-        return "residual" if style == "kaiming" or width(g) == g.in_channels else "random"
+        if width(g) == g.in_channels:
+            return "residual"
+        return "residual" if style == "kaiming" else "random"
 
     cfg = (
         BlockConfig("orepa")
@@ -121,9 +163,10 @@ def orepa_config(*, expand_ratio: int = EXPAND_RATIO, internal_channels: int | N
     if prior is not None:
         cfg.branch(Branch.pointwise(lambda g: g.out_channels) >> Branch.fixed(_prior_fn(prior)), name="prior",
                    init=s[2])
-    if reparam_1x1:
+    if pw_kxk:
         cfg.branch(Branch.pointwise(width, init=init) >> Branch.conv(), name="pw_kxk", init=s[3])
-    cfg.branch(Branch.pointwise(), name="pointwise", init=s[4])
+    if pointwise:
+        cfg.branch(Branch.pointwise(), name="pointwise", init=s[4])
     if depthwise_separable:
         cfg.branch(Branch.depthwise(int(expand_ratio)) >> Branch.pointwise(), name="dw_pw", init=s[5])
     return cfg.accelerate(OrepaAccelerator())
@@ -132,22 +175,23 @@ def orepa_config(*, expand_ratio: int = EXPAND_RATIO, internal_channels: int | N
 def orepa_1x1_config(*, scale_init: tuple[float, float] = ORIGIN_1X1_SCALE_INIT,
                      weight_init: str = "official") -> BlockConfig:
     """OREPA's block for 1x1 convs (any stride/groups/dims; see the module docstring)."""
-    style = _style(weight_init, "orepa_1x1")
-
-    def width(g: ConvSpec) -> int:
-        if style == "torch":
-            return g.in_channels
-        return g.in_channels if g.out_channels > g.in_channels else g.out_channels
-
-    return (
+    style = _style(weight_init, "orepa_1x1", "kaiming_a1")
+    cfg = (
         BlockConfig("orepa_1x1")
-        .describe("OREPA 1x1: origin + identity-initialised 1x1 -> 1x1")
+        .describe("OREPA 1x1: origin + 1x1 -> 1x1 (one factor identity-initialised)")
         .requires(lambda g: g.is_pointwise_kernel, "needs a 1x1 kernel")
         .weight_init(style)
         .branch(Branch.conv(), name="origin", init=scale_init[0])
-        .branch(Branch.pointwise(width, init="residual") >> Branch.conv(), name="pw_pw", init=scale_init[1])
-        .accelerate(Orepa1x1Accelerator())
     )
+    if style == "torch":  # this library's earlier form: identity (+ weight) in front, always in wide
+        cfg.branch(Branch.pointwise(init="residual") >> Branch.conv(), name="pw_pw", init=scale_init[1])
+    else:
+        # official: out > in: identity (in x in) -> random (out x in); else random (out x in) -> identity (out x out)
+        cfg.branch(Branch.pointwise(init="identity") >> Branch.conv(), name="pw_pw", init=scale_init[1],
+                   when=lambda g: g.out_channels > g.in_channels)
+        cfg.branch(Branch.pointwise(lambda g: g.out_channels) >> Branch.pointwise(init="identity"), name="pw_pw",
+                   init=scale_init[1], when=lambda g: g.out_channels <= g.in_channels)
+    return cfg.accelerate(Orepa1x1Accelerator())
 
 
 def orepa_large_config(*, internal_channels: int | None = None, deep_stem: bool = True,
@@ -187,8 +231,10 @@ def orepa_large_config(*, internal_channels: int | None = None, deep_stem: bool 
 
 
 def orepa_vgg_config(**orepa_options: Any) -> BlockConfig:
-    """OREPA-VGG: RepVGG's kxk branch replaced by an OREPA kxk block (see the module
-    docstring); ``orepa_options`` configure the nested OREPA block."""
+    """OREPA-VGG in its fully online form (``form="online"`` of :func:`build_orepa_vgg`):
+    RepVGG's kxk branch replaced by an OREPA kxk block, every branch ending in a scale,
+    all folded into one kernel per forward (see the module docstring);
+    ``orepa_options`` configure the nested OREPA block."""
     return (
         BlockConfig("orepa_vgg")
         .describe("OREPA-VGG: OREPA kxk + 1x1 (+ identity)")
@@ -200,14 +246,28 @@ def orepa_vgg_config(**orepa_options: Any) -> BlockConfig:
     )
 
 
+#: the forms of ``orepa_vgg``: the official hybrid (default) or everything online
+VGG_FORMS = ("official", "online")
+
+
+def _vgg_feature_map_branches() -> BlockConfig:
+    """RepVGG's 1x1 conv + BN and identity BN, run on the feature map (built offline)."""
+    return (
+        BlockConfig("orepa_vgg")
+        .describe("OREPA-VGG's feature-map branches: 1x1 conv + BN, identity BN")
+        .bias(False)
+        .branch(Branch.pointwise(), name="pointwise")
+        .branch(Branch.identity(), name="identity", optional=True)
+    )
+
+
 def build_orepa(geom: ConvSpec, *, mode: str = "online", scaling: str = "vector", expand_ratio: int = EXPAND_RATIO,
                 internal_channels: int | None = None, scale_init: tuple[float, ...] = OREPA_SCALE_INIT,
                 weight_init: str = "official", prior: str | None = "dct", depthwise_separable: bool = True,
-                reparam_1x1: bool = True) -> A.Expr:
+                pw_kxk: bool = True) -> A.Expr:
     """The OREPA block for a kxk conv (the registered ``orepa`` builder)."""
     cfg = orepa_config(expand_ratio=expand_ratio, internal_channels=internal_channels, scale_init=scale_init,
-                       weight_init=weight_init, prior=prior, depthwise_separable=depthwise_separable,
-                       reparam_1x1=reparam_1x1)
+                       weight_init=weight_init, prior=prior, depthwise_separable=depthwise_separable, pw_kxk=pw_kxk)
     return cfg.build(geom, mode=mode, scaling=scaling)
 
 
@@ -220,18 +280,37 @@ def build_orepa_1x1(geom: ConvSpec, *, mode: str = "online", scaling: str = "vec
 def build_orepa_large(geom: ConvSpec, *, mode: str = "online", scaling: str = "vector",
                       internal_channels: int | None = None, deep_stem: bool = True, expand_ratio: int = EXPAND_RATIO,
                       weight_init: str = "official", prior: str | None = "dct", depthwise_separable: bool = True,
-                      reparam_1x1: bool = True) -> A.Expr:
+                      pw_kxk: bool = True) -> A.Expr:
     """The registered ``orepa_large`` builder (``deep_stem=False``: the plain ``orepa`` block)."""
     cfg = orepa_large_config(internal_channels=internal_channels, deep_stem=deep_stem, expand_ratio=expand_ratio,
                              weight_init=weight_init, prior=prior, depthwise_separable=depthwise_separable,
-                             reparam_1x1=reparam_1x1)
+                             pw_kxk=pw_kxk)
     return cfg.build(geom, mode=mode, scaling=scaling)
 
 
-def build_orepa_vgg(geom: ConvSpec, *, mode: str = "online", scaling: str = "vector",
+def build_orepa_vgg(geom: ConvSpec, *, mode: str = "online", scaling: str = "vector", form: str = "official",
                     expand_ratio: int = EXPAND_RATIO, weight_init: str = "official", prior: str | None = "dct",
-                    depthwise_separable: bool = True, reparam_1x1: bool = True) -> A.Expr:
-    """The registered ``orepa_vgg`` builder."""
-    cfg = orepa_vgg_config(expand_ratio=expand_ratio, weight_init=weight_init, prior=prior,
-                           depthwise_separable=depthwise_separable, reparam_1x1=reparam_1x1)
-    return cfg.build(geom, mode=mode, scaling=scaling)
+                    depthwise_separable: bool = True, pw_kxk: bool = True) -> A.Expr:
+    """The registered ``orepa_vgg`` builder.
+
+    ``form="official"`` (default), online mode: a
+    :class:`~repcompiler.online.HybridExpr` - the five-branch OREPA kxk (no 1x1 branch;
+    scales 0.25/0.25/0/0.5/0.5; ``kaiming_uniform_(a=1)``) online with its own BN, plus
+    a 1x1 conv + BN and (``in == out``, stride 1) an identity BN run on the feature map;
+    the transform wraps it in a :class:`~repcompiler.online.HybridBlock`.
+    ``form="online"``: :func:`orepa_vgg_config` (everything folded into one online conv,
+    the nested OREPA block with its own 1x1 branch). Offline mode: every branch on the
+    feature map, a BN ending each (the ``form="online"`` declaration built offline)."""
+    check_choice("form", form, VGG_FORMS, owner="block 'orepa_vgg'")
+    if form == "online" or mode == "offline":
+        cfg = orepa_vgg_config(expand_ratio=expand_ratio, weight_init=weight_init, prior=prior,
+                               depthwise_separable=depthwise_separable, pw_kxk=pw_kxk)
+        return cfg.build(geom, mode=mode, scaling=scaling)
+    from ..online import HybridExpr, OnlineConv  # online imports the blocks package
+
+    kxk = orepa_config(expand_ratio=expand_ratio, scale_init=OREPA_VGG_SCALE_INIT, weight_init=weight_init,
+                       prior=prior, depthwise_separable=depthwise_separable, pw_kxk=pw_kxk, pointwise=False,
+                       vgg=True).bias(False).build(replace(geom, has_bias=False), mode="online", scaling=scaling)
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[geom.dims](geom.out_channels)
+    rest = _vgg_feature_map_branches().build(geom, mode="offline")
+    return HybridExpr(OnlineConv(kxk, bn, block="orepa"), rest, block="orepa_vgg")

@@ -4,8 +4,8 @@ the fast online kernel of ``orepa`` (:class:`OrepaAccelerator`, through
 (:class:`Orepa1x1Accelerator`), stacks (:class:`StackAccelerator`, the linear deep stem)
 and blocks with a nested accelerated block as a branch (:class:`NestedAccelerator`,
 OREPA-VGG). Each finds branches by name and checks shapes; anything else falls back to
-the generic fold. ``orepa`` blocks without ``prior``, ``pw_kxk`` or ``dw_pw`` (the
-Tab. 2 switches) keep the accelerator, the missing branch entering as zeros. The tests compare each with the generic fold in float64.
+the generic fold. ``orepa`` blocks without ``prior``, ``pw_kxk``, ``pointwise`` or
+``dw_pw`` (the switches; OREPA-VGG's kxk has no ``pointwise``) keep the accelerator, the missing branch entering as zeros. The tests compare each with the generic fold in float64.
 
 Caching: the fixed average/prior patterns of an ``orepa`` block are cached on the
 expression, keyed by dtype, device and the identity and version counter of every buffer
@@ -78,7 +78,7 @@ def _scales(expr: BlockExpr, names: tuple[str, ...], out: int, ref: torch.Tensor
     return [ones if s is None else (s.expand(out) if s.dim() == 0 else s) for s in raw]
 
 
-_REQUIRED = {"origin", "avg", "pointwise"}
+_REQUIRED = {"origin", "avg"}
 
 
 def _zeros(b: dict[str, A.Expr], frame: ConvSpec, E: int, ref: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -87,6 +87,8 @@ def _zeros(b: dict[str, A.Expr], frame: ConvSpec, E: int, ref: torch.Tensor) -> 
     Cg, z = C // G, {}
     if "prior" not in b:
         z["p"] = ref.new_zeros(O, Cg)
+    if "pointwise" not in b:
+        z["q"] = ref.new_zeros(O, Cg)
     if "pw_kxk" not in b:
         z["w1"], z["w2"] = ref.new_zeros(G, 1, Cg), ref.new_zeros(O, K, 1)
     if "dw_pw" not in b:
@@ -100,8 +102,9 @@ class OrepaAccelerator(KernelAccelerator):
 
     def structure(self, expr: A.Expr) -> tuple[ConvSpec, int, int] | None:
         """``(frame, internal width, depthwise multiplier)`` if ``expr`` has OREPA's
-        structure (branches by name, parts by kind and shape; ``prior``, ``pw_kxk`` and
-        ``dw_pw`` may be missing - the Tab. 2 switches - and count as zero), else ``None``."""
+        structure (branches by name, parts by kind and shape; ``prior``, ``pw_kxk``,
+        ``pointwise`` and ``dw_pw`` may be missing - the switches, OREPA-VGG's five-branch
+        kxk - and count as zero), else ``None``."""
         if not isinstance(expr, BlockExpr) or not _REQUIRED <= set(expr.branches) <= set(OREPA_BRANCHES):
             return None
         b = expr.branches
@@ -113,12 +116,14 @@ class OrepaAccelerator(KernelAccelerator):
         one, Cg = (1,) * frame.dims, C // G
         if origin["conv"].bias is not None or expr.spec.kernel_size != ks or expr.spec.padding != frame.padding:
             return None
-        avg, pw = _parts(b["avg"], ("pointwise", "average")), (
-            _parts(b["pointwise"], ("conv",)) or _parts(b["pointwise"], ("place", "conv")))
-        if avg is None or pw is None or not (
-                _is_conv(avg["pointwise"], (O, Cg, *one), G) and _is_conv(pw["conv"], (O, Cg, *one), G)
-                and _tap(pw, frame) == tuple((k - 1) // 2 for k in ks)):
+        avg = _parts(b["avg"], ("pointwise", "average"))
+        if avg is None or not _is_conv(avg["pointwise"], (O, Cg, *one), G):
             return None
+        if "pointwise" in b:
+            pw = _parts(b["pointwise"], ("conv",)) or _parts(b["pointwise"], ("place", "conv"))
+            if pw is None or not (_is_conv(pw["conv"], (O, Cg, *one), G)
+                                  and _tap(pw, frame) == tuple((k - 1) // 2 for k in ks)):
+                return None
         M = E = 1
         if "prior" in b:
             prior = _parts(b["prior"], ("pointwise", "pattern"))
@@ -198,7 +203,7 @@ class OrepaAccelerator(KernelAccelerator):
             w0.reshape(O, Cg, K),
             b["avg"].pointwise.weight.reshape(O, Cg),
             b["prior"].pointwise.weight.reshape(O, Cg) if "prior" in b else zero["p"],
-            b["pointwise"].weight.reshape(O, Cg),
+            b["pointwise"].weight.reshape(O, Cg) if "pointwise" in b else zero["q"],
             w1,
             w2,
             dw,
@@ -221,36 +226,58 @@ class OrepaAccelerator(KernelAccelerator):
         return OrepaPatterns.of(avg, prior, centre)
 
 
+def _factor(e: Any) -> torch.Tensor | None:
+    """The weight of a 1x1 factor of ``orepa_1x1``'s ``pw_pw`` branch (a stride-1,
+    unpadded 1x1 conv without bias, or an identity-plus-weight :class:`ResidualConv`)."""
+    if isinstance(e, ResidualConv):
+        return e.weight + e.id_weight()
+    if isinstance(e, A.Conv) and e.bias is None and all(k == 1 for k in e.weight.shape[2:]):
+        return e.weight
+    return None
+
+
 class Orepa1x1Accelerator(KernelAccelerator):
-    """``origin + pw_pw`` of ``orepa_1x1`` as one batched product (by name and shape)."""
+    """``origin + pw_pw`` of ``orepa_1x1`` as one batched product (by name and shape):
+    ``pw_pw`` is two grouped 1x1 factors (either may be identity-initialised)."""
 
     def matches(self, expr: A.Expr) -> bool:
         if not isinstance(expr, BlockExpr) or set(expr.branches) != {"origin", "pw_pw"}:
             return False
-        origin, pp = _parts(expr.branches["origin"], ("conv",)), _parts(expr.branches["pw_pw"], ("pointwise", "conv"))
-        if origin is None or pp is None or origin["conv"].bias is not None:
+        origin, pp = expr.branches["origin"], expr.branches["pw_pw"]
+        if _parts(origin, ("conv",)) is None or not isinstance(pp, BranchExpr) or pp.end == "bn":
             return False
-        spec = origin["conv"].spec
-        O, C, G, one = spec.out_channels, spec.in_channels, spec.groups, spec.kernel_size
-        mixer = pp["pointwise"]
-        if not isinstance(mixer, ResidualConv) or mixer.groups != G:
+        spec = origin.parts["conv"].spec
+        if origin.parts["conv"].bias is not None or any(k != 1 for k in spec.kernel_size):
             return False
-        M = mixer.weight.shape[0]
-        return all(k == 1 for k in one) and M % G == 0 and tuple(mixer.weight.shape) == (M, C // G, *one) \
-            and _is_conv(pp["conv"], (O, M // G, *one), G) and replace(pp["conv"].spec, in_channels=C) == spec
+        parts = list(pp.parts.values())
+        if len(parts) != 2 or any(_factor(p) is None for p in parts):
+            return False
+        first, last = parts
+        O, C, G = spec.out_channels, spec.in_channels, spec.groups
+        M = first.weight.shape[0]
+        one = spec.kernel_size
+        if first.groups != G or last.groups != G or M % G:
+            return False
+        if tuple(first.weight.shape) != (M, C // G, *one) or tuple(last.weight.shape) != (O, M // G, *one):
+            return False
+        # the first factor mixes only (stride 1, no padding); the last carries the conv's geometry
+        first_ok = isinstance(first, ResidualConv) or (all(s == 1 for s in first.stride)
+                                                       and all(p == (0, 0) for p in first.padding))
+        return first_ok and replace(last.spec, in_channels=C) == replace(spec, has_bias=False)
 
     def generate(self, expr: A.Expr) -> A.Kernel:
         assert isinstance(expr, BlockExpr)
         b = expr.branches
         origin, pp = b["origin"], b["pw_pw"]
         O, Cg = origin.weight.shape[:2]
-        G = pp.pointwise.groups
+        first, last = pp.parts.values()
+        G = first.groups
         s0, s1 = _scales(expr, ("origin", "pw_pw"), O, origin.weight)
         W = origin.weight.reshape(O, Cg) * s0.reshape(O, 1)
-        mixer = pp.pointwise
-        Mg = mixer.weight.shape[0] // G
-        w1 = (mixer.weight + mixer.id_weight()).reshape(G, Mg, Cg)
-        w2 = (pp.weight.reshape(O, Mg) * s1.reshape(O, 1)).reshape(G, O // G, Mg)
+        w1 = _factor(first)
+        Mg = w1.shape[0] // G
+        w1 = w1.reshape(G, Mg, Cg)
+        w2 = (_factor(last).reshape(O, Mg) * s1.reshape(O, 1)).reshape(G, O // G, Mg)
         W = W + torch.bmm(w2, w1).reshape(O, Cg)
         spec = replace(expr.branches["origin"].plan()[0], has_bias=False)  # type: ignore[arg-type]
         return expr.with_bias(A.Kernel(W.reshape(origin.weight.shape), None, spec))

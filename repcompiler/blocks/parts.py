@@ -36,7 +36,10 @@ __all__ = [
 ]
 
 MODES = ("online", "offline")
-SCALINGS = ("vector", "scalar", "none")
+#: branch scalings (online): learnable per channel, learnable per branch, **fixed** at the
+#: declared init values (a buffer, not learnable: the paper's "w/o linear scaling" read
+#: as "the scales stay where they start") or none at all (every branch weighted 1)
+SCALINGS = ("vector", "scalar", "fixed", "none")
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
@@ -49,8 +52,11 @@ def check_options(block: str, mode: str, scaling: str) -> None:
 
 #: weight-initialisation styles of fresh branch weights: ``"torch"`` as ``nn.Conv*d``
 #: (``kaiming_uniform_(a=sqrt(5))``, bound ``1/sqrt(fan_in)``); ``"kaiming"`` as the
-#: official OREPA code (``kaiming_uniform_(a=0)``, bound ``sqrt(6/fan_in)``, sqrt(6) larger)
-WEIGHT_INITS = ("torch", "kaiming")
+#: official OREPA kxk block (``kaiming_uniform_(a=0)``, bound ``sqrt(6/fan_in)``, sqrt(6)
+#: larger); ``"kaiming_a1"`` as the official OREPA 1x1 and OREPA-VGG kxk blocks
+#: (``kaiming_uniform_(a=1)``, bound ``sqrt(3/fan_in)``)
+WEIGHT_INITS = ("torch", "kaiming", "kaiming_a1")
+_BOUND_NUMERATOR = {"torch": 1.0, "kaiming": 6.0, "kaiming_a1": 3.0}
 _WEIGHT_INIT: contextvars.ContextVar[str] = contextvars.ContextVar("repcompiler_weight_init", default="torch")
 
 
@@ -71,11 +77,11 @@ def weight_init_scope(kind: str | None) -> Iterator[None]:
 
 def fresh_weight(*shape: int) -> nn.Parameter:
     """A new parameter ``U(-bound, bound)`` with ``fan_in = prod(shape[1:])``: bound
-    ``1/sqrt(fan_in)`` as ``nn.Conv*d`` initialises its weight, or ``sqrt(6/fan_in)``
-    (``kaiming_uniform_(a=0)``, the official OREPA code) inside
-    ``weight_init_scope("kaiming")``."""
+    ``1/sqrt(fan_in)`` as ``nn.Conv*d`` initialises its weight, ``sqrt(6/fan_in)``
+    (``kaiming_uniform_(a=0)``) inside ``weight_init_scope("kaiming")``, ``sqrt(3/fan_in)``
+    (``kaiming_uniform_(a=1)``) inside ``weight_init_scope("kaiming_a1")``."""
     fan_in = max(math.prod(shape[1:]), 1)
-    bound = math.sqrt(6.0 / fan_in) if _WEIGHT_INIT.get() == "kaiming" else 1.0 / math.sqrt(fan_in)
+    bound = math.sqrt(_BOUND_NUMERATOR[_WEIGHT_INIT.get()] / fan_in)
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
 
 
@@ -189,8 +195,10 @@ def identity_fits(geom: ConvSpec) -> bool:
 
 def branch_end(channels: int, dims: int, init: float, mode: str, scaling: str) -> dict[str, Any]:
     """The end of a branch as :class:`~repcompiler.blocks.named.BranchExpr` keywords: a
-    learnable ``scale`` initialised to ``init`` (online; ``scaling`` vector/scalar/none)
-    or a fresh BatchNorm ``bn`` with gamma ``init`` (offline, as DBB/RepVGG train)."""
+    learnable ``scale`` initialised to ``init`` (online; ``scaling`` ``"vector"``:
+    ``[C]``, ``"scalar"``: one number), a fixed ``[C]`` buffer equal to ``init``
+    (``"fixed"``), nothing (``"none"``: the branch is weighted 1, ``init`` does not
+    apply) or a fresh BatchNorm ``bn`` with gamma ``init`` (offline, as DBB/RepVGG train)."""
     if mode == "offline":
         bn = _BN[dims](channels)
         with torch.no_grad():
@@ -198,6 +206,8 @@ def branch_end(channels: int, dims: int, init: float, mode: str, scaling: str) -
         return {"bn": bn}
     if scaling == "none":  # the paper's ablation: no branch scale (init does not apply)
         return {}
+    if scaling == "fixed":  # a buffer: the branch keeps its init weight, nothing learns it
+        return {"scale": torch.full((channels,), float(init))}
     shape = (channels,) if scaling == "vector" else ()
     return {"scale": nn.Parameter(torch.full(shape, float(init)))}
 

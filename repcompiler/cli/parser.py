@@ -11,6 +11,7 @@ import argparse
 from importlib import metadata
 
 from .. import __version__
+from ..blocks import SCALINGS
 from ..exporting.formats import FORMATS, ONNX_EXPORTERS, TORCHSCRIPT_METHODS
 from .bench import cmd_bench
 from .commands import cmd_demo, cmd_deploy, cmd_export, cmd_inspect, cmd_transform
@@ -63,15 +64,16 @@ def _transform_parent(with_orepa_flag: bool) -> argparse.ArgumentParser:
     g.add_argument("--block", default="orepa", help="block for kxk convs (default: %(default)s)")
     g.add_argument("--mode", choices=["online", "offline"], default="online",
                    help="online: one conv per block per forward; offline: every branch runs (default: %(default)s)")
-    g.add_argument("--scaling", choices=["vector", "scalar", "none"], default="vector",
-                   help="per-branch scaling (default: %(default)s)")
+    g.add_argument("--scaling", choices=list(SCALINGS), default="vector",
+                   help="per-branch scaling: learnable per channel / per branch, fixed at the init values, or none "
+                        "(default: %(default)s)")
     g.add_argument("--no-post-bn", action="store_true", help="no BN after the branches are added")
     g.add_argument("--no-insert-bn", action="store_true", help="do not insert a BN where no BN follows a conv (with transform --weights none is inserted anyway)")
     choice = g.add_mutually_exclusive_group()
     choice.add_argument("--skip", action="append", metavar="PATTERN",
                         help="leave convs whose qualified name matches this fnmatch pattern as they are (repeatable)")
     choice.add_argument("--policy", metavar="NAME|JSON", type=policy_arg,
-                        help='"paper" (default: residual-shortcut 1x1s stay plain, large-kernel stem block for k>=7), '
+                        help='"paper" (default: basic-block shortcut 1x1s stay plain, large-kernel stem block for k>=7), '
                              '"all" (every eligible conv), or per-layer blocks by name pattern, first match wins '
                              '(not with --skip), e.g. \'{"layer4.*": "dbb", "fc": null}\'')
     return p
