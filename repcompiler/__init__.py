@@ -30,7 +30,7 @@ from .exporting import ExportResult, export
 from .report import FoldReport, ReportEntry, TransformReport
 from .tracing import trace_model, trace_units
 from .rules import register_rule, lookup_rule, unregister_rule
-from . import rules_extra  # noqa: F401  hook (issue 15): SyncBatchNorm, crops, signed F.pad
+from . import rules_extra  # noqa: F401  registers rules for SyncBatchNorm, crops, signed F.pad
 from .blocks import available_blocks, get_block, register_block, unregister_block
 from .blocks import ConvGeometry
 from .online import OfflineBlock, OnlineConv
@@ -53,7 +53,7 @@ def __getattr__(name: str):
     # (``from . import testing`` here would recurse: it looks the name up with getattr)
     if name in ("testing", "quant"):  # ``rc.quant.quantize_onnx`` without importing the subpackage first
         return importlib.import_module("." + name, __name__)
-    if name in _QUANT:  # issue 19: the INT8 report (torch.ao.quantization observers), on first use
+    if name in _QUANT:  # the INT8 report (torch.ao.quantization observers), imported on first use
         return getattr(importlib.import_module(".quant", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

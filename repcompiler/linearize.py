@@ -87,7 +87,7 @@ Not linearized, left as they are, and reported with the reason:
 * a region whose fold would not be exact (e.g. a BN shift before a zero-padded conv),
   with the kernel algebra's reason.
 
-**The rule for** :func:`repcompiler.orepa_transform` **(item 3 of issue 7):** a conv
+**The rule for** :func:`repcompiler.orepa_transform`: a conv
 that already belongs to a multi-branch block (a region this module selects) is not
 wrapped in a new OREPA block; the whole block is linearized instead (one online conv
 per block, e.g. one per timm ``RepVggBlock``). :func:`linearize_regions` is the hook:

@@ -1,4 +1,4 @@
-"""Lowering rules for layers and ops real re-parameterizable models use (issue 15).
+"""Lowering rules for layers and ops real re-parameterizable models use.
 
 This module owns the rules below and registers them into the one global registry
 (:data:`repcompiler.rules.default_rules`, through :func:`repcompiler.rules.register_rule`)

@@ -250,7 +250,7 @@ def orepa_transform(
         pairs, order, covered, skipped = pair_by_regions(work, analysis)
         shortcuts = shortcut_convs(work, analysis.traced) if block == "orepa" and rule == "paper" else set()
 
-        # Existing multi-branch blocks (RepVGG, DBB, ACNet, MobileOne, ...; issue 7): each is
+        # Existing multi-branch blocks (RepVGG, DBB, ACNet, MobileOne, ...): each is
         # linearized whole into one online conv (mode="offline": left in its BN-per-branch
         # form) instead of wrapping each of its convs; see repcompiler.linearize.
         # Their branch BNs become scales, so a post-BN is inserted unless insert_bn=False (with
