@@ -275,6 +275,17 @@ def norm_owner(n: fx.Node) -> str | None:
     return paths[-1] if paths else None
 
 
+def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes of ``gm`` computed from its parameters and buffers alone: ``get_attr``
+    reads and function or method calls whose inputs are all such nodes."""
+    const: set[fx.Node] = set()
+    for n in gm.graph.nodes:  # topological order: a node's inputs come first
+        if n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.all_input_nodes
+                                  and all(a in const for a in n.all_input_nodes)):
+            const.add(n)
+    return const
+
+
 def owned_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """For each module path in the traced graph ``gm``, the nodes its own ``forward``
     created that compute data, elementwise ops (an activation) aside: not a child's
@@ -282,13 +293,7 @@ def owned_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     Taken before a fold rewrites the graph, for :func:`folded_norms`."""
     from .passes.regions.lowering import is_rank_read
 
-    const: dict[fx.Node, bool] = {}
-
-    def constant(n: fx.Node) -> bool:
-        if n not in const:
-            const[n] = n.op == "get_attr" or (n.op in ("call_function", "call_method") and bool(n.all_input_nodes)
-                                              and all(constant(a) for a in n.all_input_nodes))
-        return const[n]
+    constant = _constant_nodes(gm).__contains__
 
     def dims_only(n: fx.Node) -> bool:
         return is_rank_read(n) or (n.op == "call_function" and bool(n.all_input_nodes)
@@ -313,13 +318,7 @@ def leaf_uses(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     rewrite edits the graph."""
     from .passes.regions.lowering import is_rank_read
 
-    const: dict[fx.Node, bool] = {}
-
-    def constant(n: fx.Node) -> bool:
-        if n not in const:
-            const[n] = n.op == "get_attr" or (n.op in ("call_function", "call_method") and bool(n.all_input_nodes)
-                                              and all(constant(a) for a in n.all_input_nodes))
-        return const[n]
+    constant = _constant_nodes(gm).__contains__
 
     out: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
