@@ -14,7 +14,7 @@ single batch of 64:
 
 The forms are alternated round by round (robust to the machine's load drift) and the
 time per optimizer step is the median over the rounds. Peak memory of one step is
-measured once per form afterwards (:func:`repcompiler.profiling.step_peak_bytes`: bytes
+measured once per form afterwards (:func:`repcompiler.tools.profiling.step_peak_bytes`: bytes
 live at the step's start plus the running peak of the allocator events; the gradients
 are cleared before, as the step's own ``zero_grad`` would, so that their frees are not
 missed by the profiler and counted twice). ``kept``
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.online import OnlineConv
-    from repcompiler.profiling import alternated_times, step_peak_bytes
+    from repcompiler.online.conv import OnlineConv
+    from repcompiler.tools.profiling import alternated_times, step_peak_bytes
 
     torch.manual_seed(0)
     n, b = args.n_micro, args.micro

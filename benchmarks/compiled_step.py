@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.profiling import alternated_times, sgd_step
+    from repcompiler.tools.profiling import alternated_times, sgd_step
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)

@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.online import OnlineConv
-    from repcompiler.profiling import alternated_times, sgd_step, step_times
+    from repcompiler.online.conv import OnlineConv
+    from repcompiler.tools.profiling import alternated_times, sgd_step, step_times
 
     torch.manual_seed(0)
     plain = torchvision.models.resnet18().train()

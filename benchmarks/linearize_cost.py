@@ -47,7 +47,7 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int) -> dict:
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.profiling import sgd_step, step_peak_bytes, step_times
+    from repcompiler.tools.profiling import sgd_step, step_peak_bytes, step_times
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

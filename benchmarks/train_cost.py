@@ -66,7 +66,7 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.profiling import sgd_step, step_peak_bytes, step_times
+    from repcompiler.tools.profiling import sgd_step, step_peak_bytes, step_times
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -96,7 +96,7 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
 
 def kernel_generation(model):
     """A function generating every online block's kernel, forward and backward (no feature map)."""
-    from repcompiler.online import OnlineConv
+    from repcompiler.online.conv import OnlineConv
 
     blocks = [m for m in model.modules() if isinstance(m, OnlineConv)]
 
@@ -118,7 +118,7 @@ def paired(batch: int, size: int, rounds: int, threads: int = 0) -> dict:
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.profiling import sgd_step, step_times
+    from repcompiler.tools.profiling import sgd_step, step_times
 
     if threads:
         torch.set_num_threads(threads)

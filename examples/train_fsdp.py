@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         deployed = rc.deploy(plain)
         x, _ = batch(10_000, 8, torch.device("cpu"))
         with torch.no_grad():
-            diff = rc.verify.relative_error(deployed(x), plain(x))
-        print(f"deployed: {rc.report.count_convs(deployed)} plain convs, relative difference to the trained "
+            diff = rc.rewrite.verify.relative_error(deployed(x), plain(x))
+        print(f"deployed: {rc.explain.count_convs(deployed)} plain convs, relative difference to the trained "
               f"model {diff:.2e}")
         result["deploy_diff"] = diff
     dist.destroy_process_group()

@@ -27,7 +27,7 @@ Initialisation (``init``):
   factor; the BN's per-channel factor is then kept as a **fixed buffer** in front of
   the learnable scalar (or alone, for ``"none"``), so the eval map is still exact.
 
-Which BNs are branch-level is decided by the caller (:mod:`repcompiler.linearize`
+Which BNs are branch-level is decided by the caller (:mod:`repcompiler.transforms.linearize`
 selects the regions); in a selected region every BN except the one producing the
 region's output (that one is the block's post-addition BN and stays a BN) is replaced.
 

@@ -17,9 +17,9 @@ one path in the model (shared weights), is **opaque**, so a shared conv is never
 into one of its uses (``torch.fx.experimental.optimization.fuse`` gets that wrong).
 ``nn.Identity`` has no weights, so a shared one stays linear. A module whose tensors
 or submodules are used other than by its call (``self.conv.weight`` read elsewhere, by
-untraced code, or a module run inside another: :mod:`repcompiler.uses`) is opaque as
+untraced code, or a module run inside another: :mod:`repcompiler.analysis.uses`) is opaque as
 well (``pinned``), and a region whose entry is written in place between its reads is
-refused (:mod:`repcompiler.effects`): the region shrinks to what is still one value
+refused (:mod:`repcompiler.analysis.effects`): the region shrinks to what is still one value
 read by modules nothing else uses, and the rest folds.
 
 Identity calls are **aliases**: a chain of ``nn.Identity`` calls starting at the entry
@@ -42,7 +42,7 @@ from typing import Iterable, Mapping
 import torch.fx as fx
 from torch import nn
 
-from ..rules import RuleRegistry, default_rules
+from ..rules.registry import RuleRegistry, default_rules
 from .base import GraphPass, PassResult
 from .regions.dominance import dominators, entry_candidates
 from .regions.lowering import CONV_FUNCTIONS, ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES, LoweredGraph
@@ -94,8 +94,8 @@ def find_regions(
     ``shared_modules``: modules known to be used elsewhere too (e.g. registered at
     several paths of the enclosing model); they are treated as opaque. ``pinned``:
     ``{module target: reason}`` for modules of ``gm`` that code outside ``gm`` uses
-    (:func:`repcompiler.uses.model_pins`); they are opaque too, as are those ``gm``'s
-    own graph uses other than by calling them (:func:`repcompiler.uses.graph_pins`).
+    (:func:`repcompiler.analysis.uses.model_pins`); they are opaque too, as are those ``gm``'s
+    own graph uses other than by calling them (:func:`repcompiler.analysis.uses.graph_pins`).
 
     Which regions are worth folding (``Region.foldable``): exact, holding a conv,
     not a lone plain conv already, not making the conv bigger than the convs it

@@ -33,7 +33,7 @@ The folded Linear is installed at the Linear's qualified name and the BN's becom
 ``nn.Identity`` (as :func:`repcompiler.fold` does for module-only regions), both in the
 graph module and, when given, in the module the graph was traced from; every fold is
 checked numerically before anything is replaced. A Linear or BN called more than once,
-or whose tensors something else reads (:mod:`repcompiler.uses`, or ``pinned`` given by
+or whose tensors something else reads (:mod:`repcompiler.analysis.uses`, or ``pinned`` given by
 the caller), is left as it is.
 """
 
@@ -49,9 +49,9 @@ import torch.fx as fx
 from torch import nn
 
 from .. import algebra as A
-from ..isolation import propagate_shapes
-from ..tracing import trace_units
-from ..uses import graph_pins
+from ..analysis.isolation import propagate_shapes
+from ..capture.tracing import trace_units
+from ..analysis.uses import graph_pins
 from .base import GraphPass, PassResult
 
 __all__ = ["FoldLinearBN", "fold_linear_bn", "fuse_linear_bn"]
@@ -250,7 +250,7 @@ class FoldLinearBN(GraphPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         modified = False
-        # modules used other than by one call (repcompiler.uses) stay as they are
+        # modules used other than by one call (repcompiler.analysis.uses) stay as they are
         calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         kept = {**graph_pins(gm), **self.pinned, **{t: "called more than once" for t, c in calls.items() if c > 1}}
         for n in list(gm.graph.nodes):
@@ -307,7 +307,7 @@ def fold_linear_bn(model: nn.Module, example_inputs: Any = None, *,
                    inplace: bool = False) -> tuple[nn.Module, list[tuple[str, str]]]:
     """Fold every Linear/BN1d pair of ``model`` (see the module docstring).
 
-    Traces the largest traceable parts (:func:`repcompiler.tracing.trace_units`); with
+    Traces the largest traceable parts (:func:`repcompiler.capture.tracing.trace_units`); with
     ``example_inputs`` (whole model traced) shapes are propagated. Returns the model
     (a deep copy unless ``inplace``; in eval mode) and the folded ``(linear, bn)``
     qualified names."""

@@ -33,11 +33,11 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import VerificationError
-from ..isolation import preserved_state
-from ..verify import relative_error, tolerance_for
+from ..analysis.isolation import preserved_state
+from ..rewrite.verify import relative_error, tolerance_for
 
-from ..report import TransformReport
-from ..rules import RuleRegistry
+from ..explain.report import TransformReport
+from ..rules.registry import RuleRegistry
 from .base import GraphPass, PassResult
 from .cleanup import Cleanup
 from .find_regions import FindRegions, Region, region_name
@@ -202,7 +202,7 @@ def _probe_input(region: Region, ref: Tensor, batch: int = 1) -> Tensor:
 def verify_region(region: Region, reference: Callable[[Tensor], Any], folded: nn.Module) -> float:
     """Compare ``folded`` with ``reference`` on a random input; return the relative
     error, raise :class:`VerificationError` naming the region if it is too large. The
-    original modules run keep their state (:func:`repcompiler.isolation.preserved_state`;
+    original modules run keep their state (:func:`repcompiler.analysis.isolation.preserved_state`;
     ``folded`` is the plain conv built from them)."""
     ref_t = next(iter(folded.parameters()))
     x = _probe_input(region, ref_t)
@@ -329,7 +329,7 @@ class SqueezeRegions(GraphPass):
     * ``verify``: check each folded conv against the region's original nodes first
       (:func:`verify_region`; a mismatch raises ``VerificationError`` naming it);
     * ``prefix``: put in front of module paths in region names (the unit's path + ``.``);
-    * ``report``: a :class:`~repcompiler.report.TransformReport` to add an entry per
+    * ``report``: a :class:`~repcompiler.explain.report.TransformReport` to add an entry per
       region to (default: ``pipeline_state(gm).report``, if set);
     * ``rewrite``: squeeze the regions into the graph (default). With ``False`` the
       pass only folds, verifies and reports refusals: the verified

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch.fx as fx
 from torch import nn
 
-from ..report import TransformReport
+from ..explain.report import TransformReport
 from .regions.region import Region
 
 __all__ = [
@@ -109,13 +109,13 @@ class PipelineState:
         return pass_type.__name__ in self.completed
 
 
-LEGACY_META_SELECTED = "repcompiler.linearize.regions"
-"""Transition only: the key :mod:`repcompiler.linearize` stores its selected regions
+LEGACY_META_SELECTED = "repcompiler.transforms.linearize.regions"
+"""Transition only: the key :mod:`repcompiler.transforms.linearize` stores its selected regions
 under before it sets ``PipelineState.selected``; :func:`pipeline_state` moves them into
 the state. Remove (with :data:`LEGACY_META_POST_BN`) once linearize uses the state."""
-LEGACY_META_POST_BN = "repcompiler.linearize.post_bn"
+LEGACY_META_POST_BN = "repcompiler.transforms.linearize.post_bn"
 """Transition only: ``InsertPostBN`` also exposes ``PipelineState.post_bns`` (the same
-list) under this key for :mod:`repcompiler.linearize`'s current reader."""
+list) under this key for :mod:`repcompiler.transforms.linearize`'s current reader."""
 
 
 def pipeline_state(gm: fx.GraphModule) -> PipelineState:

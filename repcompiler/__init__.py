@@ -24,19 +24,19 @@ from .errors import (
     VerificationError,
 )
 
-from .deploy import deploy
-from .fold import fold
-from .exporting import ExportResult, export
-from .report import FoldReport, ReportEntry, TransformReport
-from .tracing import trace_model, trace_units
-from .rules import register_rule, lookup_rule, unregister_rule
-from . import rules_extra  # noqa: F401  registers rules for SyncBatchNorm, crops, signed F.pad
+from .transforms.deploy import deploy
+from .transforms.fold import fold
+from .io.export import ExportResult, export
+from .explain.report import FoldReport, ReportEntry, TransformReport
+from .capture.tracing import trace_model, trace_units
+from .rules.registry import register_rule, lookup_rule, unregister_rule
+from .rules import layers as _layers  # noqa: F401  registers rules for SyncBatchNorm, crops, signed F.pad
 from .blocks import available_blocks, get_block, register_block, unregister_block
 from .blocks import ConvGeometry
-from .online import OfflineBlock, OnlineConv
-from .transform import orepa_transform
-from .accumulate import accumulate
-from .linearize import linearize, linearize_regions
+from .online.conv import OfflineBlock, OnlineConv
+from .transforms.orepa import orepa_transform
+from .online.accumulate import accumulate
+from .transforms.linearize import linearize, linearize_regions
 from .config import BlockConfig, Branch, RuleConfig
 from . import config
 

@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py, launched as
+"""Worker for tests/online/test_distributed.py, launched as
 
     torchrun --nproc_per_node 2 tests/dist_worker.py OUTDIR [MODE ...]
 

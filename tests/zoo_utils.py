@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from repcompiler.tracing import trace_units
+from repcompiler.capture.tracing import trace_units
 
 from helpers import randomize_bn as _randomize_bn
 

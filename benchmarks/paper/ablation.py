@@ -22,7 +22,7 @@ One run (:func:`train_run`): SGD (momentum 0.9, weight decay 1e-4 on every param
 cosine learning-rate decay to 0), a fixed batch size, a fixed number of epochs, one CPU thread.
 The seed sets the initialisation and the batch order; the data split is fixed. Every
 epoch's mean training loss is recorded (the loss curves). The online configurations
-record, per block, each branch's equivalent kernel (:func:`repcompiler.analysis.branch_kernels`,
+record, per block, each branch's equivalent kernel (:func:`repcompiler.tools.similarity.branch_kernels`,
 scale included) at initialisation ``W_0`` and after training ``W_T``; the cosine
 similarity of the branches' **updates** ``W_T - W_0`` (what the paper's Proposition 1 is
 about: how differently the branches are optimized) and of the final kernels ``W_T``
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import repcompiler as rc
-from repcompiler.analysis import branch_kernels, branch_similarity, cosine_matrix
+from repcompiler.tools.similarity import branch_kernels, branch_similarity, cosine_matrix
 
 from common import Split, make_model
 

@@ -41,7 +41,7 @@ steps, then the **median** of ``steps`` step times. Memory, per process:
   optimizer and batch built, no step run yet), so ``rss_peak_mb - rss_base_mb`` is
   what training steps added to the high-water mark;
 * ``alloc_peak_mb`` - peak of torch's CPU allocator over one step
-  (:func:`repcompiler.profiling.step_peak_bytes`: live bytes at the step's start plus
+  (:func:`repcompiler.tools.profiling.step_peak_bytes`: live bytes at the step's start plus
   the maximum running sum of the profiler's allocation events).
 """
 
@@ -107,7 +107,7 @@ def worker(form: str, mode: str, batch: int, size: int, steps: int, warmup: int)
 
     sys.path.insert(0, str(ROOT))
     import repcompiler as rc
-    from repcompiler.profiling import sgd_step, step_peak_bytes, step_times
+    from repcompiler.tools.profiling import sgd_step, step_peak_bytes, step_times
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()

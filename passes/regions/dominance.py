@@ -12,7 +12,7 @@ Validity is monotone along the dominator chain, so the walk stops at the first
 invalid entry (:func:`entry_candidates`).
 
 A region whose entry is written in place between its reads (``x.mul_(3)`` between two
-branches reading ``x``, through any alias of ``x``; :mod:`repcompiler.effects`) is not
+branches reading ``x``, through any alias of ``x``; :mod:`repcompiler.analysis.effects`) is not
 valid either: folded, it would read the entry once. Writes only get more numerous up
 the chain, so the walk stops there too, and the refused candidate is kept in
 ``LoweredGraph.refusals`` for the report.

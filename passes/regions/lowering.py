@@ -6,7 +6,7 @@ node: whether it is a constant (computed from parameters and buffers only), its
 parallel sum or channel concat of branches; ``elementwise`` - an activation the
 region stops at; ``shared`` - a module called or registered more than once;
 ``pinned`` - a module whose tensors or submodules something else uses
-(:mod:`repcompiler.uses`), the reason in ``why``; ``opaque`` - anything else), its
+(:mod:`repcompiler.analysis.uses`), the reason in ``why``; ``opaque`` - anything else), its
 channel count and dimensionality, and for ``unary`` nodes the algebra expression its
 rule lowers it to.
 
@@ -14,12 +14,12 @@ Lowering:
 
 * ``call_module``: the module rule (``lower(module, LowerInfo) -> Expr | None``);
 * ``call_function`` / ``call_method`` with one data input: the function rule, see
-  :mod:`repcompiler.rules` (``lower(FunctionCall, LowerInfo) -> Expr | None``;
+  :mod:`repcompiler.rules.registry` (``lower(FunctionCall, LowerInfo) -> Expr | None``;
   ``x.add(y)`` is looked up as ``torch.add``);
 * ``a + b`` / ``torch.add`` / ``a - b`` of two data values: parallel sum;
   ``torch.cat([...], dim=1)``: channel concat.
 
-Effects: :class:`~repcompiler.effects.Effects` of the graph (in-place writes and the
+Effects: :class:`~repcompiler.analysis.effects.Effects` of the graph (in-place writes and the
 values they reach through aliases). A value written in place is not a constant (nor is
 a node that writes), and a region whose entry is written between its reads is invalid
 (:mod:`~repcompiler.passes.regions.dominance`).
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import algebra as A
-from ...effects import Effects
-from ...rules import INPUT, FunctionCall, LowerInfo, RuleRegistry
-from ...uses import graph_pins
+from ...analysis.effects import Effects
+from ...rules.registry import INPUT, FunctionCall, LowerInfo, RuleRegistry
+from ...analysis.uses import graph_pins
 
 __all__ = [
     "LoweredGraph",
@@ -120,7 +120,7 @@ class LoweredGraph:
         self.calls = calls
         self.shared = shared
         self.pinned: dict[str, str] = {**graph_pins(gm), **(pinned or {})}
-        """Module targets used other than by their call (:mod:`repcompiler.uses`) -> reason."""
+        """Module targets used other than by their call (:mod:`repcompiler.analysis.uses`) -> reason."""
         self.why: dict[fx.Node, str] = {}
         """Why a module call with a rule is not linear here (``pinned`` nodes)."""
         self.effects = Effects(gm, rules.describes)

@@ -28,7 +28,7 @@ composition differs only at the borders. The rule is exact-for-every-input suffi
 it is also necessary when ``B`` reads every position it pads (stride 1, no dilation,
 the RepVGG/DBB/ACNet/OREPA case). With a strided or dilated ``B`` that skips some
 padded positions it may call a composition inexact that happens to be equal
-(conservative, never wrong). ``tests/test_algebra_geometry.py`` checks both directions.
+(conservative, never wrong). ``tests/algebra/test_algebra_geometry.py`` checks both directions.
 
 A parallel sum (or channel concat) is exact iff every branch has the same stride and
 the same output length for every input (``l + r - e`` equal), i.e. the branch windows

@@ -24,7 +24,7 @@ class LinearizedSum(Sum):
     """The parallel sum of a linearized block's branches, with :meth:`fast_fold`.
 
     Same semantics as :class:`~repcompiler.algebra.Sum` (``fold`` is inherited and is
-    the reference); :class:`~repcompiler.online.OnlineConv` calls ``fast_fold`` every
+    the reference); :class:`~repcompiler.online.conv.OnlineConv` calls ``fast_fold`` every
     training forward. It folds each branch, then adds the smaller branch kernels
     **in place into a slice** of the largest one (``W[:, :, 1:2, 1:2] += w_1x1`` for a
     1x1 branch, a scatter onto the diagonal for an identity/per-channel branch) instead

@@ -9,7 +9,7 @@ faster for one block structure. It is attached to a declaration with
 block is built, the first attached accelerator whose :meth:`~KernelAccelerator.matches`
 accepts the built expression is recorded on it (``expr.accelerator``), its
 :meth:`~KernelAccelerator.prepare` may lay the parameters out as it reads them, and
-:class:`~repcompiler.online.OnlineConv` calls :meth:`~KernelAccelerator.generate`
+:class:`~repcompiler.online.conv.OnlineConv` calls :meth:`~KernelAccelerator.generate`
 every forward (re-checking ``matches`` once, when the online conv is made).
 
 ``matches`` must decide by **structure** - branch names and kinds, tensor shapes and

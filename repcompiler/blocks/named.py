@@ -287,7 +287,7 @@ class BlockExpr(_Accelerated, A.Expr):
 
     ``accelerator`` is the :class:`~repcompiler.blocks.accel.KernelAccelerator` chosen
     for this expression when it was built (one that matched its structure) or ``None``;
-    :class:`~repcompiler.online.OnlineConv` generates its kernel with it.
+    :class:`~repcompiler.online.conv.OnlineConv` generates its kernel with it.
     """
 
     def __init__(self, branches: Sequence[tuple[str, A.Expr]], *, bias: Tensor | None = None,

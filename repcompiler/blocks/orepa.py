@@ -19,7 +19,7 @@ dilated, asymmetric, any padding) - six branches, each ending in a learnable sca
 The paper's Tab. 2 components and their switches (each ablates exactly its component):
 frequency prior ``prior=None``; linear depthwise separable ``depthwise_separable=False``;
 "Rep 1x1" (``orepa_1x1`` for 1x1 convs) ``reparam_1x1=False`` - a policy option of
-:func:`~repcompiler.transform.orepa_transform` that leaves 1x1 convs plain; linear deep
+:func:`~repcompiler.transforms.orepa.orepa_transform` that leaves 1x1 convs plain; linear deep
 stem ``deep_stem=False``. ``pw_kxk=False`` (the 1x1 -> kxk branch, a DBB base branch)
 and ``pointwise=False`` are structural options, not Tab. 2 components.
 
@@ -65,8 +65,8 @@ official ``RepVGGBlock_OREPA``: a five-branch OREPA kxk (no ``pointwise`` branch
 0.25/0.25/0/0.5/0.5; ``kaiming_uniform_(a=1)``; internal width ``in`` unless
 ``groups >= out``) **online** with its own BN, plus a 1x1 conv + BN and, when
 ``in == out`` and stride 1, an identity BN, both run **on the feature map**; summed (a
-:class:`~repcompiler.online.HybridExpr`, wrapped by the transform in a
-:class:`~repcompiler.online.HybridBlock`). The official block has no BN after the sum:
+:class:`~repcompiler.online.conv.HybridExpr`, wrapped by the transform in a
+:class:`~repcompiler.online.conv.HybridBlock`). The official block has no BN after the sum:
 ``orepa_transform(model, block="orepa_vgg", post_bn=False)``; with ``post_bn=True`` a BN
 follows the sum (the model's own or an inserted one). Deployed: one conv.
 ``form="online"`` (an option, not the official form): everything folded into one
@@ -294,10 +294,10 @@ def build_orepa_vgg(geom: ConvSpec, *, mode: str = "online", scaling: str = "vec
     """The registered ``orepa_vgg`` builder.
 
     ``form="official"`` (default), online mode: a
-    :class:`~repcompiler.online.HybridExpr` - the five-branch OREPA kxk (no 1x1 branch;
+    :class:`~repcompiler.online.conv.HybridExpr` - the five-branch OREPA kxk (no 1x1 branch;
     scales 0.25/0.25/0/0.5/0.5; ``kaiming_uniform_(a=1)``) online with its own BN, plus
     a 1x1 conv + BN and (``in == out``, stride 1) an identity BN run on the feature map;
-    the transform wraps it in a :class:`~repcompiler.online.HybridBlock`.
+    the transform wraps it in a :class:`~repcompiler.online.conv.HybridBlock`.
     ``form="online"``: :func:`orepa_vgg_config` (everything folded into one online conv,
     the nested OREPA block with its own 1x1 branch). Offline mode: every branch on the
     feature map, a BN ending each (the ``form="online"`` declaration built offline)."""
@@ -306,7 +306,7 @@ def build_orepa_vgg(geom: ConvSpec, *, mode: str = "online", scaling: str = "vec
         cfg = orepa_vgg_config(expand_ratio=expand_ratio, weight_init=weight_init, prior=prior,
                                depthwise_separable=depthwise_separable, pw_kxk=pw_kxk)
         return cfg.build(geom, mode=mode, scaling=scaling)
-    from ..online import HybridExpr, OnlineConv  # online imports the blocks package
+    from ..online.conv import HybridExpr, OnlineConv  # online imports the blocks package
 
     kxk = orepa_config(expand_ratio=expand_ratio, scale_init=OREPA_VGG_SCALE_INIT, weight_init=weight_init,
                        prior=prior, depthwise_separable=depthwise_separable, pw_kxk=pw_kxk, pointwise=False,

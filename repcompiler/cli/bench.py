@@ -20,10 +20,10 @@ from torch import nn
 
 from ..errors import RepCompilerError
 from ..io import build_model
-from ..profiling import step_times
-from ..progress import Stages
-from ..report import count_params
-from ..transform import orepa_transform
+from ..tools.profiling import step_times
+from ..tools.progress import Stages
+from ..explain.report import count_params
+from ..transforms.orepa import orepa_transform
 from .common import EXIT_OK, out
 
 __all__ = ["cmd_bench"]

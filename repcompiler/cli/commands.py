@@ -14,22 +14,22 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .. import demo
-from ..deploy import deploy
+from ..tools import demo
+from ..transforms.deploy import deploy
 from ..errors import RepCompilerError
-from ..exporting import export, has_online_blocks
-from ..fold import fold
+from ..io.export import export, has_online_blocks
+from ..transforms.fold import fold
 from ..io import save_atomic
-from ..progress import Stages
-from ..report import count_convs, count_params
-from ..transform import orepa_transform
+from ..tools.progress import Stages
+from ..explain.report import count_convs, count_params
+from ..transforms.orepa import orepa_transform
 from .common import EXIT_OK, example_input, load_model_arg, out, transform_kwargs
 
 __all__ = ["cmd_demo", "cmd_transform", "cmd_deploy", "cmd_export", "cmd_inspect"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``repcompiler demo``: run :func:`repcompiler.demo.run_demo` with the given options."""
+    """``repcompiler demo``: run :func:`repcompiler.tools.demo.run_demo` with the given options."""
     params = _inspect.signature(demo.run_demo).parameters
     # CLI option -> the demo's parameter name(s), first one it accepts wins
     wanted = {

@@ -20,8 +20,8 @@ from torch import nn
 from ..errors import RepCompilerError
 from ..io import check_output_path, load_model, parse_shape
 from ..io.loading import TRANSFORM_HINT
-from ..policy import POLICIES
-from ..transform import orepa_transform
+from ..analysis.policy import POLICIES
+from ..transforms.orepa import orepa_transform
 
 __all__ = [
     "PROG",
@@ -74,7 +74,7 @@ def json_object_arg(text: str) -> dict[str, Any]:
 
 def policy_arg(text: str) -> str | dict[str, str | None]:
     """argparse type of ``--policy``: a built-in policy name (``paper``, ``all``: see
-    :data:`repcompiler.policy.POLICIES`) or a JSON object of name pattern -> block name or null."""
+    :data:`repcompiler.analysis.policy.POLICIES`) or a JSON object of name pattern -> block name or null."""
     if text in POLICIES:
         return text
     if not text.lstrip().startswith("{"):

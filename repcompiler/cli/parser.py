@@ -12,7 +12,7 @@ from importlib import metadata
 
 from .. import __version__
 from ..blocks import SCALINGS
-from ..exporting.formats import FORMATS, ONNX_EXPORTERS, TORCHSCRIPT_METHODS
+from ..io.formats import FORMATS, ONNX_EXPORTERS, TORCHSCRIPT_METHODS
 from .bench import cmd_bench
 from .commands import cmd_demo, cmd_deploy, cmd_export, cmd_inspect, cmd_transform
 from .common import PROG, json_object_arg, policy_arg, shape_arg

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..deploy import deploy
+from ..transforms.deploy import deploy
 from ..errors import UnsupportedError
 from ..io import atomic_write_bytes, check_output_path
 from .common import EXIT_OK, load_model_arg, out, shape_arg

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedError, check_choice
-from ..inputs import as_inputs, check_model
+from ..analysis.inputs import as_inputs, check_model
 from .fake import channel_sqnr_db, check_bits, power_ratio_db, sqnr_db
 from .rows import QuantLayerRow, QuantReport
 from .sim import QuantSim, SimLayer

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import IncompatibleError, RepCompilerError, UnsupportedError, first_line
-from ..isolation import isolated_call
-from ..online import OfflineBlock, OnlineConv
+from ..analysis.isolation import isolated_call
+from ..online.conv import OfflineBlock, OnlineConv
 from .fake import channel_observer, fake_quantize_per_tensor, fake_quantize_weight, tensor_observer
 
 __all__ = ["LAYER_TYPES", "SimLayer", "QuantSim", "output_leaves"]

@@ -28,8 +28,8 @@ your own equivalence tests: :func:`randomize_bn` (with knobs for the ranges, e.g
 * ``fresh parameters``: two builds share no parameter;
 * ``exact fold``: the algebra proves the expression folds exactly;
 * ``output shape``: the unfolded block's output has the conv's output shape;
-* ``online == unfolded (eval)``: :class:`~repcompiler.online.OnlineConv` (kernel
-  generated, one conv) equals :class:`~repcompiler.online.OfflineBlock` (branches run
+* ``online == unfolded (eval)``: :class:`~repcompiler.online.conv.OnlineConv` (kernel
+  generated, one conv) equals :class:`~repcompiler.online.conv.OfflineBlock` (branches run
   on the feature map) on two input sizes;
 * ``deployed conv == unfolded (eval)``: the plain conv from ``deploy_expr().to_conv()``;
 * ``deploy() == block (eval)``: :func:`repcompiler.deploy` of a model holding the block

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from .. import algebra as A
 from ..blocks import MODES
 from ..blocks.registry import ConvGeometry, build_block, get_block
-from ..deploy import deploy
+from ..transforms.deploy import deploy
 from ..errors import IncompatibleError, RegistrationError, RepCompilerError, UnsupportedError, check_choice
-from ..online import OfflineBlock, OnlineConv
+from ..online.conv import OfflineBlock, OnlineConv
 from .common import CheckFailure, CheckResult, assert_close, case_text
 from .randomize import randomize_bn, randomize_module
 from .strategies import conv_geometries, hypothesis_module, run_examples

@@ -1,5 +1,5 @@
 """What every check shares: the failure type, the result record and the one tensor
-comparison (through :func:`repcompiler.verify.compare_outputs`' relative error).
+comparison (through :func:`repcompiler.rewrite.verify.compare_outputs`' relative error).
 
 Owns :class:`CheckFailure`, :class:`CheckResult`, :func:`assert_close` and
 :func:`case_text` (how a falsifying case is described).
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..blocks.registry import ConvGeometry
 from ..errors import VerificationError
-from ..verify import relative_error
+from ..rewrite.verify import relative_error
 
 __all__ = ["CheckFailure", "CheckResult", "assert_close", "case_text"]
 
@@ -71,7 +71,7 @@ class CheckResult:
 
 def assert_close(subject: str, prop: str, case: str, got: Tensor, want: Tensor, tol: float) -> None:
     """Raise :class:`CheckFailure` unless ``got`` has ``want``'s shape, is finite and is
-    within relative error ``tol`` of it (:func:`~repcompiler.verify.relative_error`)."""
+    within relative error ``tol`` of it (:func:`~repcompiler.rewrite.verify.relative_error`)."""
     if got.shape != want.shape:
         raise CheckFailure(subject, prop, case, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
     if not bool(torch.isfinite(got).all()):

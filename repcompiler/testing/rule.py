@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from .. import algebra as A
 from ..blocks.registry import accepted_options
 from ..errors import RepCompilerError, UnsupportedError
-from ..fold import fold
-from ..rules import INPUT, FunctionCall, LowerInfo, lookup_rule
+from ..transforms.fold import fold
+from ..rules.registry import INPUT, FunctionCall, LowerInfo, lookup_rule
 from .common import CheckFailure, CheckResult, assert_close
 from .randomize import randomize_module
 from .strategies import hypothesis_module, run_examples
@@ -57,7 +57,7 @@ def check_rule(
             Required for module targets; for function targets optional (a module
             calling the function, used for the ``fold`` check).
         make_call: function targets: ``make_call(channels=..., dims=...) -> (args,
-            kwargs)`` with :data:`repcompiler.rules.INPUT` marking the data input.
+            kwargs)`` with :data:`repcompiler.rules.registry.INPUT` marking the data input.
         rule: check this rule instead of the registered one.
         channels: the input channel counts to draw from (an int fixes it).
         randomize: perturb the module's parameters and buffers

@@ -1,0 +1,1 @@
+"""Rewrite: replacing owner modules' code with folded forms, and verifying the result."""

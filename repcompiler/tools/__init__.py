@@ -1,0 +1,1 @@
+"""Tools built on the library: the demo, profiling, progress and branch similarity."""
