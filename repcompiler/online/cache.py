@@ -12,20 +12,22 @@ unchanged):
   <repcompiler.online.conv.OnlineConv.sources>`). Optimizer steps, ``load_state_dict``,
   ``.to()``/``.double()``, EMA updates of ``state_dict()`` tensors and any in-place edit
   invalidate it; so do ``train()``/``eval()`` (the one way to drop it after edits through
-  ``param.data``, which the version counter does not see), ``_apply`` and pickling.
+  ``param.data``, which the version counter does not see), ``_apply`` and pickling. A
+  kernel kept in ``torch.inference_mode()`` (inference tensors) is reused only there.
 * **The block's kernel for one optimizer step, gradients flowing**, inside
   :class:`~repcompiler.online.accumulate.accumulate` (the step token): generated once per
-  context, its autograd graph kept, the conv handed a leaf copy; the same sources' key is
-  taken when it is generated, and a use after they changed (an optimizer step inside the
-  context) raises instead of regenerating, since the kept kernel's gradient would be
-  lost. Without a context, a gradient-flowing forward always generates (so caching never
+  context, its autograd graph kept, the conv handed a leaf copy; the key of the same
+  sources (and of the post-BN's parameters) is taken when it is generated, and a use
+  after they changed (an optimizer step inside the context) raises instead of
+  regenerating, since the kept kernel's gradient would be lost. Without a context, a gradient-flowing forward always generates (so caching never
   cuts the autograd graph) and drops the no-gradient kernel (a kernel-sized tensor not
   needed while training).
 * **An accelerator's structure and fixed inputs** (e.g. the OREPA pattern table, see
   :mod:`repcompiler.blocks.orepa_accel`): kept on the expression, watching its buffers
   only, never parameter values. It stays separate from this cache because it is a part
-  of generation itself (it serves every kernel, cached or not, and ``expr.fold`` callers
-  without an online block) and the block library does not depend on the online runtime.
+  of generation itself (it serves every generation, kept or not, including an
+  accelerator called without an online block) and the block library does not depend on
+  the online runtime.
 
 torch.compile, torch.export, torch.func and forward-mode AD: while
 :func:`~repcompiler.blocks.accel.plain_ops_required` holds, :func:`block_kernel`
@@ -54,10 +56,10 @@ from ..algebra import Kernel
 from ..blocks.accel import cached, plain_ops_required
 from .accumulate import step_kernel
 
-__all__ = ["block_kernel", "gradient_flows"]
+__all__ = ["block_kernel"]
 
 
-def gradient_flows(block: nn.Module) -> bool:
+def _gradient_flows(block: nn.Module) -> bool:
     """Whether a gradient can reach ``block``'s branch parameters now (grad mode on and
     one of them requiring grad)."""
     return torch.is_grad_enabled() and any(p.requires_grad for p in block.expr.parameters())
@@ -76,7 +78,7 @@ def block_kernel(block: nn.Module, generate: Callable[[], Kernel]) -> Kernel:
     docstring)."""
     if plain_ops_required():
         return generate()
-    if not gradient_flows(block):
+    if not _gradient_flows(block):
         return cached(block, "_cache", lambda: _detached(generate), watch=block.sources())
     block._cache = None
     return step_kernel(block, generate)
