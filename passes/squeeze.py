@@ -32,8 +32,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..algebra import CONV_TYPES
 from ..errors import VerificationError
 from ..analysis.isolation import preserved_state
+from ..rewrite.names import fresh_name
 from ..rewrite.verify import relative_error, tolerance_for
 
 from ..explain.report import TransformReport
@@ -49,7 +51,6 @@ __all__ = [
     "RegionRunner",
     "verify_region",
     "squeeze_region",
-    "set_submodule",
     "SqueezeRegions",
     "fold_passes",
     "relative_error",
@@ -63,13 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at qualified name ``path`` under ``root`` (parents must exist)."""
-    *prefix, last = path.split(".")
-    parent = root.get_submodule(".".join(prefix)) if prefix else root
-    setattr(parent, last, module)
-
-
 def fold_region(region: Region) -> nn.Module:
     """The plain conv equal to ``region`` (detached tensors)."""
     if region.expr is None or not region.exact:
@@ -78,31 +72,10 @@ def fold_region(region: Region) -> nn.Module:
         return kernel_to_module(region.expr.fold(check=True))
 
 
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_PADS = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
-
-
 def kernel_to_module(kernel: Any) -> nn.Module:
     """A plain ``nn.ConvNd`` (``ConstantPadNd -> ConvNd`` for asymmetric padding) holding
-    detached copies of a folded :class:`~repcompiler.algebra.Kernel`. Like
-    ``Kernel.to_module`` but without running the conv's random initialisation."""
-    s = kernel.spec
-    sym = s.symmetric_padding
-    conv = torch.nn.utils.skip_init(
-        _CONVS[s.dims], s.in_channels, s.out_channels, s.kernel_size, stride=s.stride,
-        padding=tuple(a for a, _ in s.padding) if sym else 0, dilation=s.dilation, groups=s.groups,
-        bias=kernel.bias is not None, device=kernel.weight.device, dtype=kernel.weight.dtype,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(kernel.weight)
-        if kernel.bias is not None:
-            conv.bias.copy_(kernel.bias)
-    if sym:
-        return conv
-    pads: list[int] = []
-    for left, right in reversed(list(s.padding)):
-        pads += [left, right]
-    return nn.Sequential(_PADS[s.dims](tuple(pads), 0.0), conv)
+    detached copies of a folded :class:`~repcompiler.algebra.Kernel` (see ``Kernel.to_module``)."""
+    return kernel.to_module()
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -237,7 +210,7 @@ def conv_target(root: nn.Module, region: Region) -> str | None:
     kernel (a block's main branch; the first of equals), the first module when the region
     has no conv, ``None`` when it has no module."""
     mods = region.module_targets()
-    convs = [t for t in mods if isinstance(root.get_submodule(t), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    convs = [t for t in mods if isinstance(root.get_submodule(t), CONV_TYPES)]
     if convs:
         return max(convs, key=lambda t: math.prod(root.get_submodule(t).kernel_size))
     return mods[0] if mods else None
@@ -247,11 +220,7 @@ def _fold_target(gm: fx.GraphModule, region: Region) -> str:
     found = conv_target(gm, region)
     if found is not None:
         return found
-    base = f"folded_{region.exit.name}"
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
+    return fresh_name(f"folded_{region.exit.name}", lambda n: hasattr(gm, n))
 
 
 def squeeze_region(
@@ -276,9 +245,9 @@ def squeeze_region(
             entry = replaced[entry]
     for t in region.module_targets():
         if t != target:
-            set_submodule(gm, t, nn.Identity())
+            gm.set_submodule(t, nn.Identity())
     if "." in target or hasattr(gm, target):
-        set_submodule(gm, target, folded)
+        gm.set_submodule(target, folded)
     else:  # a region of function calls only: a new module (installed before its call node)
         gm.add_submodule(target, folded)
     with graph.inserting_before(region.exit):

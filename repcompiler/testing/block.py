@@ -221,7 +221,7 @@ def _check_deploy(deploy_fn: Callable[..., Any], subject: str, geom: ConvGeometr
     except RepCompilerError as exc:
         raise CheckFailure(subject, "deploy() == block (eval)", case, f"deploy raised {type(exc).__name__}: {exc}") from None
     left = [type(m).__name__ for m in deployed.modules() if isinstance(m, (OnlineConv, OfflineBlock))]
-    convs = [m for m in deployed.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    convs = [m for m in deployed.modules() if isinstance(m, A.CONV_TYPES)]
     if left or len(convs) != 1:
         raise CheckFailure(subject, "deploy() == block (eval)", case,
                            f"expected one plain conv, got {len(convs)} conv(s) and {left or 'no'} blocks left")
