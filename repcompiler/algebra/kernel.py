@@ -196,8 +196,8 @@ def compose(a: Kernel, b: Kernel, *, check: bool = True, plan: SeqPlan | None = 
         # depthwise kernel (E = out/in outputs per input channel, OREPA's dw -> pw branch)
         # then a pointwise conv whose groups hold whole E-bundles: per group, each input
         # channel's composed kernel sums its E depthwise kernels weighted by the pointwise
-        # weights (the dense route expands the depthwise kernel to [E*C, C, k]: 3 s per
-        # step for ResNet-18's 16 blocks where this takes milliseconds)
+        # weights (cheaper than the dense route, which expands the depthwise kernel to
+        # [E*C, C, k] and convolves)
         o, mg = w2.shape[:2]
         g2, e = sb.groups, sa.out_channels // sa.in_channels
         weight = torch.einsum("gice,gcek->gick", w2.reshape(g2, o // g2, mg // e, e),

@@ -314,7 +314,7 @@ class BlockConfig:
                     reasons = expr.exactness().reasons
                 except UnsupportedError:
                     continue
-                except Exception as exc:
+                except Exception as exc:  # broad on purpose: user branch code; re-raised naming the block
                     raise RegistrationError(
                         f"block {self.name!r} failed to build for {geom.describe()} ({mode}): "
                         f"{type(exc).__name__}: {exc}"
