@@ -58,7 +58,7 @@ def _onnx_batch_dim(path: Path) -> object:
         ("onnx", ".onnx", {"onnx_exporter": "torchscript"}),
         ("torchscript", ".ts", {}),
         # deploy=False: fold's rewritten forward is not scriptable for modules written with
-        # `from __future__ import annotations` (see test_compat.py); scripting itself is tested here
+        # `from __future__ import annotations` (see test_compile_export_torchscript.py); scripting itself is tested here
         ("torchscript", ".ts", {"torchscript_method": "script", "deploy": False}),
         ("exported_program", ".pt2", {}),
     ],
