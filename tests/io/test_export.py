@@ -241,9 +241,8 @@ def test_deployed_resnet18_default_exporter(tmp_path: Path) -> None:
 
 
 def test_export_reports_batch_norms_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Issue 15 item 8: the result states how many Conv / BatchNormalization nodes the
-    artifact has, and a BatchNorm left is a warning naming why (before, timm's
-    mobileone_s0 exported 191 Conv / 226 BatchNormalization nodes as a plain success)."""
+    """The result states how many Conv / BatchNormalization nodes the
+    artifact has, and a BatchNorm left is a warning naming why."""
     res = export(models.tiny_net(seed=3), tmp_path / "plain.onnx", X, onnx_exporter="torchscript",
                  onnx_optimize=False)
     assert (res.convs, res.batch_norms) == (3, 0) and "0 BatchNorm" in str(res)
