@@ -292,9 +292,15 @@ class FoldLinearBN(GraphPass):
         for target, module in ((str(lin_node.target), fused), (str(bn_node.target), nn.Identity())):
             for owner in (gm, self.root):
                 if owner is not None:
-                    owner.set_submodule(target, module)
+                    _set(owner, target, module)
         self.folded.append((str(lin_node.target), str(bn_node.target)))
         return True
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    *prefix, last = path.split(".")
+    parent = root.get_submodule(".".join(prefix)) if prefix else root
+    setattr(parent, last, module)
 
 
 def fold_linear_bn(model: nn.Module, example_inputs: Any = None, *,

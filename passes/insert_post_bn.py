@@ -39,7 +39,6 @@ from torch import nn
 
 from .. import algebra as A
 from ..errors import UnsupportedError, check_choice
-from ..rewrite.names import fresh_name
 
 from .base import GraphPass, PassResult, graph_meta
 from .bn_to_scale import INITS, BnToScale, exit_bn
@@ -74,6 +73,13 @@ def make_post_bn(
         with torch.no_grad():
             bn.running_var.fill_(1.0 - bn.eps)  # eval: x / sqrt((1 - eps) + eps) == x
     return bn
+
+
+def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 def _ref_tensor(gm: fx.GraphModule, region) -> torch.Tensor | None:
@@ -131,7 +137,7 @@ class InsertPostBN(GraphPass):
             )
             old_exit = region.exit
             bn.train(graph_module.training)
-            target = fresh_name("post_bn", lambda n: hasattr(graph_module, n))
+            target = _fresh_name(graph_module, "post_bn")
             graph_module.add_submodule(target, bn)
             with graph_module.graph.inserting_after(old_exit):
                 node = graph_module.graph.call_module(target, (old_exit,))

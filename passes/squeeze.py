@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from ..algebra import CONV_TYPES
 from ..errors import VerificationError
 from ..analysis.isolation import preserved_state
-from ..rewrite.names import fresh_name
 from ..rewrite.verify import relative_error, tolerance_for
 
 from ..explain.report import TransformReport
@@ -51,6 +50,7 @@ __all__ = [
     "RegionRunner",
     "verify_region",
     "squeeze_region",
+    "set_submodule",
     "SqueezeRegions",
     "fold_passes",
     "relative_error",
@@ -62,6 +62,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at qualified name ``path`` under ``root`` (parents must exist)."""
+    *prefix, last = path.split(".")
+    parent = root.get_submodule(".".join(prefix)) if prefix else root
+    setattr(parent, last, module)
 
 
 def fold_region(region: Region) -> nn.Module:
@@ -220,7 +227,11 @@ def _fold_target(gm: fx.GraphModule, region: Region) -> str:
     found = conv_target(gm, region)
     if found is not None:
         return found
-    return fresh_name(f"folded_{region.exit.name}", lambda n: hasattr(gm, n))
+    base = f"folded_{region.exit.name}"
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 def squeeze_region(
@@ -245,9 +256,9 @@ def squeeze_region(
             entry = replaced[entry]
     for t in region.module_targets():
         if t != target:
-            gm.set_submodule(t, nn.Identity())
+            set_submodule(gm, t, nn.Identity())
     if "." in target or hasattr(gm, target):
-        gm.set_submodule(target, folded)
+        set_submodule(gm, target, folded)
     else:  # a region of function calls only: a new module (installed before its call node)
         gm.add_submodule(target, folded)
     with graph.inserting_before(region.exit):

@@ -42,7 +42,7 @@ from ..errors import RepCompilerError, UnsupportedError, VerificationError, firs
 from ..passes.base import run_passes
 from ..passes.find_regions import Region
 from ..passes.fold_linear_bn import FoldLinearBN
-from ..passes.squeeze import fold_passes, squeeze_region
+from ..passes.squeeze import fold_passes, set_submodule, squeeze_region
 from ..passes.state import PipelineState
 from ..explain.report import FoldReport, count_convs, count_params
 from ..rewrite.owner import conv_target, group_by_owner, owner_graph, qualify
@@ -175,7 +175,7 @@ def compile_folds(
         if path in taken:
             continue
         module = work.get_submodule(path)
-        work.set_submodule(path, nn.Identity())
+        set_submodule(work, path, nn.Identity())
         report.add(path, type(module).__name__, "folded",
                    f"its forward was traced into and folded into {', '.join(into) or 'a conv'}")
     for linear, bn in pairs:
@@ -422,7 +422,7 @@ def _fold_unit(
     for r, folded, before in direct:
         target = conv_target(unit.module, r)
         for t in r.module_targets():
-            unit.module.set_submodule(t, folded if t == target else nn.Identity())
+            set_submodule(unit.module, t, folded if t == target else nn.Identity())
         applied(r, target)
         report.add_region(r, "folded", params_before=before,
                           params_after=sum(p.numel() for p in folded.parameters()))
@@ -466,4 +466,4 @@ def _drop_dead_holders(unit: TracedUnit, uses: tuple[dict[str, list[fx.Node]], s
         if tensors and all(t in dead for t in tensors) and not isinstance(module, nn.Identity):
             log.debug("fold: %s no longer runs (its tensors are folded): replaced by nn.Identity",
                       qualify(unit.path, owner))
-            unit.module.set_submodule(owner, nn.Identity())
+            set_submodule(unit.module, owner, nn.Identity())
