@@ -158,6 +158,12 @@ def _inside_block(name: str, blocks: list[str]) -> bool:
 # -- the transform -----------------------------------------------------------------------
 
 
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
 def orepa_transform(
     model: nn.Module,
     *,
@@ -300,7 +306,7 @@ def orepa_transform(
             conv = site.conv
             desc = _describe(conv)
             if id(conv) in built:
-                work.set_submodule(site.name, built[id(conv)])
+                _set(work, site.name, built[id(conv)])
                 report.add(site.name, desc, "transformed", "shared module: the block of " + seen[id(conv)])
                 continue
             choice, _ = policy_choice(policy, site.name, conv)
@@ -344,7 +350,7 @@ def orepa_transform(
             new.bias_from_inserted_bn = inserted is not None and conv.bias is None
             new.train(conv.training)
             copy_frozen(new, conv)  # a block made from a frozen conv is frozen
-            work.set_submodule(site.name, new)
+            _set(work, site.name, new)
             built[id(conv)] = new
             seen[id(conv)] = site.name
             norm_act = match_norm_act(work.get_submodule(site.bn_name)) if has_bn else None
@@ -353,8 +359,8 @@ def orepa_transform(
                 bn_note = f"{site.bn_name} (existing{stays})"
             elif has_bn:
                 # a norm-plus-activation module loses its norm only: its activation stays
-                work.set_submodule(site.bn_name, norm_act.tail_of(work.get_submodule(site.bn_name)) if norm_act is not None
-                                   else nn.Identity())
+                _set(work, site.bn_name, norm_act.tail_of(work.get_submodule(site.bn_name)) if norm_act is not None
+                     else nn.Identity())
                 bn_note = f"{site.bn_name} removed (post_bn=False{stays})"
             elif inserted is not None:
                 bn_note = "inserted"
