@@ -22,7 +22,7 @@ from ..passes.find_regions import Region
 
 __all__ = ["region_pairs", "norm_act_pairs", "pair_by_regions", "pair_by_order"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 _BNS = nn.modules.batchnorm._BatchNorm
 
 
