@@ -47,7 +47,8 @@ from .blocks.config import BlockConfig
 from .blocks.parts import placed
 from .blocks.registry import register_block
 from .errors import RegistrationError
-from .rules.registry import LowerInfo, register_rule
+from .rules.base import LowerInfo
+from .rules.defaults import register_rule
 
 __all__ = [
     "Branch",

@@ -2,8 +2,8 @@
 
 This module owns :class:`CaptureTracerMixin`, the part of the compiler's tracer that
 handles the constructs real re-parameterization code uses and ``fx.Tracer`` refuses,
-plus :func:`capture` (trace one module with it) and :func:`capture_info` (what a
-trace needed). It is a mixin so that the compiler's one tracer
+plus :func:`capture_info` (what a trace needed); :func:`repcompiler.capture.tracing.trace_model`
+traces a module with it. It is a mixin so that the compiler's one tracer
 (:class:`repcompiler.capture.tracing.RepTracer`) can put it first in its bases: on code plain
 ``fx`` traces it produces **the same graph** (except that augmented assignments stay
 in place, below); it only acts at the exact operations
@@ -79,9 +79,8 @@ from torch import nn
 from torch.fx.proxy import Attribute, Proxy
 
 from .patterns import rewrite_bn_pad_borders
-from ..errors import TraceError
 
-__all__ = ["CaptureTracerMixin", "CaptureProxy", "CaptureInfo", "capture", "capture_info"]
+__all__ = ["CaptureTracerMixin", "CaptureProxy", "CaptureInfo", "capture_info"]
 
 log = logging.getLogger(__name__)
 
@@ -390,38 +389,3 @@ def _fetch(root: nn.Module, target: str) -> Any:
         if last in table:
             return table[last]
     return _MISSING
-
-
-def capture(module: nn.Module, *, tracer: fx.Tracer | None = None) -> fx.GraphModule:
-    """Trace ``module`` with capture (see the module docstring) and return the
-    ``GraphModule`` (sharing ``module``'s submodules). ``tracer`` defaults to the
-    compiler's :class:`repcompiler.capture.tracing.RepTracer` (rule-aware leaves) when it
-    has the mixin, else a plain ``fx.Tracer`` with it. Raises :class:`TraceError`
-    naming the module and the reason when even capture fails."""
-    if not isinstance(module, nn.Module):
-        raise TraceError(f"capture expects an nn.Module, got {type(module).__name__}")
-    if tracer is None:
-        tracer = _default_tracer()
-    if not isinstance(tracer, CaptureTracerMixin):
-        raise TraceError(f"capture needs a tracer with CaptureTracerMixin, got {type(tracer).__name__}")
-    try:
-        graph = tracer.trace(module)
-    except Exception as exc:  # fx and user code raise many exception types
-        raise TraceError(f"{type(module).__name__} cannot be captured: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from exc
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
-
-
-_FALLBACK: list[type] = []
-
-
-def _default_tracer() -> fx.Tracer:
-    """The compiler's tracer with the mixin (``RepTracer`` carries it once the one-line
-    hook in :mod:`repcompiler.capture.tracing` is in; until then a subclass adds it)."""
-    from .tracing import RepTracer  # imports this module: imported late
-
-    if issubclass(RepTracer, CaptureTracerMixin):
-        return RepTracer()
-    if not _FALLBACK:
-        _FALLBACK.append(type("CaptureRepTracer", (CaptureTracerMixin, RepTracer), {}))
-    return _FALLBACK[0]()

@@ -62,7 +62,8 @@ from .python import CaptureTracerMixin, capture_info
 from ..errors import TraceError
 from ..analysis.inputs import check_rules
 from ..analysis.isolation import preserved_state
-from ..rules.registry import RuleRegistry, default_rules, has_forward_hooks
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry, has_forward_hooks
 
 __all__ = ["RepTracer", "TracedUnit", "TraceResult", "trace_model", "trace_units"]
 
@@ -97,7 +98,7 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
                  bns_become_scales: bool = False) -> None:
         super().__init__(autowrap_modules=(math, tvops))
         self.bns_become_scales = bns_become_scales
-        self.rules = rules if rules is not None else default_rules
+        self.rules = rules if rules is not None else default_rules()
         self.extra_leaves = tuple(extra_leaves) + _TV_LEAVES
         self._declined: dict[int, bool] = {}
         self.opaque: dict[int, str] = {}
@@ -145,7 +146,7 @@ def _norm_act(m: nn.Module, rules: RuleRegistry) -> bool:
     """A norm-plus-activation module (:mod:`repcompiler.analysis.norm_act`): traced into in eval
     mode, so its norm folds and its activation stays."""
     from ..analysis.norm_act import match_norm_act  # traces with this module's tracer: imported late
-    from ..rules.registry import LowerInfo
+    from ..rules.base import LowerInfo
 
     rule = rules.lookup(m)
     mean = getattr(m, "running_mean", None)
@@ -278,7 +279,7 @@ def trace_units(
         raise TraceError(f"trace_units expects an nn.Module, got {type(model).__name__}")
     check_rules(rules, "trace_units")
     _check_leaves(extra_leaves, "trace_units")
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     result = TraceResult()
     tracer_probe = RepTracer(rules, extra_leaves)
     options = {"bns_become_scales": True} if bns_become_scales else {}
