@@ -52,15 +52,7 @@ What it adds (each seen in real code, see ``tests/fixtures_thirdparty.py``):
 Input-shape arithmetic (``x.shape[0]`` used as a Python int) is **not** captured:
 that would specialise the graph on one input size; such modules stay untraced.
 
-Why not ``torch.export`` / dynamo: measured on the fixtures (CPU, one thread, busy
-2-core machine), ``torch.export.export`` captures DBB's block, its BN-and-pad layer
-and the official OREPA block exactly, but as ATen ops (``aten.conv2d``,
-``aten.batch_norm``, ``aten.slice`` + ``aten.copy_`` for the border writes) with
-**no** ``call_module`` node: every rule, the rewrite of the module hierarchy and the
-``nn_module_stack``-based owner lookup would need an ATen twin. It also took 1.0 s /
-3.3 s / 6.1 s (BN-and-pad / OREPA / DBB block) against 0.08 s / 0.17 s / 0.47 s for
-this tracer. The tracer extension keeps one graph language: the fx graphs the
-compiler already folds.
+Why this extends ``fx.Tracer`` rather than using ``torch.export``: see ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -296,7 +288,7 @@ class CaptureTracerMixin:
                 if kind == "call_function":
                     return target(*cargs, **ckwargs)
                 return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
-        except Exception as exc:  # a value Python never needs: leave it symbolic
+        except Exception as exc:  # the model's own code, run eagerly: a value Python may never need stays symbolic
             log.debug("no concrete value for %s %s: %s", kind, target, exc)
             return _MISSING
 

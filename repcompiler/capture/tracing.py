@@ -59,9 +59,10 @@ import torchvision.ops as tvops
 from torch import nn
 
 from .python import CaptureTracerMixin, capture_info
-from ..errors import TraceError
+from ..errors import RuleError, TraceError
 from ..analysis.inputs import check_rules
 from ..analysis.isolation import preserved_state
+from ..rules.base import LowerInfo
 from ..rules.defaults import default_rules
 from ..rules.registry import RuleRegistry, has_forward_hooks
 
@@ -128,7 +129,7 @@ class RepTracer(CaptureTracerMixin, fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
             return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
+        except Exception as exc:  # the module's own forward may raise anything: note where, re-raise
             if self.failed is None:  # the innermost module whose forward failed
                 self.failed = (m, self.path_of_module(m), _short(exc))
             raise
@@ -146,16 +147,12 @@ def _norm_act(m: nn.Module, rules: RuleRegistry) -> bool:
     """A norm-plus-activation module (:mod:`repcompiler.analysis.norm_act`): traced into in eval
     mode, so its norm folds and its activation stays."""
     from ..analysis.norm_act import match_norm_act  # traces with this module's tracer: imported late
-    from ..rules.base import LowerInfo
 
-    rule = rules.lookup(m)
     mean = getattr(m, "running_mean", None)
-    if rule is None or not isinstance(mean, torch.Tensor):
+    if not isinstance(mean, torch.Tensor):
         return False
-    try:  # a rule that lowers it (as a plain BN) keeps it a leaf
-        if rule(m, LowerInfo(int(mean.numel()), 2)) is not None:
-            return False
-    except Exception:  # the rule needs the real geometry: keep the leaf
+    # a rule that lowers it (as a plain BN), or refuses the guessed geometry, keeps it a leaf
+    if rules.probe(m, LowerInfo(int(mean.numel()), 2)) is not False:
         return False
     return match_norm_act(m, rules) is not None
 
@@ -185,7 +182,9 @@ def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_le
             try:
                 graph = tracer.trace(model)
                 break
-            except Exception as exc:  # fx raises many exception types
+            except RuleError:  # a bug in a rule, not a module that does not trace
+                raise
+            except Exception as exc:  # the model's forward is arbitrary code, and fx raises many types
                 failed = tracer.failed
                 if failed is None or failed[0] is model or id(failed[0]) in tracer.opaque:
                     raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
@@ -222,7 +221,7 @@ def _resolve_string_types(graph: fx.Graph, forward: Any) -> None:
         return
     try:
         hints = typing.get_type_hints(forward)
-    except Exception:  # a name only imported under TYPE_CHECKING, a bad annotation, ...
+    except Exception:  # evaluates the user's annotation strings: a name only imported under TYPE_CHECKING, ...
         hints = {}
     for n in nodes:
         n.type = hints.get("return" if n.op == "output" else str(n.target).lstrip("*"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import RepCompilerError, RuleError
 from ..rules.base import LowerInfo
 from ..rules.defaults import default_rules
 from ..rules.registry import RuleRegistry, departure, has_forward_hooks
@@ -65,7 +66,9 @@ def _declined(module: nn.Module, path: str, rules: RuleRegistry) -> str | None:
         try:
             if rules.lower_module(module, _info(module, path)) is not None:
                 return None
-        except Exception as exc:  # a rule that fails on this instance: opaque too
+        except RuleError:  # a bug in the rule: surfaces
+            raise
+        except RepCompilerError as exc:  # the algebra refuses this instance: opaque too
             return f"its rule raised {type(exc).__name__}: {exc}"
     return _reason(module, _ruled_base(module, rules))
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import repcompiler as rc
 from repcompiler import algebra as A
 from repcompiler.errors import RegistrationError
 from repcompiler.rules import LowerInfo, RuleRegistry, default_rules
@@ -89,3 +90,29 @@ def test_declines_asks_the_rule_for_the_instance():
     reg = default_rules().copy()
     assert not reg.declines(nn.Conv2d(2, 3, 3)) and reg.declines(nn.Conv2d(2, 3, 3, padding_mode="reflect"))
     assert not reg.declines(nn.ReLU())  # no rule: nothing to decline
+
+
+class _Norm2d(nn.BatchNorm2d):
+    pass
+
+
+def test_a_buggy_rule_surfaces_as_a_rule_error():
+    reg = default_rules().copy()
+    reg.register(_Norm2d, lambda m, info: {}["missing"])
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _Norm2d(4)).eval()
+    with pytest.raises(rc.RuleError, match=r"_Norm2d.*KeyError"):
+        rc.fold(m, rules=reg)
+    with pytest.raises(rc.RuleError, match="KeyError"):
+        reg.lower_module(m[1], LowerInfo(4, 2, "1"))
+
+
+def test_a_rule_refusing_with_a_library_error_keeps_the_module_opaque():
+    def refuse(m, info):
+        raise rc.UnsupportedError("not this one")
+
+    reg = default_rules().copy()
+    reg.register(_Norm2d, refuse)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _Norm2d(4)).eval()
+    assert reg.probe(m[1], LowerInfo(4, 2)) is None and not reg.declines(m[1])
+    folded = rc.fold(m, rules=reg)
+    assert isinstance(folded[1], _Norm2d)
