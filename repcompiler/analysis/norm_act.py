@@ -113,12 +113,12 @@ def _match(module: nn.Module, rules: RuleRegistry) -> NormAct | None:
     from ..passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, LoweredGraph, \
         is_identity_call, is_rank_read
     from .isolation import preserved_state
-    from ..capture.tracing import RepTracer
+    from ..capture.rule_tracer import RuleTracer
 
     flags = [(m, m.training) for m in module.modules()]
     try:
         module.eval()
-        tracer = RepTracer(rules)
+        tracer = RuleTracer(rules)
         with preserved_state(module):  # the capture evaluates parameter-only code: nothing may stay
             graph = tracer.trace(module)
     except Exception as exc:  # not traceable alone: not recognised

@@ -4,7 +4,7 @@ This module owns :class:`CaptureTracerMixin`, the part of the compiler's tracer 
 handles the constructs real re-parameterization code uses and ``fx.Tracer`` refuses,
 plus :func:`capture_info` (what a trace needed); :func:`repcompiler.capture.tracing.trace_model`
 traces a module with it. It is a mixin so that the compiler's one tracer
-(:class:`repcompiler.capture.tracing.RepTracer`) can put it first in its bases: on code plain
+(:class:`repcompiler.capture.rule_tracer.RuleTracer`) can put it first in its bases: on code plain
 ``fx`` traces it produces **the same graph** (except that augmented assignments stay
 in place, below); it only acts at the exact operations
 where plain ``fx`` raises, so capture happens at the granularity of the failing

@@ -78,9 +78,6 @@ def _cycles(graph: nx.DiGraph) -> list[list[str]]:
 
 
 _OPEN_CYCLES = [
-    # the tracer's leaf policy asks whether a module is a norm-plus-activation, which
-    # traces the module with the tracer
-    "analysis.norm_act -> capture.tracing",
     # BlockConfig.check() and the built-in blocks' checks run repcompiler.testing, which
     # builds and deploys blocks
     "blocks -> blocks.config -> testing",
