@@ -31,7 +31,8 @@ _DEFAULT: list[RuleRegistry] = []
 def register_default_rules(registry: RuleRegistry) -> None:
     """Register every built-in rule into ``registry``: module rules, function rules,
     the rules for layers of real models, third-party layers and the training blocks
-    (:class:`~repcompiler.online.conv.OnlineConv`, ``OfflineBlock``)."""
+    (:class:`~repcompiler.online.conv.OnlineConv`, ``OfflineBlock``). A rule ``registry``
+    already has for one of these targets is replaced."""
     register_module_rules(registry)
     register_function_rules(registry)
     register_layer_rules(registry)
