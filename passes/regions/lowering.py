@@ -229,7 +229,7 @@ class LoweredGraph:
         for n, k in self.kind.items():
             if n.op == "call_module" and k in ("unary", "shared", "pinned"):
                 m = fetch_attr(self.gm, str(n.target))
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                if isinstance(m, A.CONV_TYPES):
                     self._set(self.chan, self.data_in[n][0], m.in_channels)
                     self._set(self.chan, n, m.out_channels)
                 elif isinstance(m, nn.modules.batchnorm._BatchNorm):

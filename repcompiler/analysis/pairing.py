@@ -23,7 +23,7 @@ from ..rules.registry import RuleRegistry
 
 __all__ = ["region_pairs", "norm_act_pairs", "pair_by_regions", "pair_by_order"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 _BNS = nn.modules.batchnorm._BatchNorm
 
 

@@ -22,7 +22,7 @@ from ..rules.registry import RuleRegistry
 __all__ = ["Policy", "POLICIES", "POLICY_OPTIONS", "default_block_for", "shortcut_convs", "policy_choice", "check_policy_and_options"]
 
 Policy = Union[None, str, Mapping[str, Union[str, None]], Callable[[str, nn.Module], Union[str, None]], Sequence[str]]
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 _BNS = nn.modules.batchnorm._BatchNorm
 
 

@@ -41,7 +41,7 @@ __all__ = ["ModelAnalysis", "analyse_model", "LinearizeCandidate", "analyse_unit
            "is_activation"]
 
 _BN = nn.modules.batchnorm._BatchNorm
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 _SUM_TARGETS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_"}

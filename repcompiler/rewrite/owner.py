@@ -56,7 +56,6 @@ __all__ = [
     "rewritten_class",
 ]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 T = TypeVar("T")
 
 

@@ -29,7 +29,7 @@ __all__ = ["check_rule"]
 
 log = logging.getLogger(__name__)
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+from ..algebra import CONV_MODULES as _CONV
 
 
 def check_rule(

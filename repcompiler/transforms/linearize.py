@@ -134,7 +134,7 @@ __all__ = ["linearize", "linearize_regions", "find_linearizable", "LinearizeCand
 
 log = logging.getLogger(__name__)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 
 
 @dataclass

@@ -457,7 +457,7 @@ def test_identity_aliases_do_not_stop_a_region(case):
 
 class _BlockAfterConv(nn.Module):
     """A three-branch conv+BN block (3x3+BN, 1x1+BN, BN) whose input is a 1x1 conv's
-    output (issue 15 item 7)."""
+    output."""
 
     def __init__(self, cin: int, c: int, bias: bool) -> None:
         super().__init__()
