@@ -43,7 +43,8 @@ from torch import nn
 
 from ... import algebra as A
 from ...analysis.effects import Effects
-from ...rules.registry import INPUT, FunctionCall, LowerInfo, RuleRegistry
+from ...rules.base import INPUT, FunctionCall, LowerInfo
+from ...rules.registry import RuleRegistry
 from ...analysis.uses import graph_pins
 
 __all__ = [

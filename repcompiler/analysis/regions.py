@@ -32,7 +32,8 @@ from ..passes.bn_to_scale import branch_bns, iter_leaves
 from ..passes.find_regions import Region, find_regions, node_owner
 from ..passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES
 from ..rewrite.owner import qualify, region_owner
-from ..rules.registry import RuleRegistry, default_rules
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 from ..capture.tracing import TracedUnit, TraceResult, trace_units
 from .uses import local_pins, model_pins, shared_modules
 
@@ -76,7 +77,7 @@ def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, traini
     back afterwards); ``None`` traces in the modes the modules are in.
     ``bns_become_scales``: the caller replaces branch BNs by affines (``linearize``;
     see :mod:`repcompiler.capture.tracing`)."""
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     modules = list(model.modules())
     flags = [m.training for m in modules]
     try:
@@ -358,7 +359,7 @@ def find_linearizable(
 ) -> tuple[list[LinearizeCandidate], list[tuple[str, str]]]:
     """Analyse ``model`` without changing it: the multi-branch BN blocks (linearizable
     or refused with the reason) and the parts that did not trace ``(path, reason)``."""
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     analysis = analyse_model(model, rules=rules)
     cands = [c for unit in analysis.units
              for c in analyse_unit(unit, rules, analysis.regions[unit.path], analysis.pinned)]

@@ -50,12 +50,13 @@ from .cache import block_kernel
 from ..blocks.accel import KernelAccelerator
 from ..blocks.named import BlockExpr, StackExpr
 from ..errors import IncompatibleError, InexactFoldError
-from ..rules.registry import LowerInfo, register_rule
+from ..rules.base import LowerInfo
+from ..rules.registry import RuleRegistry
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OnlineConv", "OfflineBlock", "HybridExpr", "HybridBlock", "reparam_block_forward",
-           "block_calls_as_modules"]
+           "block_calls_as_modules", "register_online_rules"]
 
 
 def reparam_block_forward(block: nn.Module, input: Tensor) -> Tensor:
@@ -319,5 +320,7 @@ def _lower_block(m: nn.Module, info: LowerInfo) -> A.Expr:
     return m.deploy_expr()
 
 
-register_rule(OnlineConv, _lower_block)
-register_rule(OfflineBlock, _lower_block)
+def register_online_rules(registry: RuleRegistry) -> None:
+    """Register the rule of the training blocks (their deploy expression) into ``registry``."""
+    registry.register(OnlineConv, _lower_block, override=True)
+    registry.register(OfflineBlock, _lower_block, override=True)

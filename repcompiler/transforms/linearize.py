@@ -125,7 +125,8 @@ from ..passes.squeeze import region_reference, squeeze_region, verify_region
 from ..explain.report import TransformReport, count_convs, count_params
 from ..capture.python import capture_info
 from ..rewrite.owner import OwnerGraph, conv_target, group_by_owner, is_under, owner_graph, qualify
-from ..rules.registry import RuleRegistry, default_rules
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 from ..capture.tracing import TracedUnit
 from ..rewrite.verify import compare_outputs, eval_mode
 
@@ -250,7 +251,7 @@ def linearize_regions(
     check_rules(rules, "linearize_regions")
     check_options(scaling, init)
     check_choice("mode", mode, MODES, owner="linearize")
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     report = report if report is not None else TransformReport(title="linearize")
     # reads of parametrized weights, region checks: nothing of them stays in the model
     with preserved_state(model):
