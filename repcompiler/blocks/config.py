@@ -325,12 +325,6 @@ class BlockConfig:
                         + "; ".join(reasons)
                     )
 
-    def check(self, **kwargs: Any) -> Any:
-        """Run :func:`repcompiler.testing.check_block` on this (registered) block."""
-        from ..testing import check_block  # testing imports the library, not the reverse
-
-        return check_block(self.name, **kwargs)
-
     def __repr__(self) -> str:
         lines = [f"BlockConfig({self.name!r}{', ' + repr(self._doc) if self._doc else ''})"]
         for e in self._branches:
