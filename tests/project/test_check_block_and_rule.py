@@ -282,12 +282,12 @@ def test_check_rule_requires_a_rule_and_some_lowering(rules):
     _expect("lowers to an Expr", check_rule, Lonely, make_module=Lonely, max_examples=3, **FAST)
 
 
-def test_blockconfig_check_and_failure_pickles(blocks):
+def test_a_registered_blockconfig_passes_check_block_and_failures_pickle(blocks):
     import pickle
 
     blocks.append("t_cfgcheck")
-    cfg = BlockConfig("t_cfgcheck").branch("kxk").branch("1x1>avg", init=0.5).register()
-    res = cfg.check(max_examples=5, use_deploy=False, **FAST)
+    BlockConfig("t_cfgcheck").branch("kxk").branch("1x1>avg", init=0.5).register()
+    res = check_block("t_cfgcheck", max_examples=5, use_deploy=False, **FAST)
     assert res.accepted == 5 and "t_cfgcheck" in res.subject
     err = CheckFailure("block 'b'", "geometry", "geometry conv(2d 1->1, k=1)", "stride")
     again = pickle.loads(pickle.dumps(err))
