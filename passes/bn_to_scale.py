@@ -58,12 +58,11 @@ from ..errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult
 from .squeeze import set_submodule
-from .state import LEGACY_META_SELECTED, ScaledBN, live_regions, pipeline_state
+from .state import ScaledBN, live_regions, pipeline_state
 
 __all__ = [
     "SCALINGS",
     "INITS",
-    "META_LINEARIZE",
     "scale_for_bn",
     "branch_bn_nodes",
     "branch_bns",
@@ -78,10 +77,6 @@ log = logging.getLogger(__name__)
 
 SCALINGS = _SCALINGS  # the blocks' options (re-exported for the passes)
 INITS = ("default", "from_bn")
-
-META_LINEARIZE = LEGACY_META_SELECTED
-"""Transition only (see :data:`repcompiler.passes.state.LEGACY_META_SELECTED`): set
-``PipelineState.selected`` instead."""
 
 _BN = nn.modules.batchnorm._BatchNorm
 

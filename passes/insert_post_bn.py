@@ -40,17 +40,13 @@ from torch import nn
 from .. import algebra as A
 from ..errors import UnsupportedError, check_choice
 
-from .base import GraphPass, PassResult, graph_meta
+from .base import GraphPass, PassResult
 from .bn_to_scale import INITS, BnToScale, exit_bn
-from .state import LEGACY_META_POST_BN, PostBN, live_regions, pipeline_state
+from .state import PostBN, live_regions, pipeline_state
 
-__all__ = ["META_POST_BN", "make_post_bn", "exit_bn", "InsertPostBN"]
+__all__ = ["make_post_bn", "exit_bn", "InsertPostBN"]
 
 log = logging.getLogger(__name__)
-
-META_POST_BN = LEGACY_META_POST_BN
-"""Transition only (see :data:`repcompiler.passes.state.LEGACY_META_POST_BN`): read
-``PipelineState.post_bns`` instead."""
 
 _BN = nn.modules.batchnorm._BatchNorm
 _BN_FOR_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -117,7 +113,6 @@ class InsertPostBN(GraphPass):
         state = pipeline_state(graph_module)
         record = state.post_bns
         self._first = len(record)
-        graph_meta(graph_module)[LEGACY_META_POST_BN] = record  # transition, see state.py
         modified = False
         for region in state.selected:
             if exit_bn(graph_module, region) is not None:

@@ -41,6 +41,7 @@ from ..rules.registry import RuleRegistry
 from .base import GraphPass, PassResult
 from .cleanup import Cleanup
 from .find_regions import FindRegions, Region, region_name
+from .regions.lowering import constant_nodes
 from .state import FoldPlan, live_regions, pipeline_state
 
 __all__ = [
@@ -300,25 +301,25 @@ def squeeze_region(
 
 def _erase_dead_operands(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     """Erase the region's constant operands (``self.weight + self.id_tensor``, parameter
-    reads) that nothing reads any more, and what only they read: the module they read
-    may be replaced (a conv traced into and folded whole)."""
+    reads; :func:`~repcompiler.passes.regions.lowering.constant_nodes`) that nothing
+    reads any more, and what only they read: the module they read may be replaced (a
+    conv traced into and folded whole)."""
     todo, erased = list(nodes), set()
+    constants: set[fx.Node] | None = None
     while todo:
         n = todo.pop()
         if n in erased or n.users or n.op not in ("get_attr", "call_function", "call_method"):
             continue
         if n.is_impure() or (n.op == "call_method" and str(n.target).endswith("_")):
             continue
-        if any(a.op in ("placeholder",) for a in n.all_input_nodes) or not _constant(n):
+        if constants is None:  # computed once, on the first candidate
+            constants = constant_nodes(graph)
+        if n not in constants:
             continue
         ins = list(n.all_input_nodes)
         graph.erase_node(n)
         erased.add(n)
         todo += ins
-
-
-def _constant(n: fx.Node) -> bool:
-    return n.op == "get_attr" or (bool(n.all_input_nodes) and all(_constant(a) for a in n.all_input_nodes))
 
 
 class SqueezeRegions(GraphPass):

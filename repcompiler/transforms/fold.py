@@ -38,14 +38,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RepCompilerError, UnsupportedError, VerificationError, first_line
+from ..errors import UnsupportedError, VerificationError, first_line
 from ..passes.base import run_passes
 from ..passes.find_regions import Region
 from ..passes.fold_linear_bn import FoldLinearBN
-from ..passes.squeeze import fold_passes, set_submodule, squeeze_region
-from ..passes.state import PipelineState
+from ..passes.rewrite_owners import RewriteOwners
+from ..passes.squeeze import fold_passes, set_submodule
+from ..passes.state import FoldPlan, PipelineState
 from ..explain.report import FoldReport, count_convs, count_params
-from ..rewrite.owner import conv_target, group_by_owner, owner_graph, qualify
+from ..rewrite.owner import qualify
 from ..rules.registry import RuleRegistry, default_rules
 from ..analysis.inputs import as_inputs, check_flags, check_model, check_rules, check_weights, copy_model
 from ..analysis.isolation import detached_copy, fresh_inputs, isolated_call, propagate_shapes
@@ -156,7 +157,7 @@ def compile_folds(
     with _few_threads():
         for unit in units:
             owned, uses = owned_nodes(unit.gm), leaf_uses(unit.gm)  # before the rewrite edits the unit's graph
-            done = _fold_unit(work, unit, rules, shared, verify, report, unit_received.get(unit.path), merge_convs,
+            done = _fold_unit(unit, rules, shared, verify, report, unit_received.get(unit.path), merge_convs,
                               pairs, local_pins(pinned, unit.path))
             replaced.update(done)
             prefix = unit.path + "." if unit.path else ""
@@ -349,7 +350,6 @@ def _report_pinned(units: Sequence[TracedUnit], pinned: dict[str, str], rules: R
 
 
 def _fold_unit(
-    model: nn.Module,
     unit: TracedUnit,
     rules: RuleRegistry,
     shared: list[nn.Module],
@@ -360,73 +360,43 @@ def _fold_unit(
     linear_pairs: list[tuple[str, str]],
     pinned: dict[str, str],
 ) -> dict[fx.Node, str]:
-    """Fold one traced unit: Linear/BN1d pairs (:class:`FoldLinearBN`), then the conv
-    regions (:func:`fold_passes`), whose plans are applied by the owner rewrite.
-    Appends the folded Linear/BN pairs to ``linear_pairs``; returns, for the nodes of
-    ``unit.gm`` a folded region replaced, the qualified name of the module now
-    computing that region (the graph is not re-traced afterwards: this says what its
-    stale nodes became)."""
+    """Fold one traced unit with one pass pipeline: Linear/BN1d pairs
+    (:class:`FoldLinearBN`), the conv regions (:func:`fold_passes`) and the owner
+    rewrite (:class:`RewriteOwners`). Appends the folded Linear/BN pairs to
+    ``linear_pairs``; returns, for the nodes of ``unit.gm`` a folded region replaced,
+    the qualified name of the module now computing that region (the graph is not
+    re-traced afterwards: this says what its stale nodes became)."""
     gm = unit.gm
     prefix = unit.path + "." if unit.path else ""
     if args is not None:
         try:
             propagate_shapes(gm, args)
-        except Exception as exc:  # shapes are only a hint
+        except Exception as exc:  # shapes are only a hint: any error of the user's forward is acceptable here
             log.debug("shape propagation of %s failed: %s", unit.path or "<root>", exc)
-    # analysis and folding are the pass pipeline; applying the plans rewrites owners.
+    uses = _attribute_uses(gm)  # read before the rewrite edits the graph
+    state = PipelineState()
     # Linear/BN1d pairs first (the kernel algebra has no 0-d convs: a dedicated pass;
     # a BN it folds reads a 2-d value, which no conv region holds)
-    linear_bn = FoldLinearBN(unit.module, pinned)
-    state = PipelineState()
-    run_passes(gm, [linear_bn, *fold_passes(rules, shared_modules=shared, pinned=pinned, merge_convs=merge_convs,
-                                            verify=verify, prefix=prefix, report=report, rewrite=False)],
-               state=state, lint=False)
-    linear_pairs += [(prefix + a, prefix + b) for a, b in linear_bn.folded]
-    plans = [(p.region, p.folded, p.params_before) for p in state.plans]
-    if not plans:
-        return {}
-
+    run_passes(gm, [FoldLinearBN(unit.module, pinned),
+                    *fold_passes(rules, shared_modules=shared, pinned=pinned, merge_convs=merge_convs,
+                                 verify=verify, prefix=prefix, report=report, rewrite=False),
+                    RewriteOwners(unit)], state=state)
+    linear_pairs += [(prefix + a, prefix + b) for a, b in state.linear_bn_folds]
     replaced: dict[fx.Node, str] = {}
     done: list[Region] = []
-    uses = _attribute_uses(gm)  # read before the rewrite edits the graph
-
-    def applied(region: Region, target: str | None) -> None:
-        done.append(region)
-        for n in region.nodes:
-            replaced[n] = qualify(unit.path, target or "")
-
-    groups, direct = group_by_owner(plans, lambda plan: plan[0])
-    for owner, group in groups.items():
-        try:
-            og = owner_graph(unit, owner, [r for r, _, _ in group])
-            squeezed: dict = {}
-            targets = []
-            for r, (orig, folded, _) in zip(og.regions, group):
-                target = conv_target(unit.module, orig)
-                targets.append(target)
-                squeeze_region(og.gm, r, folded, og.local(target), replaced=squeezed)
-            og.finish()
-        except RepCompilerError as exc:
-            for plan in group:
-                if plan[0].all_modules:
-                    direct.append(plan)
-                else:
-                    report.add_region(plan[0], "refused", f"could not rewrite the forward of "
-                                      f"{qualify(unit.path, owner) or '<root>'}: {exc}")
+    for rw in state.rewrites:
+        plan = rw.plan
+        assert isinstance(plan, FoldPlan)
+        if not rw.applied:
+            report.add_region(plan.region, "refused", f"could not rewrite the forward of "
+                              f"{qualify(unit.path, rw.owner or '') or '<root>'}: {rw.error}")
             continue
-        for (r, folded, before), target in zip(group, targets):
-            applied(r, target)
-            report.add_region(r, "folded", params_before=before,
-                              params_after=sum(p.numel() for p in folded.parameters()))
-
-    for r, folded, before in direct:
-        target = conv_target(unit.module, r)
-        for t in r.module_targets():
-            set_submodule(unit.module, t, folded if t == target else nn.Identity())
-        applied(r, target)
-        report.add_region(r, "folded", params_before=before,
-                          params_after=sum(p.numel() for p in folded.parameters()))
-    _drop_dead_holders(unit, uses, done)
+        done.append(plan.region)
+        for n in plan.region.nodes:
+            replaced[n] = qualify(unit.path, rw.target or "")
+        report.add_region(plan.region, "folded", params_before=plan.params_before, params_after=plan.params_after)
+    if state.rewrites:
+        _drop_dead_holders(unit, uses, done)
     return replaced
 
 

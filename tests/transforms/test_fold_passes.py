@@ -16,7 +16,7 @@ from helpers import rel_err
 from repcompiler import algebra as A
 from repcompiler.errors import VerificationError
 from repcompiler.passes.base import GraphPass, PassContractError, PassResult, run_passes
-from repcompiler.passes.state import PipelineState, pipeline_state
+from repcompiler.passes.state import pipeline_state
 from repcompiler.passes.cleanup import Cleanup
 from repcompiler.passes.find_regions import FindRegions
 from repcompiler.passes.squeeze import SqueezeRegions, fold_passes
@@ -30,7 +30,7 @@ def test_find_squeeze_cleanup_on_a_graph_module():
     gm = trace_model(block)
     state = pipeline_state(gm)
     state.report = FoldReport()
-    res = FindRegions()(gm)
+    res = run_passes(gm, [FindRegions()])
     assert isinstance(res, PassResult) and res.modified is False
     assert len(state.regions) == 1 and state.regions[0].foldable
     gm, modified = run_passes(gm, [SqueezeRegions(), Cleanup(delete_unused_submodules=True)])
