@@ -100,7 +100,6 @@ class InsertPostBN(GraphPass):
         check_choice("init", init, INITS)
         self.init = init
         self.enabled = enabled
-        self._first = 0
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         state = pipeline_state(graph_module)
@@ -112,7 +111,6 @@ class InsertPostBN(GraphPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         state = pipeline_state(graph_module)
         record = state.post_bns
-        self._first = len(record)
         modified = False
         for region in state.selected:
             if exit_bn(graph_module, region) is not None:
@@ -150,7 +148,7 @@ class InsertPostBN(GraphPass):
         return PassResult(graph_module, modified)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
-        for post in pipeline_state(graph_module).post_bns[self._first:]:
+        for post in pipeline_state(graph_module).post_bns:
             if post.target is None:
                 continue
             e = post.region.exit

@@ -42,7 +42,7 @@ from .base import GraphPass, PassResult
 from .cleanup import Cleanup
 from .find_regions import FindRegions, Region, region_name
 from .regions.lowering import constant_nodes
-from .state import FoldPlan, live_regions, pipeline_state
+from .state import FoldPlan, Rewrite, live_regions, pipeline_state
 
 __all__ = [
     "fold_region",
@@ -338,8 +338,9 @@ class SqueezeRegions(GraphPass):
       ``pipeline_state(gm).plans`` for an owner-module rewrite to apply (and report).
 
     Requires regions found on this version of the graph; after a rewrite the state's
-    regions are cleared (they describe the old graph) and each folded conv is the
-    module its new node calls.
+    regions are cleared (they describe the old graph), each squeezed plan is recorded
+    as a :class:`~repcompiler.passes.state.Rewrite` in ``pipeline_state(gm).rewrites``
+    and ensured to be the module its new node calls.
     """
 
     runs_after = (FindRegions,)
@@ -350,7 +351,6 @@ class SqueezeRegions(GraphPass):
         self.prefix = prefix
         self.report = report
         self.rewrite = rewrite
-        self._squeezed: list[tuple[str, nn.Module]] = []
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         regions = pipeline_state(graph_module).regions
@@ -376,13 +376,12 @@ class SqueezeRegions(GraphPass):
                 verify_region(r, RegionRunner(graph_module, r), folded)
             plans.append(FoldPlan(r, folded, sum(p.numel() for p in region_params(graph_module, r))))
         state.plans = plans
-        self._squeezed = []
         if not self.rewrite or not plans:
             return PassResult(graph_module, False)
         replaced: dict[fx.Node, fx.Node] = {}
         for plan in plans:
             target = squeeze_region(graph_module, plan.region, plan.folded, replaced=replaced)
-            self._squeezed.append((target, plan.folded))
+            state.rewrites.append(Rewrite(plan, "", target, plan.folded))
             if report is not None:
                 report.add_region(plan.region, "folded", params_before=plan.params_before,
                                   params_after=plan.params_after)
@@ -393,7 +392,8 @@ class SqueezeRegions(GraphPass):
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         called = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_module"}
-        for target, folded in self._squeezed:
+        for rw in pipeline_state(graph_module).rewrites:
+            target, folded = rw.target, rw.module
             if target not in called or graph_module.get_submodule(target) is not folded:
                 self.fail(f"the folded conv of {target} is not what the graph calls there")
 

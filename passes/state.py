@@ -86,9 +86,10 @@ class FoldPlan(RewritePlan):
 class Rewrite:
     """What the owner rewrite did with one :class:`RewritePlan`.
 
-    ``owner``: the module path (relative to the unit) whose ``forward`` was rewritten,
-    ``None`` when the region is made of module calls only and its modules were swapped
-    in place. ``target``: where the replacement ``module`` was installed (relative to
+    ``owner``: the module path (relative to the unit) whose ``forward`` was rewritten
+    (``''``: the unit, or the graph module itself for
+    :class:`~repcompiler.passes.squeeze.SqueezeRegions`), ``None`` when the region is
+    made of module calls only and its modules were swapped in place. ``target``: where the replacement ``module`` was installed (relative to
     the unit; ``None`` for a region without modules: the owner's new forward calls it
     under a fresh name). ``detail``: what the builder returned for the report.
     ``error``: why the owner was left as it is (then nothing was installed).
