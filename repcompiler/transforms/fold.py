@@ -12,10 +12,16 @@ folded regions' nodes to the modules that now compute them), not from a new trac
 Only an owner whose ``forward`` is rewritten is traced again, alone
 (:func:`repcompiler.rewrite.owner.owner_graph`), to produce its own code.
 
+Per unit, the steps are one pass pipeline run by
+:func:`~repcompiler.passes.base.run_passes`: ``FoldLinearBN -> FindRegions ->
+SqueezeRegions(rewrite=False) -> RewriteOwners``.
+
 **How the hierarchy is edited** (names, ``state_dict`` keys and user methods survive
 outside the rewritten regions; the owner of a region with function calls keeps its
-object and gets a generated ``forward``): :mod:`repcompiler.rewrite.owner`, the engine
-``linearize`` uses too. Output checks: :mod:`repcompiler.rewrite.verify`.
+object and gets a generated ``forward``): the
+:class:`~repcompiler.passes.rewrite_owners.RewriteOwners` pass (engine:
+:mod:`repcompiler.rewrite.owner`), which ``linearize`` ends in too. Output checks:
+:mod:`repcompiler.rewrite.verify`.
 
 Untraceable parts (see :func:`repcompiler.capture.tracing.trace_units`) are left as they
 are and listed in the report. Region boundaries, lowering and exactness: see

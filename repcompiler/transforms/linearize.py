@@ -32,7 +32,8 @@ What it does (arXiv 2204.00826, Sec. 3), as one pipeline shared with ``fold``:
    one convolution on the feature map, then the post-BN), installed at the qualified
    name of the region's largest-kernel conv; the region's other modules become
    ``nn.Identity`` under their names;
-6. **rewrite** (:mod:`repcompiler.rewrite.owner`, the engine ``fold`` uses): the module
+6. **rewrite** (the :class:`~repcompiler.passes.rewrite_owners.RewriteOwners` pass
+   ``fold`` ends in too, with a builder making steps 3-5 on the owner's graph): the module
    that owns the region (the deepest whose ``forward`` holds every op of it, e.g.
    timm's ``RepVggBlock``) keeps its object and gets the rewritten ``forward`` (its
    class becomes a subclass of the user's class);
