@@ -57,7 +57,6 @@ from ..blocks import SCALINGS as _SCALINGS
 from ..errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult
-from .squeeze import set_submodule
 from .state import ScaledBN, live_regions, pipeline_state
 
 __all__ = [
@@ -229,7 +228,7 @@ class BnToScale(GraphPass):
                 leaf = scale_for_bn(bn, region.dims, scaling=self.scaling, init=self.init, name=target or name)
                 leaf.train(bn.training)
                 if target is not None:  # a BN module called by the graph: swap it under its name
-                    set_submodule(graph_module, target, leaf)
+                    graph_module.set_submodule(target, leaf)
                 swaps[id(bn)] = leaf
                 state.scaled.append(ScaledBN(target or name, bn, leaf))
                 modified = True

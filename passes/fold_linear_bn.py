@@ -50,7 +50,6 @@ from torch import nn
 from .. import algebra as A
 from ..analysis.uses import graph_pins
 from .base import GraphPass, PassResult
-from .squeeze import set_submodule
 from .state import pipeline_state
 
 __all__ = ["FoldLinearBN", "fuse_linear_bn"]
@@ -291,6 +290,6 @@ class FoldLinearBN(GraphPass):
         for target, module in ((str(lin_node.target), fused), (str(bn_node.target), nn.Identity())):
             for owner in (gm, self.root):
                 if owner is not None:
-                    set_submodule(owner, target, module)
+                    owner.set_submodule(target, module)
         pipeline_state(gm).linear_bn_folds.append((str(lin_node.target), str(bn_node.target)))
         return True

@@ -42,6 +42,7 @@ from ..errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult
 from .bn_to_scale import INITS, BnToScale, exit_bn
+from .squeeze import fresh_name
 from .state import PostBN, live_regions, pipeline_state
 
 __all__ = ["make_post_bn", "exit_bn", "InsertPostBN"]
@@ -69,13 +70,6 @@ def make_post_bn(
         with torch.no_grad():
             bn.running_var.fill_(1.0 - bn.eps)  # eval: x / sqrt((1 - eps) + eps) == x
     return bn
-
-
-def _fresh_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def _ref_tensor(gm: fx.GraphModule, region) -> torch.Tensor | None:
@@ -130,7 +124,7 @@ class InsertPostBN(GraphPass):
             )
             old_exit = region.exit
             bn.train(graph_module.training)
-            target = _fresh_name(graph_module, "post_bn")
+            target = fresh_name(graph_module, "post_bn")
             graph_module.add_submodule(target, bn)
             with graph_module.graph.inserting_after(old_exit):
                 node = graph_module.graph.call_module(target, (old_exit,))

@@ -44,7 +44,7 @@ from ..capture.tracing import TracedUnit
 from ..errors import RepCompilerError, VerificationError
 from ..rewrite.owner import OwnerGraph, conv_target, group_by_owner, owner_graph, qualify
 from .base import GraphPass, PassResult
-from .squeeze import set_submodule, squeeze_region
+from .squeeze import squeeze_region
 from .state import Rewrite, RewritePlan, live_regions, pipeline_state
 
 __all__ = ["Replacement", "OwnerBuilder", "RewriteOwners"]
@@ -158,7 +158,7 @@ class RewriteOwners(GraphPass):
         assert plan.module is not None
         target = conv_target(self.unit.module, plan.region)
         for t in plan.region.module_targets():
-            set_submodule(self.unit.module, t, plan.module if t == target else nn.Identity())
+            self.unit.module.set_submodule(t, plan.module if t == target else nn.Identity())
         return Rewrite(plan, None, target, plan.module)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:

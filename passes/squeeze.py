@@ -50,7 +50,7 @@ __all__ = [
     "RegionRunner",
     "verify_region",
     "squeeze_region",
-    "set_submodule",
+    "fresh_name",
     "SqueezeRegions",
     "fold_passes",
     "relative_error",
@@ -62,13 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at qualified name ``path`` under ``root`` (parents must exist)."""
-    *prefix, last = path.split(".")
-    parent = root.get_submodule(".".join(prefix)) if prefix else root
-    setattr(parent, last, module)
 
 
 def fold_region(region: Region) -> nn.Module:
@@ -248,7 +241,11 @@ def _fold_target(gm: fx.GraphModule, region: Region) -> str:
     found = conv_target(gm, region)
     if found is not None:
         return found
-    base = f"folded_{region.exit.name}"
+    return fresh_name(gm, f"folded_{region.exit.name}")
+
+
+def fresh_name(gm: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first that is not an attribute of ``gm``."""
     name, i = base, 1
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
@@ -277,11 +274,8 @@ def squeeze_region(
             entry = replaced[entry]
     for t in region.module_targets():
         if t != target:
-            set_submodule(gm, t, nn.Identity())
-    if "." in target or hasattr(gm, target):
-        set_submodule(gm, target, folded)
-    else:  # a region of function calls only: a new module (installed before its call node)
-        gm.add_submodule(target, folded)
+            gm.set_submodule(t, nn.Identity())
+    gm.set_submodule(target, folded)  # added under a new name for a region of function calls only
     with graph.inserting_before(region.exit):
         new = graph.call_module(target, (entry,))
     new.meta = dict(region.exit.meta)

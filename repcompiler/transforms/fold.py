@@ -50,7 +50,7 @@ from ..passes.base import run_passes
 from ..passes.find_regions import Region
 from ..passes.fold_linear_bn import FoldLinearBN
 from ..passes.rewrite_owners import RewriteOwners
-from ..passes.squeeze import fold_passes, set_submodule
+from ..passes.squeeze import fold_passes
 from ..passes.state import FoldPlan, PipelineState
 from ..explain.report import FoldReport, count_convs, count_params
 from ..rewrite.owner import qualify
@@ -222,7 +222,7 @@ def _report_consumed(work: nn.Module, rules: RuleRegistry, folds: _Folds, report
         if path in taken:
             continue
         module = work.get_submodule(path)
-        set_submodule(work, path, nn.Identity())
+        work.set_submodule(path, nn.Identity())
         report.add(path, type(module).__name__, "folded",
                    f"its forward was traced into and folded into {', '.join(into) or 'a conv'}")
     for linear, bn in folds.pairs:
@@ -487,4 +487,4 @@ def _drop_dead_holders(unit: TracedUnit, uses: tuple[dict[str, list[fx.Node]], s
         if tensors and all(t in dead for t in tensors) and not isinstance(module, nn.Identity):
             log.debug("fold: %s no longer runs (its tensors are folded): replaced by nn.Identity",
                       qualify(unit.path, owner))
-            set_submodule(unit.module, owner, nn.Identity())
+            unit.module.set_submodule(owner, nn.Identity())
