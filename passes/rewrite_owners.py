@@ -113,9 +113,10 @@ class RewriteOwners(GraphPass):
         state = pipeline_state(graph_module)
         first = len(state.rewrites)
         groups, direct = group_by_owner(state.plans, lambda p: p.region)
-        for plan in [p for p in direct if p.module is None]:  # built on the unit's own graph
-            direct.remove(plan)
-            groups.setdefault("", []).append(plan)
+        unbuilt = [p for p in direct if p.module is None]  # built on the unit's own graph
+        if unbuilt:
+            direct = [p for p in direct if p.module is not None]
+            groups.setdefault("", []).extend(unbuilt)
         for owner, group in groups.items():
             direct += self._rewrite_owner(owner, group, state.rewrites)
         for plan in direct:
@@ -146,7 +147,7 @@ class RewriteOwners(GraphPass):
             where = qualify(self.unit.path, owner) or "<root>"
             log.debug("owner %s left as it is: %s", where, exc)
             fallback = [p for p in group if p.region.all_modules and p.module is not None]
-            out += [Rewrite(p, owner, error=exc) for p in group if p not in fallback]
+            out += [Rewrite(p, owner, error=exc) for p in group if not any(p is f for f in fallback)]
             return fallback
         for plan, rep in zip(group, made):
             target = og.prefix + rep.target if rep.target else None
