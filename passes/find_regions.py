@@ -42,7 +42,8 @@ from typing import Iterable, Mapping
 import torch.fx as fx
 from torch import nn
 
-from ..rules.registry import RuleRegistry, default_rules
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 from .base import GraphPass, PassResult
 from .regions.dominance import dominators, entry_candidates
 from .regions.lowering import CONV_FUNCTIONS, ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES, LoweredGraph
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 def _analyse(gm: fx.GraphModule, rules: RuleRegistry | None, shared_modules: Iterable[nn.Module],
              pinned: Mapping[str, str] | None = None) -> tuple[LoweredGraph, dict]:
     """The lowered graph (classified, shapes inferred) and its immediate dominators."""
-    g = LoweredGraph(gm, rules if rules is not None else default_rules,
+    g = LoweredGraph(gm, rules if rules is not None else default_rules(),
                      frozenset(id(m) for m in shared_modules), pinned)
     g.classify()
     g.infer_shapes()

@@ -34,7 +34,7 @@ __all__ = ["PushBias"]
 log = logging.getLogger(__name__)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONV
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _CAT = (torch.cat, torch.concat)

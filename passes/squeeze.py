@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..algebra import CONV_TYPES
 from ..errors import VerificationError
 from ..analysis.isolation import preserved_state
 from ..rewrite.verify import relative_error, tolerance_for
@@ -72,31 +73,10 @@ def fold_region(region: Region) -> nn.Module:
         return kernel_to_module(region.expr.fold(check=True))
 
 
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_PADS = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
-
-
 def kernel_to_module(kernel: Any) -> nn.Module:
     """A plain ``nn.ConvNd`` (``ConstantPadNd -> ConvNd`` for asymmetric padding) holding
-    detached copies of a folded :class:`~repcompiler.algebra.Kernel`. Like
-    ``Kernel.to_module`` but without running the conv's random initialisation."""
-    s = kernel.spec
-    sym = s.symmetric_padding
-    conv = torch.nn.utils.skip_init(
-        _CONVS[s.dims], s.in_channels, s.out_channels, s.kernel_size, stride=s.stride,
-        padding=tuple(a for a, _ in s.padding) if sym else 0, dilation=s.dilation, groups=s.groups,
-        bias=kernel.bias is not None, device=kernel.weight.device, dtype=kernel.weight.dtype,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(kernel.weight)
-        if kernel.bias is not None:
-            conv.bias.copy_(kernel.bias)
-    if sym:
-        return conv
-    pads: list[int] = []
-    for left, right in reversed(list(s.padding)):
-        pads += [left, right]
-    return nn.Sequential(_PADS[s.dims](tuple(pads), 0.0), conv)
+    detached copies of a folded :class:`~repcompiler.algebra.Kernel` (see ``Kernel.to_module``)."""
+    return kernel.to_module()
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -231,7 +211,7 @@ def conv_target(root: nn.Module, region: Region) -> str | None:
     kernel (a block's main branch; the first of equals), the first module when the region
     has no conv, ``None`` when it has no module."""
     mods = region.module_targets()
-    convs = [t for t in mods if isinstance(root.get_submodule(t), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    convs = [t for t in mods if isinstance(root.get_submodule(t), CONV_TYPES)]
     if convs:
         return max(convs, key=lambda t: math.prod(root.get_submodule(t).kernel_size))
     return mods[0] if mods else None

@@ -19,6 +19,7 @@ from .errors import (
     InexactFoldError,
     RegistrationError,
     RepCompilerError,
+    RuleError,
     TraceError,
     UnsupportedError,
     VerificationError,
@@ -29,8 +30,7 @@ from .transforms.fold import fold
 from .io.export import ExportResult, export
 from .explain.report import FoldReport, ReportEntry, TransformReport
 from .capture.tracing import trace_model, trace_units
-from .rules.registry import register_rule, lookup_rule, unregister_rule
-from .rules import layers as _layers  # noqa: F401  registers rules for SyncBatchNorm, crops, signed F.pad
+from .rules.defaults import register_rule, lookup_rule, unregister_rule
 from .blocks import available_blocks, get_block, register_block, unregister_block
 from .blocks import ConvGeometry
 from .online.conv import OfflineBlock, OnlineConv
@@ -67,6 +67,7 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "RegistrationError",
+    "RuleError",
     "fold",
     "deploy",
     "trace_model",

@@ -1,7 +1,7 @@
 """Fluent, declarative registration of blocks and lowering rules (the public front door).
 
 The two registries of repcompiler (blocks: :func:`repcompiler.blocks.register_block`;
-lowering rules: :func:`repcompiler.rules.registry.register_rule`) take plain callables. This
+lowering rules: :func:`repcompiler.register_rule`) take plain callables. This
 module gives them a form that reads like a description of the thing being registered,
 in the style of ``torch.ao.quantization``'s ``BackendPatternConfig``. It owns
 :class:`RuleConfig` and the decorators :func:`rule` and :func:`block`; blocks are
@@ -47,7 +47,9 @@ from .blocks.config import BlockConfig
 from .blocks.parts import placed
 from .blocks.registry import register_block
 from .errors import RegistrationError
-from .rules.registry import LowerInfo, register_rule
+from .rules.base import LowerInfo
+from .rules.defaults import register_rule
+from .rules.registry import RuleRegistry
 
 __all__ = [
     "Branch",
@@ -80,7 +82,7 @@ class RuleConfig:
     ``RuleConfig(MyLayer).affine(scale=..., shift=...)`` declares a per-channel affine
     layer without writing the rule. ``.when(predicate, reason)`` makes instances that
     fail the predicate opaque (never folded). :meth:`register` hands the composed rule
-    to :func:`repcompiler.rules.registry.register_rule`.
+    to :func:`repcompiler.register_rule` (the default registry).
     """
 
     def __init__(self, target: Any) -> None:
@@ -98,7 +100,7 @@ class RuleConfig:
 
     def lower(self, fn: Callable[..., A.Expr | None]) -> "RuleConfig":
         """The lowering ``fn(module, info) -> Expr | None`` (``None``: this instance is
-        opaque). For function targets: ``fn(call, info)`` (see :mod:`repcompiler.rules.registry`)."""
+        opaque). For function targets: ``fn(call, info)`` (see :mod:`repcompiler.rules.base`)."""
         if not callable(fn):
             raise RegistrationError(f"rule for {self.name}: lower() needs a callable, got {type(fn).__name__}")
         self._lower = fn
@@ -162,10 +164,14 @@ class RuleConfig:
         rule.__doc__ = self._doc or f"Lowering rule for {name} (declared with RuleConfig)."
         return rule
 
-    def register(self, *, override: bool = False) -> "RuleConfig":
-        """Register the rule (raises :class:`RegistrationError` if ``target`` already has
-        its own rule, unless ``override``). Returns ``self``."""
-        register_rule(self.target, self.rule, override=override)
+    def register(self, *, override: bool = False, rules: RuleRegistry | None = None) -> "RuleConfig":
+        """Register the rule into ``rules`` (default: the default registry, as
+        :func:`repcompiler.register_rule`); raises :class:`RegistrationError` if
+        ``target`` already has its own rule there, unless ``override``. Returns ``self``."""
+        if rules is None:
+            register_rule(self.target, self.rule, override=override)
+        else:
+            rules.register(self.target, self.rule, override=override)
         return self
 
     def check(self, **kwargs: Any) -> Any:

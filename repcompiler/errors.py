@@ -19,6 +19,7 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "RegistrationError",
+    "RuleError",
     "check_choice",
     "first_line",
 ]
@@ -50,6 +51,11 @@ class VerificationError(RepCompilerError):
 
 class RegistrationError(RepCompilerError):
     """A rule or block registration is invalid (e.g. a duplicate name without ``override``)."""
+
+
+class RuleError(RepCompilerError):
+    """A lowering rule raised an error that is not one of these types (a bug in the rule):
+    the message names the rule, the module or function it was lowering, and the error."""
 
 
 def check_choice(

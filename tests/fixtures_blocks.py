@@ -34,7 +34,7 @@ from torch import nn
 
 from repcompiler import algebra as A
 from repcompiler.explain.report import count_convs  # noqa: F401  (re-exported for the tests)
-from repcompiler.rules.registry import LowerInfo, register_rule
+from repcompiler.rules import LowerInfo, register_rule
 
 from helpers import randomize_bn as _randomize_bn
 

@@ -14,11 +14,10 @@ from repcompiler.capture.tracing import trace_units
 from helpers import randomize_bn as _randomize_bn
 
 __all__ = [
-    "build", "input_for", "randomize_bn", "unfused_conv_bn", "rel_err", "GROUPS",
+    "build", "input_for", "randomize_bn", "unfused_conv_bn", "rel_err",
     "detection_size", "detection_heads", "detections_rel_err",
 ]
 
-GROUPS = ("classification", "segmentation", "video", "detection")
 
 # input sizes (H=W, or T,H,W for video) that every model of the zoo accepts
 _SIZE = {

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import algebra as A
-from ...errors import RepCompilerError, UnsupportedError
+from ...errors import RepCompilerError, RuleError, UnsupportedError
 from ...analysis.effects import Effects
-from ...rules.registry import INPUT, FunctionCall, LowerInfo, RuleRegistry
+from ...rules.base import INPUT, FunctionCall, LowerInfo
+from ...rules.registry import RuleRegistry
 from ...analysis.uses import graph_pins
 
 __all__ = [
@@ -226,7 +227,7 @@ class LoweredGraph:
         for n, k in self.kind.items():
             if n.op == "call_module" and k in ("unary", "shared", "pinned"):
                 m = fetch_attr(self.gm, str(n.target))
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                if isinstance(m, A.CONV_TYPES):
                     self._set(self.chan, self.data_in[n][0], m.in_channels)
                     self._set(self.chan, n, m.out_channels)
                 elif isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -335,7 +336,7 @@ class LoweredGraph:
                     with _rule_errors(self.rules, m, str(n.target)):
                         probe = self.rules.lower_module(m, LowerInfo(-1, dims or 2, str(n.target)))
                         pspec = None if probe is None else probe.plan()[0]
-                except LoweringRuleError:
+                except RuleError:  # a bug in a rule, not a refusal
                     raise
                 except RepCompilerError:  # the rule refuses the meaningless channel count
                     pspec = None
@@ -352,7 +353,7 @@ class LoweredGraph:
         try:
             expr = self._lower(n, inp, info)
             spec = None if expr is None else expr.plan()[0]
-        except LoweringRuleError:
+        except RuleError:  # a bug in a rule, not a refusal
             raise
         except RepCompilerError as exc:  # a rule that refuses this instance (IncompatibleError, ...): opaque
             log.debug("lowering %s refused: %s", n, exc)
@@ -447,7 +448,7 @@ def is_identity_call(gm: fx.GraphModule, n: fx.Node) -> bool:
 _RANK_METHODS = ("dim", "ndimension")
 
 
-class LoweringRuleError(RepCompilerError):
+class LoweringRuleError(RuleError):
     """A lowering rule raised something other than a ``RepCompilerError`` (a bug in the
     rule, not a refusal)."""
 
@@ -459,7 +460,7 @@ def _rule_errors(rules: RuleRegistry, subject: Any, where: str) -> Iterator[None
     ``where`` (the module's name or the node's), chained to the original."""
     try:
         yield
-    except RepCompilerError:
+    except RepCompilerError:  # a refusal, or a RuleError the registry already raised
         raise
     except Exception as exc:  # a rule is user code: any bug in it is reported, never swallowed
         rule = rules.lookup(subject)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch.fx as fx
-from torch import nn
 
 from ... import algebra as A
 from .dominance import Candidate
@@ -28,7 +27,7 @@ from .region import Region
 
 __all__ = ["choose_region", "not_worth", "worth_alone", "region_cost"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ...algebra import CONV_TYPES as _CONVS
 _AFFINES = (A.Affine, A.BatchNorm)
 
 

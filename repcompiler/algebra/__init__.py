@@ -16,7 +16,7 @@ Example::
 
 from .expr import Concat, Exactness, Expr, Seq, Sum
 from .geometry import ConvSpec, ParPlan, SeqPlan, normalize_padding, parallel, sequence
-from .kernel import Kernel, add, compose, concat, expand_groups, spread
+from .kernel import CONV_MODULES, CONV_TYPES, Kernel, add, compose, concat, expand_groups, spread
 from .leaves import Affine, Bias, Constant, Conv, Scale, dims_of
 from .leaves_fixed import AvgPool, BatchNorm, Identity, ZeroPad
 from .crop import Crop
@@ -26,6 +26,6 @@ __all__ = [
     "Expr", "Seq", "Sum", "Concat", "Exactness",
     "Conv", "Affine", "BatchNorm", "Crop", "Scale", "Bias", "Constant", "Identity", "AvgPool", "ZeroPad", "dims_of",
     "ConvSpec", "SeqPlan", "ParPlan", "sequence", "parallel", "normalize_padding",
-    "Kernel", "compose", "add", "concat", "expand_groups", "spread",
+    "CONV_MODULES", "CONV_TYPES", "Kernel", "compose", "add", "concat", "expand_groups", "spread",
     "LinearizedSum", "simplify",
 ]

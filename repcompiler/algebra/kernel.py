@@ -24,8 +24,9 @@ from ..errors import InexactFoldError
 from .geometry import ConvSpec, ParPlan, SeqPlan, parallel, sequence
 
 __all__ = [
+    "CONV_MODULES",
+    "CONV_TYPES",
     "Kernel",
-    "conv_nd",
     "pad_input",
     "expand_groups",
     "spread",
@@ -35,13 +36,11 @@ __all__ = [
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: the conv module class for a number of spatial dims.
+CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: the conv module classes the algebra folds to (for ``isinstance`` checks).
+CONV_TYPES: tuple[type[nn.Module], ...] = tuple(CONV_MODULES.values())
 _PAD_MODULE = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
-
-
-def conv_nd(dims: int):
-    """``F.conv1d`` / ``F.conv2d`` / ``F.conv3d`` for ``dims``."""
-    return _CONV[dims]
 
 
 def _fpad(padding: Sequence[tuple[int, int]]) -> list[int]:
@@ -79,11 +78,14 @@ class Kernel:
     def to_module(self) -> nn.Module:
         """A plain ``nn.Conv1d/2d/3d`` holding detached copies of the folded tensors.
 
-        Asymmetric padding (rare: even kernels) becomes ``ConstantPadNd -> ConvNd``.
+        Asymmetric padding (rare: even kernels) becomes ``ConstantPadNd -> ConvNd``. The
+        conv is built without running its random initialisation (``skip_init``), so the
+        global random state is left as it was.
         """
         s = self.spec
         sym = s.symmetric_padding
-        conv = _CONV_MODULE[s.dims](
+        conv = torch.nn.utils.skip_init(
+            CONV_MODULES[s.dims],
             s.in_channels,
             s.out_channels,
             s.kernel_size,
@@ -194,8 +196,8 @@ def compose(a: Kernel, b: Kernel, *, check: bool = True, plan: SeqPlan | None = 
         # depthwise kernel (E = out/in outputs per input channel, OREPA's dw -> pw branch)
         # then a pointwise conv whose groups hold whole E-bundles: per group, each input
         # channel's composed kernel sums its E depthwise kernels weighted by the pointwise
-        # weights (the dense route expands the depthwise kernel to [E*C, C, k]: 3 s per
-        # step for ResNet-18's 16 blocks where this takes milliseconds)
+        # weights (cheaper than the dense route, which expands the depthwise kernel to
+        # [E*C, C, k] and convolves)
         o, mg = w2.shape[:2]
         g2, e = sb.groups, sa.out_channels // sa.in_channels
         weight = torch.einsum("gice,gcek->gick", w2.reshape(g2, o // g2, mg // e, e),

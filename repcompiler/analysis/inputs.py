@@ -67,7 +67,7 @@ def copy_model(model: nn.Module, title: str, inplace: bool) -> nn.Module:
         return model
     try:
         return copy.deepcopy(model)
-    except Exception as exc:
+    except Exception as exc:  # broad on purpose: a user model's __deepcopy__/__reduce__ may raise anything
         raise UnsupportedError(
             f"{title}: cannot copy {type(model).__name__} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             f"pass inplace=True to work on the model itself") from exc
@@ -146,7 +146,7 @@ def run_example(model: nn.Module, inputs: tuple[Any, ...], title: str) -> Any:
     naming the model, the input shapes and torch's reason."""
     try:
         return isolated_call(model, inputs)
-    except Exception as exc:
+    except Exception as exc:  # broad on purpose: the user model's forward may raise anything
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise IncompatibleError(
             f"{title}: {type(model).__name__} does not run on example_inputs of shape {_shapes(inputs)}: "

@@ -139,7 +139,7 @@ def _copy_leaf(x: Any) -> Any:
         return x
     try:
         return copy.deepcopy(x)
-    except Exception:  # an object that cannot be copied is passed as it is
+    except Exception:  # broad on purpose: a user object's __deepcopy__ may raise anything; pass it as it is
         return x
 
 

@@ -48,7 +48,8 @@ import torch.fx as fx
 from torch import nn
 
 from .. import algebra as A
-from ..rules.registry import RuleRegistry, default_rules
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 
 __all__ = ["NormAct", "match_norm_act", "norm_owner", "owned_nodes", "folded_norms", "strip_folded_norms", "leaf_uses",
            "unused_modules"]
@@ -85,7 +86,7 @@ def match_norm_act(module: nn.Module, rules: RuleRegistry | None = None) -> Norm
         return None
     if type(module) in _PLAIN_BNS or module._forward_hooks or module._forward_pre_hooks:
         return None  # a plain BN is a leaf with its own rule; hooks change what it computes
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     key = (_state_key(module), id(rules))
     cached = _CACHE.get(module)
     if cached is not None and cached[0] == key:
@@ -112,12 +113,12 @@ def _match(module: nn.Module, rules: RuleRegistry) -> NormAct | None:
     from ..passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, LoweredGraph, \
         is_identity_call, is_rank_read
     from .isolation import preserved_state
-    from ..capture.tracing import RepTracer
+    from ..capture.rule_tracer import RuleTracer
 
     flags = [(m, m.training) for m in module.modules()]
     try:
         module.eval()
-        tracer = RepTracer(rules)
+        tracer = RuleTracer(rules)
         with preserved_state(module):  # the capture evaluates parameter-only code: nothing may stay
             graph = tracer.trace(module)
     except Exception as exc:  # not traceable alone: not recognised

@@ -34,7 +34,8 @@ from ..passes.find_regions import FindRegions, Region, node_owner
 from ..passes.state import PipelineState
 from ..passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES
 from ..rewrite.owner import qualify, region_owner
-from ..rules.registry import RuleRegistry, default_rules
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 from ..capture.tracing import TracedUnit, TraceResult, trace_units
 from .uses import local_pins, model_pins, shared_modules
 
@@ -42,7 +43,7 @@ __all__ = ["ModelAnalysis", "analyse_model", "unit_regions", "LinearizeCandidate
            "is_activation"]
 
 _BN = nn.modules.batchnorm._BatchNorm
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 _SUM_TARGETS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_"}
@@ -78,7 +79,7 @@ def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, traini
     back afterwards); ``None`` traces in the modes the modules are in.
     ``bns_become_scales``: the caller replaces branch BNs by affines (``linearize``;
     see :mod:`repcompiler.capture.tracing`)."""
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     modules = list(model.modules())
     flags = [m.training for m in modules]
     try:
@@ -369,7 +370,7 @@ def find_linearizable(
 ) -> tuple[list[LinearizeCandidate], list[tuple[str, str]]]:
     """Analyse ``model`` without changing it: the multi-branch BN blocks (linearizable
     or refused with the reason) and the parts that did not trace ``(path, reason)``."""
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     analysis = analyse_model(model, rules=rules)
     cands = [c for unit in analysis.units
              for c in analyse_unit(unit, rules, analysis.regions[unit.path], analysis.pinned)]

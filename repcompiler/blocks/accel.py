@@ -20,7 +20,14 @@ gradients, in float64.
 
 While ``torch.compile``/``torch.export`` trace, and under ``torch.func`` transforms or
 forward-mode AD, an accelerator must generate its kernel as plain differentiable ops
-(:func:`plain_ops_required`), as the online conv bypasses its kernel cache then.
+(:func:`plain_ops_required`).
+
+Caching rule (every cache of kernel generation follows it: the online block's kernel,
+:mod:`repcompiler.online.cache`, and an accelerator's per-expression structure): a kept
+value is valid while :func:`tensor_key` of the tensors it was computed from is unchanged,
+and :func:`cached` neither reads nor writes it while :func:`plain_ops_required` (tracers
+see the computation instead). An accelerator keeps only what it derives from a block's
+structure and fixed buffers, never from its parameters.
 
 Any expression type can be accelerated this way: ``OnlineConv(expr,
 accelerator=MyAccelerator())`` (e.g. linearize's squeezed sums) needs nothing else.
@@ -29,12 +36,17 @@ accelerator=MyAccelerator())`` (e.g. linearize's squeezed sums) needs nothing el
 from __future__ import annotations
 
 import abc
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
+from torch import Tensor
 
 from .. import algebra as A
 
-__all__ = ["KernelAccelerator", "LinearizedSumAccelerator", "plain_ops_required"]
+__all__ = ["KernelAccelerator", "LinearizedSumAccelerator", "cached", "plain_ops_required", "tensor_key"]
+
+T = TypeVar("T")
+_TRACKED = (torch.Tensor, torch.nn.Parameter)
 
 
 class KernelAccelerator(abc.ABC):
@@ -83,6 +95,48 @@ def plain_ops_required() -> bool:
     torch.compile/torch.export trace (:func:`_is_compiling`) or under torch.func and
     forward-mode AD (:func:`_is_transformed`)."""
     return _is_compiling() or _is_transformed()
+
+
+def tensor_key(tensors: Iterable[Tensor]) -> tuple | None:
+    """What a kept value computed from ``tensors`` is valid for: every tensor's identity,
+    data pointer, version counter, dtype and device. In-place updates (optimizer steps,
+    ``load_state_dict``, EMA updates of ``state_dict()`` tensors), ``.to()`` and replaced
+    tensors all change it; edits through ``.data`` do not (they bypass the version
+    counter). ``None`` when a tensor cannot be tracked: a tensor subclass (fake tensors,
+    ``DTensor``) or an inference tensor (no version counter)."""
+    key = []
+    for t in tensors:
+        if type(t) not in _TRACKED:
+            return None
+        try:
+            key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+    return tuple(key)
+
+
+def cached(holder: Any, attr: str, build: Callable[[], T], watch: Iterable[Tensor],
+           like: Iterable[Tensor] = ()) -> T:
+    """``build()``, kept in ``holder.<attr>`` (``None`` or a ``(key, value)`` pair) and
+    returned again while :func:`tensor_key` of ``watch``, the dtype and device of every
+    tensor of ``like`` and whether inference mode is on are unchanged (a value built in
+    ``torch.inference_mode()`` holds inference tensors, which autograd refuses outside
+    it). Nothing is read or written while
+    :func:`plain_ops_required` (``build()`` is traced or transformed instead) or when a
+    tensor cannot be tracked."""
+    if plain_ops_required():
+        return build()
+    like = tuple(like)
+    key = tensor_key(watch)
+    if key is None or any(type(t) not in _TRACKED for t in like):
+        return build()
+    key = (key, tuple((t.dtype, t.device) for t in like), torch.is_inference_mode_enabled())
+    entry = getattr(holder, attr)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    value = build()
+    setattr(holder, attr, (key, value))
+    return value
 
 
 class LinearizedSumAccelerator(KernelAccelerator):

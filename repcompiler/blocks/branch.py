@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import algebra as A
 from ..algebra import ConvSpec
-from ..errors import RegistrationError, UnsupportedError, check_choice
+from ..errors import IncompatibleError, RegistrationError, UnsupportedError, check_choice
 from .named import HOLD, ResidualConv
 from .parts import average_pattern, fixed_depthwise, fresh_weight, identity_fits, per_dim, placed_parts, stacked_identity
 
@@ -212,7 +212,7 @@ class _Pointwise(Branch):
         parts: Parts = [("pointwise", mixer)]
         try:
             inner = replace(geom, in_channels=m)
-        except Exception as exc:  # ConvSpec validation (groups must divide)
+        except IncompatibleError as exc:  # ConvSpec validation (groups must divide)
             raise UnsupportedError(f"{self!r}: {exc}") from None
         if self.inner_bn and mode == "offline":  # DBB's BN-and-pad: pad with the BN's bias
             parts += [("pad", A.ZeroPad(m, geom.dims, geom.padding)),

@@ -37,6 +37,7 @@ import torch
 from .. import algebra as A
 from ..algebra import ConvSpec
 from ..errors import RegistrationError, UnsupportedError, check_choice
+from ..rewrite.names import fresh_name
 from .accel import KernelAccelerator
 from .branch import Branch, as_branch
 from .named import BlockExpr, BranchExpr, StackExpr, check_name
@@ -251,7 +252,7 @@ class BlockConfig:
                 continue
             try:
                 parts = entry.branch.build_parts(geom, mode, scaling)
-                name = entry.name or _dedupe(entry.branch.default_name(geom), taken)
+                name = entry.name or fresh_name(entry.branch.default_name(geom), taken.__contains__, first=2)
             except UnsupportedError as exc:
                 if entry.optional:
                     log.debug("block %s: optional branch %r dropped for %s (%s)", self.name, entry.branch,
@@ -313,7 +314,7 @@ class BlockConfig:
                     reasons = expr.exactness().reasons
                 except UnsupportedError:
                     continue
-                except Exception as exc:
+                except Exception as exc:  # broad on purpose: user branch code; re-raised naming the block
                     raise RegistrationError(
                         f"block {self.name!r} failed to build for {geom.describe()} ({mode}): "
                         f"{type(exc).__name__}: {exc}"
@@ -323,12 +324,6 @@ class BlockConfig:
                         f"block {self.name!r} does not fold exactly for {geom.describe()} ({mode}): "
                         + "; ".join(reasons)
                     )
-
-    def check(self, **kwargs: Any) -> Any:
-        """Run :func:`repcompiler.testing.check_block` on this (registered) block."""
-        from ..testing import check_block  # testing imports the library, not the reverse
-
-        return check_block(self.name, **kwargs)
 
     def __repr__(self) -> str:
         lines = [f"BlockConfig({self.name!r}{', ' + repr(self._doc) if self._doc else ''})"]
@@ -343,12 +338,3 @@ class BlockConfig:
         for acc in self._accelerators:
             lines.append(f"  accelerated by {acc!r}")
         return "\n".join(lines)
-
-
-def _dedupe(name: str, taken: set[str]) -> str:
-    if name not in taken:
-        return name
-    i = 2
-    while f"{name}_{i}" in taken:
-        i += 1
-    return f"{name}_{i}"

@@ -28,7 +28,7 @@ branch weight ``kaiming_uniform_(a=0)`` (U(+-sqrt(6/fan_in))); the first 1x1 of
 ``pw_kxk`` is ``identity + weight`` (the weight starting at zero, so weight decay acts on
 the delta) at every width: ``in_channels`` wide when ``groups <= 4``, else
 ``2 * in_channels`` wide with the identity stacked twice (row ``i`` reads input channel
-``i % (in/groups)``). ``weight_init="repcompiler"`` (this library's earlier default) draws
+``i % (in/groups)``). ``weight_init="repcompiler"`` (this library's own style) draws
 the random weights as ``nn.Conv*d`` does (U(+-1/sqrt(fan_in)), sqrt(6) smaller) and
 kaiming-initialises the 2C-wide first 1x1 instead of stacking the identity.
 
@@ -108,7 +108,7 @@ OREPA_VGG_SCALE_INIT = (0.25, 0.25, 0.0, 0.5, 0.0, 0.5)
 ORIGIN_1X1_SCALE_INIT = (1.0, 0.5)
 EXPAND_RATIO = 8
 #: ``weight_init`` of the OREPA blocks: the official code's initialisation (default) or
-#: this library's earlier one (see the module docstring for the differences)
+#: this library's own style (see the module docstring for the differences)
 WEIGHT_INIT_STYLES = ("official", "repcompiler")
 
 
@@ -183,7 +183,7 @@ def orepa_1x1_config(*, scale_init: tuple[float, float] = ORIGIN_1X1_SCALE_INIT,
         .weight_init(style)
         .branch(Branch.conv(), name="origin", init=scale_init[0])
     )
-    if style == "torch":  # this library's earlier form: identity (+ weight) in front, always in wide
+    if style == "torch":  # the "repcompiler" style: identity (+ weight) in front, always in wide
         cfg.branch(Branch.pointwise(init="residual") >> Branch.conv(), name="pw_pw", init=scale_init[1])
     else:
         # official: out > in: identity (in x in) -> random (out x in); else random (out x in) -> identity (out x out)

@@ -7,25 +7,30 @@ OREPA-VGG). Each finds branches by name and checks shapes; anything else falls b
 the generic fold. ``orepa`` blocks without ``prior``, ``pw_kxk``, ``pointwise`` or
 ``dw_pw`` (the switches; OREPA-VGG's kxk has no ``pointwise``) keep the accelerator, the missing branch entering as zeros. The tests compare each with the generic fold in float64.
 
-Caching: the fixed average/prior patterns of an ``orepa`` block are cached on the
-expression, keyed by dtype, device and the identity and version counter of every buffer
-of the block, so ``load_state_dict`` (an in-place copy into the prior buffer) or any
-other edit of a fixed pattern is seen by the next forward; the structure is re-checked
-then, and an edit that leaves OREPA's structure (e.g. a placement kernel no longer
-one-hot) makes that block use the generic fold.
+Caching: an ``orepa`` block's structure and fixed inputs (:meth:`OrepaAccelerator.fixed`:
+the average/prior pattern table, the mixer's identity, zeros for missing branches) are
+kept on the expression (``accel_cache``) by :func:`~repcompiler.blocks.accel.cached`,
+watching the block's buffers and the parameters' dtype and device: ``load_state_dict``
+(an in-place copy into the prior buffer) or any other edit of a fixed pattern is seen by
+the next forward, the structure re-checked then, and an edit that leaves OREPA's
+structure (e.g. a placement kernel no longer one-hot) makes that block use the generic
+fold. Parameter values are never kept here: the kernel itself is the online block's
+cache's (:mod:`repcompiler.online.cache`). This cache lives on the expression, not in
+the online block, because an accelerator also runs without one (``expr.fold`` callers,
+a block's ``generate()``) and the block library does not depend on the online runtime.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import algebra as A
 from ..algebra import ConvSpec
-from .accel import KernelAccelerator, plain_ops_required
+from .accel import KernelAccelerator, cached, plain_ops_required
 from .named import BlockExpr, BranchExpr, ResidualConv, StackExpr
 from .orepa_kernel import OrepaPatterns, orepa_kernel
 from .parts import Placement
@@ -79,6 +84,16 @@ def _scales(expr: BlockExpr, names: tuple[str, ...], out: int, ref: torch.Tensor
 
 
 _REQUIRED = {"origin", "avg"}
+
+
+class _Fixed(NamedTuple):
+    """The parameter-free inputs of an OREPA block's kernel (see :meth:`OrepaAccelerator.fixed`)."""
+
+    frame: ConvSpec
+    internal: int  # the 1x1 -> kxk branch's internal width M
+    patterns: OrepaPatterns
+    ident: torch.Tensor | None  # the identity-initialised mixer's identity, [G, M/G, C/G]
+    zeros: dict[str, torch.Tensor]  # stand-ins for the inputs of missing optional branches
 
 
 def _zeros(b: dict[str, A.Expr], frame: ConvSpec, E: int, ref: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -157,32 +172,31 @@ class OrepaAccelerator(KernelAccelerator):
     def matches(self, expr: A.Expr) -> bool:
         return self.structure(expr) is not None
 
+    def fixed(self, expr: BlockExpr) -> _Fixed | None:
+        """What :meth:`generate` needs besides the parameters: the structure, the fixed
+        patterns, the mixer's identity and zero stand-ins for missing branches (all from
+        the block's shapes and buffers, none from its parameters); ``None`` if ``expr``
+        is not (or no longer: an edited buffer) of OREPA's structure."""
+        found = self.structure(expr)
+        if found is None:
+            return None
+        b, (frame, M, E) = expr.branches, found
+        w0 = b["origin"].weight
+        mixer = b["pw_kxk"].pointwise if "pw_kxk" in b else None
+        ident = mixer.id_weight().reshape(frame.groups, M // frame.groups, -1) \
+            if isinstance(mixer, ResidualConv) else None
+        return _Fixed(frame, M, self.patterns(expr, frame, w0), ident, _zeros(b, frame, E, w0))
+
     def generate(self, expr: A.Expr) -> A.Kernel:
         assert isinstance(expr, BlockExpr)
         b = expr.branches
         w0 = b["origin"].weight
-        # while torch.compile/torch.export trace, the structure and patterns are traced into
-        # the graph: the cache is neither read (its key reads buffer versions: data-dependent
-        # guards) nor written (dynamo would replay the write after the graph, with real
-        # tensors, and the next call would recompile)
-        tracing = plain_ops_required()
-        key = None if tracing else (w0.dtype, w0.device, _buffers_key(expr))
-        cache = None if tracing else expr.accel_cache
-        if cache is None or cache[0] != key or key is None or key[2] is None \
-                or type(w0) not in (torch.Tensor, torch.nn.Parameter):
-            found = self.structure(expr)
-            if found is None:  # a fixed part was edited out of OREPA's structure (e.g. a placement buffer)
-                return expr.fold(check=False)
-            frame, M, E = found
-            mixer = b["pw_kxk"].pointwise if "pw_kxk" in b else None
-            ident = mixer.id_weight().reshape(frame.groups, M // frame.groups, -1) \
-                if isinstance(mixer, ResidualConv) else None
-            cache = (key, frame, M, self.patterns(expr, frame, w0), ident, _zeros(b, frame, E, w0))
-            # never keep tensors seen while torch.compile/torch.export trace (fake tensors)
-            if not tracing and type(w0) in (torch.Tensor, torch.nn.Parameter) \
-                    and type(cache[3].table) is torch.Tensor and key is not None and key[2] is not None:
-                expr.accel_cache = cache
-        _, frame, M, pats, ident, zero = cache
+        # kept on the expression while its buffers (and the parameters' dtype and device)
+        # are unchanged: the caching rule of blocks.accel.cached
+        fixed = cached(expr, "accel_cache", lambda: self.fixed(expr), watch=expr.buffers(), like=(w0,))
+        if fixed is None:  # a fixed part was edited out of OREPA's structure (e.g. a placement buffer)
+            return expr.fold(check=False)
+        frame, M, pats, ident, zero = fixed
         O, C, G, ks = frame.out_channels, frame.in_channels, frame.groups, frame.kernel_size
         Cg, K, Mg, Og = C // G, math.prod(ks), M // G, O // G
         if "pw_kxk" in b:
@@ -297,15 +311,6 @@ class StackAccelerator(KernelAccelerator):
         for t in terms[1:]:
             kernel = A.compose(kernel, t.accelerator.generate(t), check=False)
         return kernel
-
-
-def _buffers_key(expr: A.Expr) -> tuple[tuple[int, int], ...] | None:
-    """Identity and version counter of every buffer of ``expr`` (``None``: not trackable,
-    e.g. inference tensors, so nothing is cached)."""
-    try:
-        return tuple((id(t), t._version) for t in expr.buffers())
-    except RuntimeError:
-        return None
 
 
 def _nested(branch: Any, check: bool = True) -> A.Expr | None:

@@ -140,7 +140,7 @@ def _onednn_ok() -> bool:
             x, w = torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen)
             got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
             ok = bool(torch.allclose(got, x @ w.t(), rtol=1e-5, atol=1e-5))
-    except Exception as e:  # not built with oneDNN, or another signature
+    except (AttributeError, RuntimeError, TypeError) as e:  # no such op, not built with oneDNN, another signature
         logger.debug("oneDNN matmul unavailable (%s); using torch.mm", e)
     logger.debug("OREPA kernel products use %s", "oneDNN" if ok else "torch.mm")
     return ok

@@ -53,7 +53,7 @@ Pads = tuple[tuple[int, int], ...]
 def geometry_of(conv: nn.Module, *, bias: bool | None = None) -> ConvSpec:
     """The geometry of an ``nn.Conv1d/2d/3d`` (``"same"``/``"valid"`` resolved as torch
     resolves them; ``bias`` overrides whether the block needs a bias of its own)."""
-    if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if not isinstance(conv, A.CONV_TYPES):
         raise UnsupportedError(f"{type(conv).__name__} is not an nn.Conv1d/2d/3d")
     dims = A.dims_of(conv)
     ks, dil = tuple(conv.kernel_size), tuple(conv.dilation)

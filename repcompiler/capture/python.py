@@ -2,9 +2,9 @@
 
 This module owns :class:`CaptureTracerMixin`, the part of the compiler's tracer that
 handles the constructs real re-parameterization code uses and ``fx.Tracer`` refuses,
-plus :func:`capture` (trace one module with it) and :func:`capture_info` (what a
-trace needed). It is a mixin so that the compiler's one tracer
-(:class:`repcompiler.capture.tracing.RepTracer`) can put it first in its bases: on code plain
+plus :func:`capture_info` (what a trace needed); :func:`repcompiler.capture.tracing.trace_model`
+traces a module with it. It is a mixin so that the compiler's one tracer
+(:class:`repcompiler.capture.rule_tracer.RuleTracer`) can put it first in its bases: on code plain
 ``fx`` traces it produces **the same graph** (except that augmented assignments stay
 in place, below); it only acts at the exact operations
 where plain ``fx`` raises, so capture happens at the granularity of the failing
@@ -52,15 +52,7 @@ What it adds (each seen in real code, see ``tests/fixtures_thirdparty.py``):
 Input-shape arithmetic (``x.shape[0]`` used as a Python int) is **not** captured:
 that would specialise the graph on one input size; such modules stay untraced.
 
-Why not ``torch.export`` / dynamo: measured on the fixtures (CPU, one thread, busy
-2-core machine), ``torch.export.export`` captures DBB's block, its BN-and-pad layer
-and the official OREPA block exactly, but as ATen ops (``aten.conv2d``,
-``aten.batch_norm``, ``aten.slice`` + ``aten.copy_`` for the border writes) with
-**no** ``call_module`` node: every rule, the rewrite of the module hierarchy and the
-``nn_module_stack``-based owner lookup would need an ATen twin. It also took 1.0 s /
-3.3 s / 6.1 s (BN-and-pad / OREPA / DBB block) against 0.08 s / 0.17 s / 0.47 s for
-this tracer. The tracer extension keeps one graph language: the fx graphs the
-compiler already folds.
+Why this extends ``fx.Tracer`` rather than using ``torch.export``: see ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -79,9 +71,8 @@ from torch import nn
 from torch.fx.proxy import Attribute, Proxy
 
 from .patterns import rewrite_bn_pad_borders
-from ..errors import TraceError
 
-__all__ = ["CaptureTracerMixin", "CaptureProxy", "CaptureInfo", "capture", "capture_info"]
+__all__ = ["CaptureTracerMixin", "CaptureProxy", "CaptureInfo", "capture_info"]
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +288,7 @@ class CaptureTracerMixin:
                 if kind == "call_function":
                     return target(*cargs, **ckwargs)
                 return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
-        except Exception as exc:  # a value Python never needs: leave it symbolic
+        except Exception as exc:  # the model's own code, run eagerly: a value Python may never need stays symbolic
             log.debug("no concrete value for %s %s: %s", kind, target, exc)
             return _MISSING
 
@@ -390,38 +381,3 @@ def _fetch(root: nn.Module, target: str) -> Any:
         if last in table:
             return table[last]
     return _MISSING
-
-
-def capture(module: nn.Module, *, tracer: fx.Tracer | None = None) -> fx.GraphModule:
-    """Trace ``module`` with capture (see the module docstring) and return the
-    ``GraphModule`` (sharing ``module``'s submodules). ``tracer`` defaults to the
-    compiler's :class:`repcompiler.capture.tracing.RepTracer` (rule-aware leaves) when it
-    has the mixin, else a plain ``fx.Tracer`` with it. Raises :class:`TraceError`
-    naming the module and the reason when even capture fails."""
-    if not isinstance(module, nn.Module):
-        raise TraceError(f"capture expects an nn.Module, got {type(module).__name__}")
-    if tracer is None:
-        tracer = _default_tracer()
-    if not isinstance(tracer, CaptureTracerMixin):
-        raise TraceError(f"capture needs a tracer with CaptureTracerMixin, got {type(tracer).__name__}")
-    try:
-        graph = tracer.trace(module)
-    except Exception as exc:  # fx and user code raise many exception types
-        raise TraceError(f"{type(module).__name__} cannot be captured: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from exc
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
-
-
-_FALLBACK: list[type] = []
-
-
-def _default_tracer() -> fx.Tracer:
-    """The compiler's tracer with the mixin (``RepTracer`` carries it once the one-line
-    hook in :mod:`repcompiler.capture.tracing` is in; until then a subclass adds it)."""
-    from .tracing import RepTracer  # imports this module: imported late
-
-    if issubclass(RepTracer, CaptureTracerMixin):
-        return RepTracer()
-    if not _FALLBACK:
-        _FALLBACK.append(type("CaptureRepTracer", (CaptureTracerMixin, RepTracer), {}))
-    return _FALLBACK[0]()

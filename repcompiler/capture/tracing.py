@@ -1,25 +1,12 @@
 """Tracing models with ``torch.fx`` for the graph compiler.
 
-:class:`RepTracer` is an ``fx.Tracer`` whose leaf modules are
-
-* every module with a lowering rule in the rule registry (MRO lookup, so subclasses of
-  ``nn.Conv2d`` and ``OnlineConv`` blocks are leaves: the compiler lowers them whole),
-  **unless the rule declines that instance** (:meth:`RuleRegistry.declines
-  <repcompiler.rules.registry.RuleRegistry.declines>`, asked once per module): then its
-  ``forward`` is traced, so e.g. timm's ``BatchNormAct2d`` with a ReLU becomes
-  ``F.batch_norm`` (which folds) followed by the ReLU. A module in training mode stays
-  a leaf (its traced ``forward`` would bake the training branch, batch statistics and
-  all, into a rewritten owner's code) unless it is a conv subclass whose ``forward``
-  does not read ``self.training`` (DBB's identity-based 1x1: the same code in both
-  modes), and so does one with forward hooks of its own. A norm-plus-activation module
-  (:mod:`repcompiler.analysis.norm_act`: timm's ``SyncBatchNormAct``, whose rule does not
-  decline for lack of a declared geometry) is traced into in eval mode too (tracing into it would run
-  the hooks on proxies);
-* the usual ``torch.nn`` leaves (activations, pooling, linear, ... but not containers);
-* torchvision's op modules that do not trace (RoI ops, deformable conv, ...),
-
-and it autowraps ``math`` and the ``torchvision.ops`` functions, as torchvision's own
-feature extractor does.
+:class:`RepTracer` is the compiler's tracer: a
+:class:`~repcompiler.capture.rule_tracer.RuleTracer` (leaves: the modules the rule
+registry lowers, the usual ``torch.nn`` leaves and torchvision's op modules; a module
+whose rule declines it is traced into) that also traces into a norm-plus-activation
+module in eval mode (:mod:`repcompiler.analysis.norm_act`: timm's ``SyncBatchNormAct``,
+whose rule does not decline for lack of a declared geometry), so its norm folds and its
+activation stays.
 
 Traces are specialised on ``module.training``: :func:`trace_units` traces in whatever
 mode the model is in, and the compiler puts the model in eval mode first (``linearize``
@@ -48,122 +35,48 @@ and the report says so.
 from __future__ import annotations
 
 import logging
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-import torchvision.ops as tvops
 from torch import nn
 
-from .python import CaptureTracerMixin, capture_info
-from ..errors import TraceError
+from .python import capture_info
+from .rule_tracer import RuleTracer, short_reason
+from ..errors import RuleError, TraceError
 from ..analysis.inputs import check_rules
 from ..analysis.isolation import preserved_state
-from ..rules.registry import RuleRegistry, default_rules, has_forward_hooks
+from ..analysis.norm_act import match_norm_act
+from ..rules.base import LowerInfo
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 
 __all__ = ["RepTracer", "TracedUnit", "TraceResult", "trace_model", "trace_units"]
 
 log = logging.getLogger(__name__)
 
-_TV_OPAQUE_OPS = (
-    "RoIAlign",
-    "RoIPool",
-    "PSRoIAlign",
-    "PSRoIPool",
-    "MultiScaleRoIAlign",
-    "DeformConv2d",
-    "StochasticDepth",
-    "DropBlock2d",
-    "DropBlock3d",
-)
 
+class RepTracer(RuleTracer):
+    """The compiler's tracer: a :class:`~repcompiler.capture.rule_tracer.RuleTracer` that
+    also traces into norm-plus-activation modules in eval mode (see the module
+    docstring)."""
 
-_TV_LEAVES = tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n))
-
-
-class RepTracer(CaptureTracerMixin, fx.Tracer):
-    """``fx.Tracer`` whose leaves are rule-registered modules plus the usual ``torch.nn``
-    leaves (see the module docstring). ``extra_leaves`` adds module types to keep opaque."""
-
-    proxy_buffer_attributes = True
-    """Buffers read in traced code (``self.bn.running_var``) are ``get_attr`` nodes, as
-    parameters are: every read of a module's tensors is visible (:mod:`repcompiler.analysis.uses`),
-    and an in-place update of a buffer is a node, not a write done while tracing."""
-
-    def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
-                 bns_become_scales: bool = False) -> None:
-        super().__init__(autowrap_modules=(math, tvops))
-        self.bns_become_scales = bns_become_scales
-        self.rules = rules if rules is not None else default_rules
-        self.extra_leaves = tuple(extra_leaves) + _TV_LEAVES
-        self._declined: dict[int, bool] = {}
-        self.opaque: dict[int, str] = {}
-        """``id(module) -> reason``: submodules kept as opaque calls because their own
-        ``forward`` does not trace (see :func:`trace_model`)."""
-        self.failed: tuple[nn.Module, str, str] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, fx.GraphModule):
-            return False
-        if id(m) in self.opaque:
-            return True
-        if self.rules.lookup(m) is not None and not self._declines(m):
-            return True
-        if self.extra_leaves and isinstance(m, self.extra_leaves):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def _declines(self, m: nn.Module) -> bool:
-        """Whether ``m``'s rule declines it (cached per module; asked before tracing,
-        since fx patches parameter access while it traces)."""
-        if id(m) not in self._declined:
-            self._declined[id(m)] = ((not m.training or _mode_free_conv(m)) and not has_forward_hooks(m)
-                                     and (self.rules.declines(m) or (not m.training and _norm_act(m, self.rules))))
-        return self._declined[id(m)]
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
-            if self.failed is None:  # the innermost module whose forward failed
-                self.failed = (m, self.path_of_module(m), _short(exc))
-            raise
-
-    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        self.failed = None
-        if isinstance(root, nn.Module):
-            for m in root.modules():
-                if self.rules.lookup(m) is not None:
-                    self._declines(m)
-        return super().trace(root, concrete_args)
+    def traces_into(self, m: nn.Module) -> bool:
+        return _norm_act(m, self.rules)
 
 
 def _norm_act(m: nn.Module, rules: RuleRegistry) -> bool:
     """A norm-plus-activation module (:mod:`repcompiler.analysis.norm_act`): traced into in eval
     mode, so its norm folds and its activation stays."""
-    from ..analysis.norm_act import match_norm_act  # traces with this module's tracer: imported late
-    from ..rules.registry import LowerInfo
-
-    rule = rules.lookup(m)
     mean = getattr(m, "running_mean", None)
-    if rule is None or not isinstance(mean, torch.Tensor):
+    if not isinstance(mean, torch.Tensor):
         return False
-    try:  # a rule that lowers it (as a plain BN) keeps it a leaf
-        if rule(m, LowerInfo(int(mean.numel()), 2)) is not None:
-            return False
-    except Exception:  # the rule needs the real geometry: keep the leaf
+    # a rule that lowers it (as a plain BN), or refuses the guessed geometry, keeps it a leaf
+    if rules.probe(m, LowerInfo(int(mean.numel()), 2)) is not False:
         return False
     return match_norm_act(m, rules) is not None
-
-
-def _mode_free_conv(m: nn.Module) -> bool:
-    """A conv subclass whose own ``forward`` does not read ``self.training``: tracing
-    into it gives the same code in training and eval mode."""
-    fwd = getattr(type(m).forward, "__code__", None)
-    return isinstance(m, nn.modules.conv._ConvNd) and fwd is not None and "training" not in fwd.co_names
 
 
 def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
@@ -184,10 +97,12 @@ def trace_model(model: nn.Module, *, rules: RuleRegistry | None = None, extra_le
             try:
                 graph = tracer.trace(model)
                 break
-            except Exception as exc:  # fx raises many exception types
+            except RuleError:  # a bug in a rule, not a module that does not trace
+                raise
+            except Exception as exc:  # the model's forward is arbitrary code, and fx raises many types
                 failed = tracer.failed
                 if failed is None or failed[0] is model or id(failed[0]) in tracer.opaque:
-                    raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {_short(exc)}") from exc
+                    raise TraceError(f"{type(model).__name__} does not trace with torch.fx: {short_reason(exc)}") from exc
                 # the smallest failing submodule stays an opaque call; the rest of the model traces
                 tracer.opaque[id(failed[0])] = failed[2]
                 opaque.append((failed[1], failed[2]))
@@ -221,7 +136,7 @@ def _resolve_string_types(graph: fx.Graph, forward: Any) -> None:
         return
     try:
         hints = typing.get_type_hints(forward)
-    except Exception:  # a name only imported under TYPE_CHECKING, a bad annotation, ...
+    except Exception:  # evaluates the user's annotation strings: a name only imported under TYPE_CHECKING, ...
         hints = {}
     for n in nodes:
         n.type = hints.get("return" if n.op == "output" else str(n.target).lstrip("*"))
@@ -252,13 +167,6 @@ class TraceResult:
         return len(self.units) == 1 and self.units[0].path == "" and not self.skipped
 
 
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    first = msg[0] if msg else type(exc).__name__
-    first = first.split(". This can be attempted")[0]  # fx's long iteration hint
-    return f"{type(exc).__name__}: {first[:200]}"
-
-
 def _has_forward(m: nn.Module) -> bool:
     fwd = type(m).forward
     return fwd is not nn.Module.forward and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
@@ -278,7 +186,7 @@ def trace_units(
         raise TraceError(f"trace_units expects an nn.Module, got {type(model).__name__}")
     check_rules(rules, "trace_units")
     _check_leaves(extra_leaves, "trace_units")
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     result = TraceResult()
     tracer_probe = RepTracer(rules, extra_leaves)
     options = {"bns_become_scales": True} if bns_become_scales else {}
@@ -290,7 +198,7 @@ def trace_units(
             try:
                 gm = trace_model(m, rules=rules, extra_leaves=extra_leaves, **options)
             except TraceError as exc:
-                reason = str(exc.__cause__ and _short(exc.__cause__) or exc)
+                reason = str(exc.__cause__ and short_reason(exc.__cause__) or exc)
                 has_params = any(True for _ in m.parameters(recurse=False)) or any(
                     True for _ in m.buffers(recurse=False)
                 )

@@ -41,7 +41,7 @@ class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             sys.stderr.write(self.format(record) + "\n")
-        except Exception:  # pragma: no cover - logging must never raise
+        except Exception:  # pragma: no cover - a log handler must never raise (logging.Handler's contract)
             self.handleError(record)
 
 
@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"{PROG}: error: {_one_line(e)}\n")
         return EXIT_ERROR
-    except Exception as e:  # a bug: still one line, the traceback with --debug
+    # broad on purpose: the CLI's outermost boundary runs user models and files; an unexpected
+    # error (a bug here or in user code) is still one line, the traceback with --debug
+    except Exception as e:
         if args.debug:
             raise
         sys.stderr.write(f"{PROG}: error: unexpected {type(e).__name__}: {_one_line(e)} (rerun with --debug "

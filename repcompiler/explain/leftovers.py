@@ -3,8 +3,8 @@
 After :func:`repcompiler.fold` (and ``deploy``), every ``BatchNorm`` module the folded
 model still holds gets a report row (action ``"left"``) saying why no exact fold
 removed it, unless a row already names it (an opaque module's row, a folded Linear/BN1d
-pair). The reasons are read from the graphs ``fold`` traced (its one capture,
-:func:`repcompiler.capture.tracing.trace_units`), not from a new trace of the folded model:
+pair). The reasons are read from the graphs ``fold`` traced
+(:func:`repcompiler.capture.tracing.trace_units`):
 nodes of a folded region name the module that now computes it (the ``replaced``
 map ``fold`` keeps) and identity calls are looked through, so each BN's neighbours
 are described as they are in the folded model. For each BN call the reason names what

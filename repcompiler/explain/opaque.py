@@ -23,7 +23,10 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..rules.registry import LowerInfo, RuleRegistry, default_rules, departure, has_forward_hooks
+from ..errors import RepCompilerError, RuleError
+from ..rules.base import LowerInfo
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry, departure, has_forward_hooks
 
 __all__ = ["opaque_reasons", "conv_reason"]
 
@@ -63,7 +66,9 @@ def _declined(module: nn.Module, path: str, rules: RuleRegistry) -> str | None:
         try:
             if rules.lower_module(module, _info(module, path)) is not None:
                 return None
-        except Exception as exc:  # a rule that fails on this instance: opaque too
+        except RuleError:  # a bug in the rule: surfaces
+            raise
+        except RepCompilerError as exc:  # the algebra refuses this instance: opaque too
             return f"its rule raised {type(exc).__name__}: {exc}"
     return _reason(module, _ruled_base(module, rules))
 
@@ -78,7 +83,7 @@ def conv_reason(module: nn.Module, rules: RuleRegistry | None = None, *, block: 
     parameters, a parametrized weight (the rule folds its current value; a block
     would drop the parametrization) and backward hooks (training would lose them).
     """
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return "transposed conv (no lowering rule: not a plain conv, not a block target)"
     if block and isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
@@ -100,7 +105,7 @@ def opaque_reasons(model: nn.Module, rules: RuleRegistry | None = None) -> list[
     A module is opaque when it has forward hooks or its rule returns ``None`` for it.
     Modules inside a module that is itself listed are not repeated.
     """
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     out: list[tuple[str, str]] = []
     for path, module in model.named_modules():
         if not isinstance(module, _CONV_BN) or rules.lookup(module) is None:

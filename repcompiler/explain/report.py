@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from ..algebra import CONV_TYPES
+
 __all__ = ["ReportEntry", "TransformReport", "FoldReport", "count_params", "count_convs"]
 
 
@@ -44,7 +46,7 @@ def count_convs(model: nn.Module) -> int:
         seen.add(id(m))
         if isinstance(m, blocks):
             return 1
-        return int(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))) + sum(count(c) for c in m.children())
+        return int(isinstance(m, CONV_TYPES)) + sum(count(c) for c in m.children())
 
     return count(model)
 

@@ -55,11 +55,13 @@ from torch import Tensor, nn
 
 from ..transforms.deploy import deploy as deploy_model
 from ..errors import TraceError, UnsupportedError, VerificationError, first_line
-from ..analysis.inputs import as_inputs, check_flags, check_model, check_path, check_tolerances, check_weights, run_example
+from ..analysis.inputs import as_inputs, check_flags, check_model, check_path, check_rules, check_tolerances, \
+    check_weights, run_example
 from .atomic import atomic_dir, check_output_path
 from ..online.conv import OfflineBlock, OnlineConv
 from ..tools.progress import Stages
 from ..rewrite.verify import compare_outputs, relative_error
+from ..rules.registry import RuleRegistry
 from .formats import (
     FORMATS,
     check_dtypes,
@@ -226,6 +228,7 @@ def export(
     onnx_optimize: bool | None = None,
     torchscript_method: str | None = None,
     progress: bool = False,
+    rules: RuleRegistry | None = None,
 ) -> ExportResult:
     """Deploy ``model``, export it to ``path``, load the artifact back and verify it.
 
@@ -262,6 +265,8 @@ def export(
         onnx_optimize: ONNX only: let the exporter optimize / constant-fold (default True).
         torchscript_method: TorchScript only: ``"trace"`` (default) or ``"script"``.
         progress: show a progress bar over the stages (on a terminal only).
+        rules: the rule registry ``deploy`` uses (default: the global one,
+            :func:`repcompiler.register_rule`).
 
     Returns:
         An :class:`ExportResult`.
@@ -276,6 +281,7 @@ def export(
     """
     t0 = time.perf_counter()
     check_model(model, "export")
+    check_rules(rules, "export")
     path = check_path(path, "export")
     check_flags("export", deploy=deploy, dynamic_batch=dynamic_batch, verify=verify, progress=progress,
                 onnx_optimize=onnx_optimize, optional=("onnx_optimize",))
@@ -312,7 +318,8 @@ def export(
                     d_rtol = max(d_rtol, ROUNDING_FACTOR * rounding)
                     d_atol = d_rtol / 10
             rtol, atol = (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
-            target, report = (deploy_model(model, args, inplace=False, verify=verify, return_report=True)
+            target, report = (deploy_model(model, args, inplace=False, verify=verify, return_report=True,
+                                             rules=rules)
                               if deploy else (model, None))
             bar.done()
             target.eval()

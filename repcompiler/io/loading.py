@@ -75,7 +75,9 @@ def load_state_dict(path: str | os.PathLike[str], *, map_location: str | torch.d
     _refuse_torchscript(p)
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
+    # broad on purpose: torch.load of a malformed file raises many unrelated types (EOFError,
+    # KeyError, RuntimeError, UnicodeDecodeError, UnpicklingError, ...); each means "not loadable"
+    except Exception as e:
         raise RepCompilerError(f"{p}: {_why_unloadable(p, e)}") from e
     if isinstance(obj, nn.Module):  # pragma: no cover - weights_only never yields modules
         return obj.state_dict()
@@ -143,7 +145,7 @@ def load_pickled_model(
     if not trust_pickle:
         try:
             obj = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as e:
+        except Exception as e:  # broad on purpose: any malformed file (see load_state_dict)
             if _pickled_objects(e) is None:  # not a checkpoint at all: unpickling cannot help
                 raise RepCompilerError(f"{p}: {_why_unloadable(p, e)}") from None
             raise RepCompilerError(

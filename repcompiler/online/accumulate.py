@@ -1,8 +1,8 @@
 """Gradient accumulation that generates each online kernel once per optimizer step.
 
-Owns :class:`accumulate` (``rc.accumulate(model)``) and :func:`step_kernel`, the hook
-:meth:`repcompiler.online.conv.OnlineConv.kernel` calls when it generates a kernel that
-gradients flow through.
+Owns :class:`accumulate` (``rc.accumulate(model)``) and :func:`step_kernel`, which the
+online kernel cache (:func:`repcompiler.online.cache.block_kernel`) calls for a kernel
+that gradients flow through: a context is the step token its kept kernels belong to.
 
 Without it, every micro-batch regenerates every online block's kernel (forward) and
 backpropagates through its generator (backward), so with ``n`` micro-batches the fixed
@@ -28,9 +28,13 @@ Rules (each tested):
   trace, blocks behave as without the context. Eval *mode* with gradients enabled
   accumulates as training mode does.
 * Parameters must not change inside the context (the kernel would be stale): call
-  ``opt.step()`` after the ``with`` block. A block whose parameters changed since its
-  kernel was generated raises :class:`~repcompiler.errors.RepCompilerError` on its next
-  use, as does a backward through a kept kernel after the context closed.
+  ``opt.step()`` after the ``with`` block. A block any of whose parameters changed since
+  its kernel was generated (the kernel cache's rule,
+  :func:`~repcompiler.blocks.accel.tensor_key`, over the branch parameters and buffers
+  and the post-BN's parameters: inside the context the branch parameters have no
+  gradient yet, so an optimizer step moves only the post-BN's) raises
+  :class:`~repcompiler.errors.RepCompilerError` on its next use, as does a backward
+  through a kept kernel after the context closed.
 * An exception inside the context discards the kept kernels and their gradients
   (nothing reaches the branch parameters) and propagates.
 * Nested contexts: blocks already covered by an enclosing context stay with it (their
@@ -70,6 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from ..algebra import Kernel
+from ..blocks.accel import tensor_key
 from ..errors import RepCompilerError, UnsupportedError
 
 __all__ = ["accumulate", "step_kernel"]
@@ -80,12 +85,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Kept:
     """One block's kernel inside a context: the generated kernel (autograd graph kept),
-    its leaf copy handed to the conv, and the parameter versions it was generated from."""
+    its leaf copy handed to the conv, and the key of the sources it was generated from."""
 
     name: str
     generated: Kernel
     leaf: Kernel
-    versions: tuple[int, ...]
+    key: tuple | None
 
 
 class _Session:
@@ -124,8 +129,10 @@ def _fsdp_module(model: nn.Module) -> str | None:
     return None
 
 
-def _versions(block: nn.Module) -> tuple[int, ...]:
-    return tuple(p._version for p in block.parameters())
+def _step_key(block: nn.Module) -> tuple | None:
+    """What a kept kernel's validity is checked against (see the module docstring)."""
+    post = () if block.post_bn is None else tuple(block.post_bn.parameters())
+    return tensor_key((*block.sources(), *post))
 
 
 def _leaf(t: Tensor | None) -> Tensor | None:
@@ -227,16 +234,17 @@ class accumulate:
     def _kernel(self, block: nn.Module, generate: Callable[[], Kernel]) -> Kernel:
         kept = self._kept.get(id(block))
         if kept is not None:
-            if _versions(block) != kept.versions:
+            if _step_key(block) != kept.key:
                 raise RepCompilerError(
                     f"rc.accumulate: parameters of block {kept.name!r} changed after its kernel was generated "
                     "inside the context (an optimizer step or an in-place edit): step the optimizer after the "
                     "`with rc.accumulate(...)` block"
                 )
             return kept.leaf
+        key = _step_key(block)
         k = generate()
         leaf = Kernel(_leaf(k.weight), _leaf(k.bias), k.spec)  # type: ignore[arg-type]
-        kept = _Kept(self._names[id(block)] or "<model>", k, leaf, _versions(block))
+        kept = _Kept(self._names[id(block)] or "<model>", k, leaf, key)
         for t in (leaf.weight, leaf.bias):
             if t is not None and t.requires_grad:
                 t.register_hook(_late_check(self._session, kept.name))

@@ -10,19 +10,11 @@ while training) runs on that conv's output. The kernel comes from a
 a declared block's expression by its ``BlockConfig``) and matches the expression's
 structure; otherwise from the generic ``fold()``, which stays the reference.
 
-Kernel cache: when no gradient can flow to the branch parameters
-(``torch.no_grad()``/``inference_mode()`` or no parameter requiring grad: evaluation, or
-training with the block frozen, in eval or training mode), the generated kernel is
-cached (detached) and regenerated only when a parameter or buffer changed: the cache key
-is every tensor's ``(data_ptr, _version, dtype, device)``, so optimizer steps,
-``load_state_dict``, ``.to()``/``.double()`` and in-place edits all invalidate it. When
-a gradient can flow the kernel is always regenerated, so caching never cuts the autograd
-graph; under ``torch.compile``, ``torch.func`` and forward-mode AD it is bypassed. The
-cache is not part of ``state_dict`` and is dropped when pickling and by every
-``train()``/``eval()`` call. Edits through ``param.data`` (``p.data.mul_(2)``) bypass
-the version counter, as they bypass autograd's checks: call ``model.eval()`` again after
-them (in-place ops on the parameter itself, or on ``state_dict()`` tensors as EMA
-helpers do, are seen).
+Kernel cache: :func:`~repcompiler.online.cache.block_kernel` decides whether a forward
+generates its kernel or reuses a kept one (the detached kernel while no gradient can
+flow; the step's kernel inside ``rc.accumulate``) and when a kept kernel is stale; see
+:mod:`repcompiler.online.cache` for the rule and how torch.compile, torch.export, DDP and
+FSDP2 see it.
 
 Tracing: ``torch.fx.symbolic_trace`` and torchvision's ``create_feature_extractor``
 see an online (or offline) block as **one call**, ``reparam_block_forward(block,
@@ -54,16 +46,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import algebra as A
-from .accumulate import step_kernel
-from ..blocks.accel import KernelAccelerator, plain_ops_required
+from .cache import block_kernel
+from ..blocks.accel import KernelAccelerator
 from ..blocks.named import BlockExpr, StackExpr
 from ..errors import IncompatibleError, InexactFoldError
-from ..rules.registry import LowerInfo, register_rule
+from ..rules.base import LowerInfo
+from ..rules.registry import RuleRegistry
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OnlineConv", "OfflineBlock", "HybridExpr", "HybridBlock", "reparam_block_forward",
-           "block_calls_as_modules"]
+           "block_calls_as_modules", "register_online_rules"]
 
 
 def reparam_block_forward(block: nn.Module, input: Tensor) -> Tensor:
@@ -129,8 +122,6 @@ def _autocast_off(module: nn.Module) -> contextlib.AbstractContextManager:
     device = p.device.type if p is not None else "cpu"
     try:
         enabled = torch.is_autocast_enabled(device)
-    except TypeError:  # torch < 2.4: no per-device query
-        enabled = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
     except RuntimeError:  # a device type autocast does not know
         enabled = False
     return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
@@ -209,34 +200,14 @@ class OnlineConv(_ReparamBlock):
                 return self.accelerator.generate(self.branches)
             return self.branches.fold(check=False)
 
-    def _key(self) -> tuple:
-        return tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device)
-            for t in (*self.expr.parameters(), *self.expr.buffers())
-        )
+    def sources(self) -> tuple[Tensor, ...]:
+        """The tensors the kernel is generated from (the branch parameters and buffers)."""
+        return (*self.expr.parameters(), *self.expr.buffers())
 
     def kernel(self) -> A.Kernel:
-        """The current kernel: cached when no grad can flow (see module doc)."""
-        if plain_ops_required():
-            # torch.compile / torch.export trace the generation itself (the cache key reads
-            # data pointers, which a tracer cannot); the compiled graph is the cache. Under
-            # torch.func or forward-mode AD the parameters may carry tangents or batch dims
-            # that a cached (detached) kernel would silently drop.
-            return self.generate()
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.expr.parameters())
-        if needs_grad:
-            self._cache = None  # a kernel-sized tensor per block, not needed while training
-            return step_kernel(self, self.generate)  # once per rc.accumulate context (accumulate.py)
-        try:
-            key = self._key()
-        except RuntimeError:  # tensors without storage (fake/meta tensors while tracing)
-            return self.generate()
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        with torch.no_grad():
-            k = self.generate().detach()
-        self._cache = (key, k)
-        return k
+        """The kernel this forward applies: generated, or kept while its sources are
+        unchanged (:func:`~repcompiler.online.cache.block_kernel`)."""
+        return block_kernel(self, self.generate)
 
     def compute(self, input: Tensor) -> Tensor:
         """The block's output: one conv with the generated kernel, then the post-BN."""
@@ -263,7 +234,7 @@ class OnlineConv(_ReparamBlock):
     def extra_repr(self) -> str:
         try:
             desc = self.expr.spec.describe()
-        except Exception:  # pragma: no cover - repr must not fail
+        except InexactFoldError:  # branches edited out of a folded form: repr must not fail
             desc = "?"
         return f"block={self.block or type(self.expr).__name__}, {desc}"
 
@@ -277,9 +248,9 @@ class OnlineConv(_ReparamBlock):
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> "OnlineConv":
-        """As :meth:`nn.Module.train`; also drops the kernel cache, so
-        ``model.eval()`` after editing parameters through ``.data`` (which the cache key,
-        the tensors' version counters, cannot see) regenerates the kernels."""
+        """As :meth:`nn.Module.train`; also drops the kept kernel, so ``model.eval()``
+        after editing parameters through ``.data`` (which version counters do not see)
+        regenerates the kernels."""
         self._cache = None
         return super().train(mode)
 
@@ -349,5 +320,7 @@ def _lower_block(m: nn.Module, info: LowerInfo) -> A.Expr:
     return m.deploy_expr()
 
 
-register_rule(OnlineConv, _lower_block)
-register_rule(OfflineBlock, _lower_block)
+def register_online_rules(registry: RuleRegistry) -> None:
+    """Register the rule of the training blocks (their deploy expression) into ``registry``."""
+    registry.register(OnlineConv, _lower_block, override=True)
+    registry.register(OfflineBlock, _lower_block, override=True)

@@ -2,7 +2,7 @@
 
 Owns :func:`quantize_onnx`, :func:`run_onnx`, :func:`evaluate` and their result types.
 
-The flow users ship today: fold the model (``rc.deploy``), export it to ONNX
+The flow: fold the model (``rc.deploy``), export it to ONNX
 (``rc.export``, checked against onnxruntime), then onnxruntime's static quantization
 (``onnxruntime.quantization.quantize_static``):
 
@@ -22,9 +22,8 @@ batch of inputs; :func:`evaluate` adds top-1 accuracy and agreement with a float
 reference. onnxruntime is part of the export extra; without it these raise
 :class:`~repcompiler.errors.UnsupportedError` naming the install command.
 
-torch's own PT2E flow (``torch.ao.quantization.quantize_pt2e``) is not offered: the
-supported torch (2.14) no longer ships it (it moved to the separate ``torchao``
-package).
+torch's PT2E flow (``quantize_pt2e``) is not offered: it lives in the separate
+``torchao`` package, not in the supported torch.
 """
 
 from __future__ import annotations
@@ -261,7 +260,9 @@ def quantize_onnx(
             try:
                 quant_pre_process(os.fspath(float_path), os.fspath(pre), skip_symbolic_shape=True)
                 source = pre
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds; quantize as exported
+            # broad on purpose: onnxruntime's optional pre-processing raises many unrelated types on
+            # graphs it cannot handle; the model is then quantized as exported (with a warning)
+            except Exception as exc:  # noqa: BLE001
                 log.warning("quantize_onnx: quant_pre_process failed (%s: %s); quantizing the model as exported",
                             type(exc).__name__, exc)
         reader = _Reader(_session(source, threads=None), batches)

@@ -110,7 +110,7 @@ class QuantSim:
     def __init__(self, model: nn.Module, bits: int, axis: int) -> None:
         try:
             self.model = copy.deepcopy(model).eval()
-        except Exception as exc:
+        except Exception as exc:  # broad on purpose: a user model's __deepcopy__/__reduce__ may raise anything
             raise UnsupportedError(f"quant_report: {type(model).__name__} cannot be deep-copied "
                                    f"(the report works on a copy, to leave the model untouched): {first_line(exc)}")
         self.bits, self.axis = bits, axis
@@ -183,7 +183,7 @@ class QuantSim:
             out = isolated_call(self.model, inputs)
         except RepCompilerError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # broad on purpose: the user model's forward may raise anything
             raise IncompatibleError(
                 f"quant_report: {type(self.model).__name__} does not run on calibration batch {index} of shape "
                 f"{_shapes(inputs)}: {type(exc).__name__}: {first_line(exc)}") from exc

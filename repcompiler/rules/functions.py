@@ -1,85 +1,22 @@
 """The built-in **function rules**: how ``F.conv2d``, ``F.batch_norm``, ``F.pad``,
 average pooling, and ``*`` / ``/`` / ``+`` / ``-`` by a constant lower into the kernel
-algebra, and the :class:`FunctionCall` / :data:`INPUT` types a function rule receives.
-Registered into the global registry by :mod:`repcompiler.rules.registry` (which re-exports the
-public names).
+algebra (the call types they receive: :mod:`repcompiler.rules.base`).
+:func:`register_function_rules` registers them into a registry.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .. import algebra as A
+from .base import INPUT, FunctionCall, FunctionRule, LowerInfo
+from .registry import RuleRegistry
 
-if TYPE_CHECKING:  # annotations only: rules imports this module
-    from .registry import LowerInfo, RuleRegistry
-
-__all__ = ["INPUT", "FunctionCall", "FunctionRule", "register_function_rules"]
-
-
-# -- function rules ------------------------------------------------------------------
-#
-# A **function rule** is ``lower(call: FunctionCall, info: LowerInfo) -> Expr | None``.
-# The region finder (:mod:`passes.find_regions`) calls it for a ``call_function`` (or
-# ``call_method``, mapped to the torch function of the same name: ``x.add(..)`` ->
-# ``torch.add``) node that has exactly **one** data input. In ``call.args`` /
-# ``call.kwargs`` that data input is the :data:`INPUT` sentinel, constant operands
-# (parameters, buffers and anything computed from them only) are their tensor values,
-# and every other argument is passed as written in the graph. The rule returns the
-# expression of the unary linear map ``INPUT -> result`` or ``None`` (opaque).
-# Sums and channel concats of several data inputs (``+``, ``torch.add``, ``torch.cat``)
-# are handled structurally by the region finder and never reach a rule.
-
-
-class _InputSentinel:
-    """Marks the data input in a :class:`FunctionCall`'s arguments."""
-
-    _instance: "_InputSentinel | None" = None
-
-    def __new__(cls) -> "_InputSentinel":
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "INPUT"
-
-
-INPUT = _InputSentinel()
-
-
-@dataclass(frozen=True)
-class FunctionCall:
-    """A call of a function on one data input (the :data:`INPUT` sentinel)."""
-
-    target: Any
-    args: tuple
-    kwargs: dict
-
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        """Positional-or-keyword argument ``index`` / ``name``."""
-        if index < len(self.args):
-            return self.args[index]
-        return self.kwargs.get(name, default)
-
-    @property
-    def input_index(self) -> int | str | None:
-        """Where the data input is (a position, a keyword, or ``None``)."""
-        for i, a in enumerate(self.args):
-            if a is INPUT:
-                return i
-        for k, v in self.kwargs.items():
-            if v is INPUT:
-                return k
-        return None
-
-
-FunctionRule = Callable[[FunctionCall, "LowerInfo"], Optional[A.Expr]]
+__all__ = ["lower_fpad", "register_function_rules"]
 
 
 def _is_input(value: Any) -> bool:
@@ -120,7 +57,8 @@ def _lower_fbatch_norm(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
     return A.Affine(mean.shape[0], info.dims, scale=scale.detach(), shift=shift.detach(), name=info.name or "batch_norm")
 
 
-def _lower_fpad(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
+def lower_fpad(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
+    """``F.pad`` with non-negative constant-zero amounts as a zero pad; else ``None``."""
     if not _is_input(call.arg(0, "input")):
         return None
     mode = call.arg(2, "mode", "constant")
@@ -221,12 +159,12 @@ def _lower_add(sign: float) -> FunctionRule:
     return lower
 
 
-def register_function_rules(reg: "RuleRegistry") -> None:
+def register_function_rules(reg: RuleRegistry) -> None:
     """Register the built-in function rules into ``reg``."""
     for f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
         reg.register(f, _lower_fconv, override=True)
     reg.register(F.batch_norm, _lower_fbatch_norm, override=True)
-    reg.register(F.pad, _lower_fpad, override=True)
+    reg.register(F.pad, lower_fpad, override=True)
     for d, f in ((1, F.avg_pool1d), (2, F.avg_pool2d), (3, F.avg_pool3d)):
         reg.register(f, _lower_favgpool(d), override=True)
     for f in (operator.mul, torch.mul, operator.imul):

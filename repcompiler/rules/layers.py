@@ -1,8 +1,6 @@
 """Lowering rules for layers and ops real re-parameterizable models use.
 
-This module owns the rules below and registers them into the one global registry
-(:data:`repcompiler.rules.registry.default_rules`, through :func:`repcompiler.rules.registry.register_rule`)
-when it is imported, which ``import repcompiler`` does once:
+:func:`register_layer_rules` registers the rules below into a registry:
 
 * ``nn.SyncBatchNorm`` (RepLKNet's default BN): in eval mode it computes
   ``F.batch_norm`` with its running statistics, i.e. the same per-channel affine as
@@ -14,10 +12,11 @@ when it is imported, which ``import repcompiler`` does once:
   (a negative zero pad). Only slices whose kept window does not depend on the input
   size are crops: start ``>= 0`` (or none), stop ``< 0`` (or none), step 1, batch and
   channel dims whole. Any other indexing (tuple outputs, channel slices, strides)
-  stays opaque, as before.
+  stays opaque.
 * ``F.pad`` with negative amounts (cropping, alone or with padding on the other
   side): a :class:`~repcompiler.algebra.crop.Crop`; non-negative pads keep the
-  built-in rule (this rule delegates to it).
+  built-in rule (:func:`repcompiler.rules.functions.lower_fpad`, which this rule
+  delegates to).
 
 What is *not* here, and why: ``nn.Linear`` and ``nn.BatchNorm1d`` on ``(N, C)``
 inputs. A Linear is a conv with no spatial dimension, but the algebra's geometry is
@@ -40,9 +39,11 @@ from torch import nn
 
 from .. import algebra as A
 from ..algebra.crop import Crop
-from .registry import INPUT, FunctionCall, LowerInfo, lookup_rule, register_rule
+from .base import INPUT, FunctionCall, LowerInfo
+from .functions import lower_fpad
+from .registry import RuleRegistry
 
-__all__ = ["lower_sync_batch_norm", "lower_crop_slice", "lower_signed_pad", "crop_of_index"]
+__all__ = ["lower_sync_batch_norm", "lower_crop_slice", "lower_signed_pad", "crop_of_index", "register_layer_rules"]
 
 
 def lower_sync_batch_norm(m: nn.Module, info: LowerInfo) -> A.Expr | None:
@@ -97,15 +98,12 @@ def lower_crop_slice(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
     return Crop(info.in_channels, info.dims, pads)
 
 
-_BASE_FPAD = lookup_rule(F.pad)
-
-
 def lower_signed_pad(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
     """``F.pad`` with negative amounts as a :class:`Crop`; otherwise the built-in rule."""
     pad = call.arg(1, "pad")
     signed = isinstance(pad, (tuple, list)) and all(isinstance(p, int) for p in pad) and any(p < 0 for p in pad)
     if not signed:
-        return _BASE_FPAD(call, info) if _BASE_FPAD is not None else None
+        return lower_fpad(call, info)
     if call.arg(0, "input") is not INPUT or call.arg(2, "mode", "constant") != "constant":
         return None
     value = call.arg(3, "value", None)
@@ -116,10 +114,9 @@ def lower_signed_pad(call: FunctionCall, info: LowerInfo) -> A.Expr | None:
     return Crop.from_fpad(info.in_channels, info.dims, pad)
 
 
-def _register() -> None:
-    register_rule(nn.SyncBatchNorm, lower_sync_batch_norm, override=True)
-    register_rule(operator.getitem, lower_crop_slice, override=True)
-    register_rule(F.pad, lower_signed_pad, override=True)
-
-
-_register()
+def register_layer_rules(registry: RuleRegistry) -> None:
+    """Register the rules of this module into ``registry`` (replacing the plain ``F.pad``
+    rule of :func:`repcompiler.rules.functions.register_function_rules`)."""
+    registry.register(nn.SyncBatchNorm, lower_sync_batch_norm, override=True)
+    registry.register(operator.getitem, lower_crop_slice, override=True)
+    registry.register(F.pad, lower_signed_pad, override=True)

@@ -1,17 +1,22 @@
 """The rule registry: how a module type (or a function) lowers into the kernel algebra.
 
 A **module rule** is ``lower(module, info) -> Expr | None``: given a module instance
-and what the graph knows about its input (:class:`LowerInfo`), return an algebra
-expression computing the same linear map, or ``None`` when this particular instance
-is not linear-foldable (e.g. a BN with ``track_running_stats=False``). Modules
-without a rule are opaque: never folded.
+and what the graph knows about its input (:class:`~repcompiler.rules.base.LowerInfo`),
+return an algebra expression computing the same linear map, or ``None`` when this
+particular instance is not linear-foldable (e.g. a BN with
+``track_running_stats=False``). Modules without a rule are opaque: never folded.
+**Function rules** (``F.conv2d``, ``F.pad``, ``operator.mul`` ...) are keyed by the
+callable (:mod:`repcompiler.rules.base` describes what they receive).
 
 Lookup walks the module's MRO, so a subclass uses its base's rule unless it registers
 its own (``type(m) is X`` checks would miss subclasses; this does not).
 
-**Function rules** (``F.conv2d``, ``F.pad``, ``operator.mul`` ...) are keyed by the
-callable; the built-in ones and the types they receive (:class:`FunctionCall`,
-:data:`INPUT`) live in :mod:`repcompiler.rules.functions`, re-exported here.
+A rule that raises one of :mod:`repcompiler.errors`' types (the algebra refusing an
+operand) refuses that instance; any other exception is a bug in the rule and surfaces
+as :class:`~repcompiler.errors.RuleError` naming the rule and the module.
+
+This module holds the :class:`RuleRegistry` type only; the default registry, with the
+built-in rules, is :func:`repcompiler.rules.defaults.default_rules`.
 """
 
 from __future__ import annotations
@@ -21,40 +26,17 @@ import inspect
 import logging
 import sys
 import types
-from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .. import algebra as A
-from ..errors import RegistrationError
-from .functions import INPUT, FunctionCall, FunctionRule, register_function_rules
-from .third_party import register_third_party_rules
+from ..errors import RegistrationError, RepCompilerError, RuleError, first_line
+from .base import LowerInfo
 
-__all__ = [
-    "has_forward_hooks",
-    "global_hooks",
-    "departure",
-    "LowerInfo",
-    "RuleRegistry",
-    "default_rules",
-    "register_rule",
-    "unregister_rule",
-    "lookup_rule",
-]
+__all__ = ["has_forward_hooks", "global_hooks", "departure", "RuleRegistry", "call_rule"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LowerInfo:
-    """What the graph knows about a module's input when lowering it."""
-
-    in_channels: int
-    dims: int
-    name: str = ""
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -174,6 +156,7 @@ class RuleRegistry:
         log.debug("registered rule for %s", _name(target))
 
     def unregister(self, target: Any) -> None:
+        """Remove the rule of ``target`` (no error if it has none)."""
         self._rules.pop(target, None)
 
     def ruled_class(self, target: Any) -> type | None:
@@ -214,34 +197,50 @@ class RuleRegistry:
         """The module's expression, or ``None`` (opaque): no rule, the rule declines, or the
         module has forward hooks (they may change what it computes, and a fold would drop
         them; hook-based ``spectral_norm``/``weight_norm`` recompute the weight in one), or
-        its class overrides what the rule's class relies on (:func:`departure`)."""
+        its class overrides what the rule's class relies on (:func:`departure`). Errors of
+        the rule: see :func:`call_rule`."""
         if has_forward_hooks(module) or self.departure(module) is not None:
             return None
         rule = self.lookup(module)
-        return None if rule is None else rule(module, info)
+        return None if rule is None else call_rule(rule, module, info)
+
+    def probe(self, module: nn.Module, info: LowerInfo) -> bool | None:
+        """Ask ``module``'s rule with a guessed ``info``: ``True`` when it lowers the
+        module, ``False`` when it declines (returns ``None``), ``None`` when there is no
+        rule or the rule refuses the guess with one of :mod:`repcompiler.errors`' types
+        (the algebra rejecting the guessed geometry). Any other error of the rule raises
+        :class:`~repcompiler.errors.RuleError`."""
+        rule = self.lookup(module)
+        if rule is None:
+            return None
+        try:
+            return call_rule(rule, module, info) is not None
+        except RuleError:
+            raise
+        except RepCompilerError as exc:  # the guessed geometry is wrong for this rule
+            log.debug("rule for %s refuses the guessed %s: %s", type(module).__name__, info, exc)
+            return None
 
     def declines(self, module: nn.Module) -> bool:
         """True when ``module``'s type has a rule that returns ``None`` for this
         instance (e.g. timm's ``BatchNormAct2d`` with a ReLU): the tracer then traces
         into its ``forward``, so the linear ops inside (``F.batch_norm``) can still
-        fold. The rule is asked with the geometry the module declares (``in_channels``
-        or ``num_features``; dims from ``kernel_size`` or a ``...1d/2d/3d`` class
-        name): a module that declares none, or a rule that raises, counts as not
-        declining (it stays a leaf, as it always was), since a rule may decline
-        only because the guessed geometry is wrong. A module whose class overrides
-        what the rule's class relies on (:func:`departure`) always declines."""
+        fold. The rule is asked (:meth:`probe`) with the geometry the module declares
+        (``in_channels`` or ``num_features``; dims from ``kernel_size`` or a
+        ``...1d/2d/3d`` class name): a module that declares none, or a rule that
+        refuses that geometry, counts as not declining (it stays a leaf), since a rule
+        may decline only because the guessed geometry is wrong. A module whose class
+        overrides what the rule's class relies on (:func:`departure`) always declines."""
         rule = self.lookup(module)
         if rule is not None and self.departure(module) is not None:
             return True
         geometry = _declared_geometry(module)
         if rule is None or geometry is None:
             return False
-        try:
-            return rule(module, LowerInfo(*geometry)) is None
-        except Exception:  # a rule may need real graph information: keep the leaf
-            return False
+        return self.probe(module, LowerInfo(*geometry)) is False
 
     def copy(self) -> "RuleRegistry":
+        """A new registry with the same rules (registrations into it leave this one alone)."""
         new = RuleRegistry()
         new._rules = dict(self._rules)
         new._pending = dict(self._pending)
@@ -266,72 +265,18 @@ def _name(target: Any) -> str:
     return getattr(target, "__qualname__", None) or repr(target)
 
 
-# -- built-in module rules -----------------------------------------------------------
-
-
-def _lower_conv(m: nn.Module, info: LowerInfo) -> A.Expr | None:
-    if getattr(m, "padding_mode", "zeros") != "zeros":
-        return None
-    return A.Conv.from_module(m, name=info.name)
-
-
-def _lower_bn(m: nn.Module, info: LowerInfo) -> A.Expr | None:
-    if m.running_mean is None or m.running_var is None:
-        return None
-    return A.BatchNorm(m, dims=info.dims, name=info.name or type(m).__name__)
-
-
-def _lower_avgpool(m: nn.Module, info: LowerInfo) -> A.Expr | None:
-    return A.AvgPool.from_module(m, info.in_channels)
-
-
-def _lower_identity(m: nn.Module, info: LowerInfo) -> A.Expr | None:
-    return A.Identity(info.in_channels, info.dims)
-
-
-def _lower_zeropad(m: nn.Module, info: LowerInfo) -> A.Expr | None:
-    if float(getattr(m, "value", 0.0)) != 0.0:
-        return None
-    return A.ZeroPad.from_fpad(info.in_channels, info.dims, m.padding)
-
-
-default_rules = RuleRegistry()
-for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    default_rules.register(_t, _lower_conv)
-for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-    default_rules.register(_t, _lower_bn)
-for _t in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
-    default_rules.register(_t, _lower_avgpool)
-default_rules.register(nn.Identity, _lower_identity)
-for _t in (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d):
-    default_rules.register(_t, _lower_zeropad)
-
-
-def register_rule(target: Any, lower: Callable[..., Any], *, override: bool = False) -> None:
-    """Teach repcompiler how ``target`` (a module type or a function) lowers into the
-    kernel algebra. See :class:`RuleRegistry`."""
-    default_rules.register(target, lower, override=override)
-
-
-def unregister_rule(target: Any) -> None:
-    """Remove a rule (no error if absent)."""
-    default_rules.unregister(target)
-
-
-def lookup_rule(target: Any) -> Callable[..., Any] | None:
-    """The rule that applies to a module instance, module type or function, if any."""
-    return default_rules.lookup(target)
-
-
-def _lower_frozen_bn(m: nn.Module, info: LowerInfo) -> A.Expr | None:
-    scale = m.weight * torch.rsqrt(m.running_var + m.eps)
-    shift = m.bias - m.running_mean * scale
-    return A.Affine(scale.shape[0], info.dims, scale=scale.detach(), shift=shift.detach(),
-                    name=info.name or "FrozenBatchNorm2d")
-
-
-register_function_rules(default_rules)
-default_rules.register(FrozenBatchNorm2d, _lower_frozen_bn, override=True)
-register_third_party_rules(default_rules)
-
-__all__ += ["INPUT", "FunctionCall", "FunctionRule"]
+def call_rule(rule: Callable[..., Any], target: Any, info: LowerInfo) -> A.Expr | None:
+    """``rule(target, info)``: ``target`` is the module (or the
+    :class:`~repcompiler.rules.base.FunctionCall`) being lowered. The rule's
+    :class:`~repcompiler.errors.RepCompilerError` (the algebra refusing an operand)
+    propagates as it is; any other exception is a bug in the rule and is raised as
+    :class:`~repcompiler.errors.RuleError` naming the rule and what it was lowering."""
+    try:
+        return rule(target, info)
+    except RepCompilerError:
+        raise
+    except Exception as exc:  # the rule is arbitrary user code: name it in the error
+        what = type(target).__name__ if isinstance(target, nn.Module) else _name(getattr(target, "target", target))
+        where = f" at {info.name!r}" if info.name else ""
+        raise RuleError(f"the rule {_name(rule)} for {what}{where} raised {type(exc).__name__}: "
+                        f"{first_line(exc)}") from exc

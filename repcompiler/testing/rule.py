@@ -19,7 +19,8 @@ from .. import algebra as A
 from ..blocks.registry import accepted_options
 from ..errors import RepCompilerError, UnsupportedError
 from ..transforms.fold import fold
-from ..rules.registry import INPUT, FunctionCall, LowerInfo, lookup_rule
+from ..rules.base import INPUT, FunctionCall, LowerInfo
+from ..rules.defaults import lookup_rule
 from .common import CheckFailure, CheckResult, assert_close
 from .randomize import randomize_module
 from .strategies import hypothesis_module, run_examples
@@ -28,7 +29,7 @@ __all__ = ["check_rule"]
 
 log = logging.getLogger(__name__)
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+from ..algebra import CONV_MODULES as _CONV
 
 
 def check_rule(

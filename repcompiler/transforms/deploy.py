@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from ..online import conv as _online  # noqa: F401  (registers the online blocks' rules)
 from ..analysis.inputs import as_inputs, check_model
 from ..analysis.isolation import isolated_call, propagate_shapes
 from ..errors import TraceError

@@ -54,7 +54,8 @@ from ..passes.squeeze import fold_passes
 from ..passes.state import FoldPlan, PipelineState
 from ..explain.report import FoldReport, count_convs, count_params
 from ..rewrite.owner import qualify
-from ..rules.registry import RuleRegistry, default_rules
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 from ..analysis.inputs import as_inputs, check_flags, check_model, check_rules, check_weights, copy_model
 from ..analysis.isolation import detached_copy, fresh_inputs, isolated_call, propagate_shapes
 from ..explain.leftovers import explain_left_bns
@@ -127,7 +128,7 @@ def compile_folds(
     check_rules(rules, title)
     inputs = as_inputs(example_inputs, title)
     check_weights(model, title)
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     report = FoldReport(title=title)
     report.convs_before = count_convs(model)
     report.params_before = count_params(model)

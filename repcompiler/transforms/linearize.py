@@ -127,7 +127,8 @@ from ..passes.state import PipelineState, RewritePlan
 from ..explain.report import TransformReport, count_convs, count_params
 from ..capture.python import capture_info
 from ..rewrite.owner import OwnerGraph, conv_target, is_under, qualify
-from ..rules.registry import RuleRegistry, default_rules
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 from ..capture.tracing import TracedUnit
 from ..rewrite.verify import compare_outputs, eval_mode
 
@@ -135,7 +136,7 @@ __all__ = ["linearize", "linearize_regions", "find_linearizable", "LinearizeCand
 
 log = logging.getLogger(__name__)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 
 
 @dataclass
@@ -262,7 +263,7 @@ def linearize_regions(
     check_rules(rules, "linearize_regions")
     check_options(scaling, init)
     check_choice("mode", mode, MODES, owner="linearize")
-    rules = rules if rules is not None else default_rules
+    rules = rules if rules is not None else default_rules()
     report = report if report is not None else TransformReport(title="linearize")
     # reads of parametrized weights, region checks: nothing of them stays in the model
     with preserved_state(model):

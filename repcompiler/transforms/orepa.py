@@ -131,7 +131,7 @@ __all__ = ["orepa_transform", "Policy", "POLICIES", "default_block_for"]
 
 log = logging.getLogger(__name__)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..algebra import CONV_TYPES as _CONVS
 _BN_FOR_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 

@@ -20,7 +20,7 @@ from repcompiler.blocks import (
 )
 from repcompiler.errors import RegistrationError
 from repcompiler.online.conv import OnlineConv
-from tests.helpers import rel_err
+from tests.helpers import assert_kernel_matches_fold, rel_err
 
 
 def _geom(cin=6, cout=8, k=3, groups=1, p=1, bias=False):
@@ -121,17 +121,7 @@ def _reordered_orepa() -> BlockConfig:
 
 
 def _compare_to_fold(expr):
-    fast, ref = expr.accelerator.generate(expr), expr.fold()
-    assert fast.spec == ref.spec
-    assert rel_err(fast.weight, ref.weight) < 1e-12
-    probe = torch.randn_like(ref.weight)
-    params = list(expr.parameters())
-    ga = torch.autograd.grad((fast.weight * probe).sum(), params, allow_unused=True)
-    gb = torch.autograd.grad((expr.fold().weight * probe).sum(), params, allow_unused=True)
-    for a, b in zip(ga, gb):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert rel_err(a, b) < 1e-10
+    assert_kernel_matches_fold(expr, expr.accelerator.generate(expr))
 
 
 @pytest.mark.parametrize("geom", [_geom(), _geom(8, 8, groups=2, bias=True), _geom(6, 8, p=0)],

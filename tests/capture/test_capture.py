@@ -1,4 +1,5 @@
-"""Capture of code plain ``torch.fx`` rejects, and the issue-15 rules and passes.
+"""Capture of code plain ``torch.fx`` rejects (through the compiler's tracer, :func:`trace_model`),
+and the rules and passes for the layers of real models.
 
 Covers :mod:`repcompiler.capture.python`, :mod:`repcompiler.capture.patterns`,
 :mod:`repcompiler.rules.layers` (with :class:`repcompiler.algebra.crop.Crop`) and
@@ -23,7 +24,8 @@ import repcompiler as rc
 from fixtures_thirdparty import DBBBNAndPad, DBBIdentityConv1x1, OfficialOREPA
 from helpers import linear_bn_folds
 from repcompiler.algebra.crop import Crop
-from repcompiler.capture.python import CaptureTracerMixin, capture, capture_info
+from repcompiler.capture.python import CaptureTracerMixin, capture_info
+from repcompiler.capture.tracing import trace_model
 from repcompiler.errors import TraceError
 from repcompiler.rules.layers import crop_of_index
 from repcompiler.testing import randomize_bn
@@ -47,7 +49,7 @@ def _randomized(m: nn.Module, seed: int = 0) -> nn.Module:
 
 def test_bn_and_pad_border_writes_become_pad_then_bn_in_eval():
     m = _randomized(DBBBNAndPad(2, 6))
-    gm = capture(m)
+    gm = trace_model(m)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert operator.setitem not in targets and F.pad in targets
     order = [n.op for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
@@ -61,7 +63,7 @@ def test_bn_and_pad_border_writes_become_pad_then_bn_in_eval():
 def test_bn_and_pad_kept_in_training_mode():
     m = DBBBNAndPad(1, 4).train()
     m.bn.momentum = 0.0  # both calls below see the same running statistics
-    gm = capture(m)
+    gm = trace_model(m)
     assert sum(n.target is operator.setitem for n in gm.graph.nodes) == 4
     x = torch.randn(3, 4, 5, 5)
     assert _rel(gm(x), m(x)) < 1e-6
@@ -80,7 +82,7 @@ class _WrongBorder(DBBBNAndPad):
 
 def test_bn_and_pad_with_other_values_is_declined_with_reason():
     m = _randomized(_WrongBorder(1, 4))
-    gm = capture(m)
+    gm = trace_model(m)
     assert sum(n.target is operator.setitem for n in gm.graph.nodes) == 4
     (reason,) = capture_info(gm).declined
     assert "not the BN's eval output for 0" in reason
@@ -91,7 +93,7 @@ def test_bn_and_pad_with_other_values_is_declined_with_reason():
 @pytest.mark.parametrize("groups", [1, 2])
 def test_official_orepa_captures_with_symbolic_weights(groups):
     m = _randomized(OfficialOREPA(8, 8, groups=groups))
-    gm = capture(m)
+    gm = trace_model(m)
     assert any(n.op == "call_module" and n.target == "bn" for n in gm.graph.nodes)
     assert ("", "int() of a parameter-derived value") in capture_info(gm).used
     x = torch.randn(2, 8, 9, 9)
@@ -108,7 +110,7 @@ class _InputShapeArithmetic(nn.Module):
 
 def test_input_shape_arithmetic_is_not_specialised():
     with pytest.raises(TraceError, match="depends on the model's inputs"):
-        capture(_InputShapeArithmetic())
+        trace_model(_InputShapeArithmetic())
 
 
 class _PlainFx(fx.Tracer):
@@ -144,7 +146,7 @@ def test_augmented_assignment_keeps_its_write():
             return y * 2
 
     m = Alias()
-    gm = capture(m)
+    gm = trace_model(m)
     x = torch.randn(3)
     assert torch.equal(gm(x), m(x))
     assert not torch.equal(fx.symbolic_trace(m)(x), m(x))  # what plain fx records
@@ -163,10 +165,10 @@ class _Child(nn.Module):
 def test_shared_module_is_named_per_call_site():
     act = nn.SiLU()
     m = nn.Sequential(_Child(act), _Child(act))
-    gm = capture(m)
+    gm = trace_model(m)
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert calls == ["0.conv", "0.act", "1.conv", "1.act"]  # plain fx: "0.act" twice
-    alone = [n.target for n in capture(m[1]).graph.nodes if n.op == "call_module"]
+    alone = [n.target for n in trace_model(m[1]).graph.nodes if n.op == "call_module"]
     assert alone == ["conv", "act"]
 
 
@@ -174,7 +176,7 @@ def test_identity_based_conv_captures_as_fconv_with_constant_weight():
     m = DBBIdentityConv1x1(6).eval()
     with torch.no_grad():
         m.weight.normal_()
-    gm = capture(m)
+    gm = trace_model(m)
     (conv,) = [n for n in gm.graph.nodes if n.target is F.conv2d]
     assert isinstance(conv.args[1], fx.Node) and conv.args[1].op == "call_function"
     x = torch.randn(2, 6, 5, 5)

@@ -1,4 +1,4 @@
-"""One capture per call (issue 14): ``orepa_transform`` and ``fold`` trace each unit once.
+"""One capture per call: ``orepa_transform`` and ``fold`` trace each unit once.
 
 ``trace_units`` and ``find_regions`` are wrapped with counters wherever a library module
 holds a reference to them, so a new module that re-traces or re-analyses is caught:

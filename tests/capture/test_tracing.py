@@ -90,10 +90,10 @@ def _bn_act_rule(m, info):
 
 def test_a_leaf_whose_rule_declines_is_traced_into_and_its_linear_part_folds():
     import repcompiler
-    from repcompiler.rules.registry import default_rules
+    from repcompiler.rules import default_rules
     from helpers import randomize_bn
 
-    rules = default_rules.copy()
+    rules = default_rules().copy()
     rules.register(BNAct, _bn_act_rule)
     m = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4, act=True), nn.Conv2d(4, 4, 1), BNAct(4, act=False)))
     m = m.double().eval()

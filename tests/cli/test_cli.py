@@ -71,7 +71,7 @@ def test_export_formats(capsys: pytest.CaptureFixture[str], tmp_path: Path, suff
     code, out, err = run(capsys, "export", TINY, "-o", str(out_path), *SHAPE, "-q", *extra)
     assert code == EXIT_OK, err
     assert out_path.is_file() and f"[{fmt} via" in out and "verified on batch 2, 3" in out
-    assert " conv, 0 BatchNorm, " in out  # what the deployed graph still has (issue 15 item 8)
+    assert " conv, 0 BatchNorm, " in out  # what the deployed graph still has
     assert sorted(p.name for p in tmp_path.iterdir()) == [out_path.name]
 
 

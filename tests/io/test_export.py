@@ -58,7 +58,7 @@ def _onnx_batch_dim(path: Path) -> object:
         ("onnx", ".onnx", {"onnx_exporter": "torchscript"}),
         ("torchscript", ".ts", {}),
         # deploy=False: fold's rewritten forward is not scriptable for modules written with
-        # `from __future__ import annotations` (see test_compat.py); scripting itself is tested here
+        # `from __future__ import annotations` (see test_compile_export_torchscript.py); scripting itself is tested here
         ("torchscript", ".ts", {"torchscript_method": "script", "deploy": False}),
         ("exported_program", ".pt2", {}),
     ],
@@ -241,9 +241,8 @@ def test_deployed_resnet18_default_exporter(tmp_path: Path) -> None:
 
 
 def test_export_reports_batch_norms_left(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Issue 15 item 8: the result states how many Conv / BatchNormalization nodes the
-    artifact has, and a BatchNorm left is a warning naming why (before, timm's
-    mobileone_s0 exported 191 Conv / 226 BatchNormalization nodes as a plain success)."""
+    """The result states how many Conv / BatchNormalization nodes the
+    artifact has, and a BatchNorm left is a warning naming why."""
     res = export(models.tiny_net(seed=3), tmp_path / "plain.onnx", X, onnx_exporter="torchscript",
                  onnx_optimize=False)
     assert (res.convs, res.batch_norms) == (3, 0) and "0 BatchNorm" in str(res)

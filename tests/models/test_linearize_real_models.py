@@ -1,4 +1,4 @@
-"""``linearize`` on real re-parameterizable models (issue 15, items 6, 7 and 9).
+"""``linearize`` on real re-parameterizable models.
 
 Per family: every multi-branch block becomes one online conv, the linearized model's
 eval output with ``init="from_bn"`` equals the original's (randomized BN statistics,
@@ -123,7 +123,7 @@ def test_timm_family_linearizes_every_block(name):
 
 @pytest.mark.parametrize("groups", [1, 8])
 def test_dbb_linearizes_to_one_online_conv_per_block_float64(groups):
-    """Issue 15: every DBB block becomes one online conv; eval output equal to the
+    """Every DBB block becomes one online conv; eval output equal to the
     original with ``init="from_bn"`` and ``deploy`` equal to the linearized model
     (float64); in training mode one conv runs per block and the gradient reaches every
     branch parameter, the identity-based 1x1's weight and the BN-and-pad's scale

@@ -1,4 +1,4 @@
-"""Issue 17 items 7-9: pretrained models (``init="from_conv"``), frozen parameters stay
+"""Pretrained models (``init="from_conv"``), frozen parameters stay
 frozen, transformed models stay traceable (``torch.fx.symbolic_trace``, torchvision's
 ``create_feature_extractor``)."""
 

@@ -1,4 +1,4 @@
-"""Real re-parameterizable models as their authors wrote them (issue 15).
+"""Real re-parameterizable models as their authors wrote them.
 
 Per family: ``rc.fold`` output equals the original (eval mode, randomized BN
 statistics, relative 1e-5 in float32) and runs no more convolutions and no more

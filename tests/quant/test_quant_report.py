@@ -1,4 +1,4 @@
-"""``rc.quant_report`` and ``repcompiler quant-report`` (issue 19 items 1 and 4): SQNR
+"""``rc.quant_report`` and ``repcompiler quant-report``: SQNR
 against its closed form, flags, simulated INT8 against a direct computation, activation
 ranges against hooks, the model left untouched, bad input, online blocks, geometries,
 and the CLI."""

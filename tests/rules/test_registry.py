@@ -15,7 +15,7 @@ from repcompiler.blocks import ConvGeometry, available_blocks, build_block, get_
 from repcompiler.config import BlockConfig, Branch, RuleConfig, block, rule
 from repcompiler.errors import RegistrationError, UnsupportedError
 from repcompiler.online.conv import OfflineBlock, OnlineConv
-from repcompiler.rules.registry import LowerInfo, lookup_rule, register_rule, unregister_rule
+from repcompiler.rules import LowerInfo, lookup_rule, register_rule, unregister_rule
 
 from helpers import randomize_bn, rel_err
 

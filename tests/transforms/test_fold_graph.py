@@ -11,7 +11,7 @@ import repcompiler
 from repcompiler import algebra as A
 from repcompiler.errors import RepCompilerError, UnsupportedError, VerificationError
 from repcompiler.online.conv import OfflineBlock, OnlineConv
-from repcompiler.rules.registry import default_rules
+from repcompiler.rules.defaults import default_rules
 from fixtures_blocks import count_convs, randomize_bn
 
 
@@ -217,7 +217,7 @@ class WrongRuleBN(nn.BatchNorm2d):
 
 
 def test_wrong_rule_is_caught_by_verification():
-    reg = default_rules.copy()
+    reg = default_rules().copy()
     reg.register(WrongRuleBN, lambda m, info: A.Identity(info.in_channels, info.dims))  # ignores the BN
     m = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), WrongRuleBN(3))
     randomize_bn(m)

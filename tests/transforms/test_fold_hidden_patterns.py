@@ -1,4 +1,4 @@
-"""Patterns real model code uses that used to hide exact folds from ``fold``.
+"""Patterns real model code uses that could hide exact folds from ``fold``.
 
 * a BN after a Linear applied channels-last (``fc`` on NHWC, ``permute`` back,
   ``BatchNorm2d``; ``fc`` on tokens, ``transpose(1, 2)``, ``BatchNorm1d``): folded into

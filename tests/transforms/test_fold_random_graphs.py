@@ -51,7 +51,7 @@ from repcompiler.passes.regions.dominance import dominators, entry_candidates
 from repcompiler.passes.regions.expression import build_region
 from repcompiler.passes.regions.lowering import LoweredGraph
 from repcompiler.passes.regions.selection import not_worth, worth_alone
-from repcompiler.rules.registry import default_rules
+from repcompiler.rules.defaults import default_rules
 from repcompiler.capture.tracing import trace_model
 from test_fold_passes import assert_pipeline_matches_fold
 
@@ -69,7 +69,7 @@ def undone_folds(gm, merge_convs=False):
     (a lone conv is already folded), and folding it is worth it by ``find_regions``'s
     own rule. Returns them largest first per exit, exits in reverse graph order.
     """
-    g = LoweredGraph(gm, default_rules, frozenset())
+    g = LoweredGraph(gm, default_rules(), frozenset())
     g.classify()
     g.infer_shapes()
     idom = dominators(g)
@@ -490,7 +490,7 @@ def test_identity_aliases_do_not_stop_a_region(case):
 
 class _BlockAfterConv(nn.Module):
     """A three-branch conv+BN block (3x3+BN, 1x1+BN, BN) whose input is a 1x1 conv's
-    output (issue 15 item 7)."""
+    output."""
 
     def __init__(self, cin: int, c: int, bias: bool) -> None:
         super().__init__()

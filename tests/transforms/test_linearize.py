@@ -33,7 +33,7 @@ import repcompiler as rc
 from repcompiler import algebra as A
 from repcompiler.transforms.linearize import find_linearizable, linearize, linearize_regions
 from repcompiler.online.conv import OnlineConv
-from repcompiler.rules.registry import LowerInfo, default_rules
+from repcompiler.rules import LowerInfo, default_rules
 
 import fixtures_blocks as fb
 from helpers import rel_err
@@ -104,7 +104,7 @@ def _lower_idconv_trainable(m: nn.Module, info: LowerInfo) -> A.Expr:
 
 
 def dbb_rules():
-    rules = default_rules.copy()
+    rules = default_rules().copy()
     rules.register(fb.IdentityBasedConv1x1, _lower_idconv_trainable, override=True)
     return rules
 

@@ -14,7 +14,7 @@ import repcompiler.algebra as A
 from repcompiler.blocks import ConvGeometry, register_block, unregister_block
 from repcompiler.config import BlockConfig, Branch, RuleConfig
 from repcompiler.errors import RegistrationError, VerificationError
-from repcompiler.rules.registry import register_rule, unregister_rule
+from repcompiler.rules import register_rule, unregister_rule
 from repcompiler.testing import CheckFailure, check_block, check_rule, conv_geometries
 
 # fast, reproducible defaults for the failure tests (no shrinking: first failure)

@@ -26,7 +26,7 @@ from repcompiler.blocks import (
 from repcompiler.blocks.orepa import OREPA_SCALE_INIT
 from repcompiler.errors import IncompatibleError, RegistrationError, UnsupportedError
 
-from helpers import randomize_bn, rel_err
+from helpers import assert_kernel_matches_fold, randomize_bn, rel_err
 
 BUILTIN = ["orepa", "orepa_1x1", "orepa_large", "repvgg", "dbb", "acnet", "qarepvgg"]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -104,22 +104,7 @@ def test_fast_fold_equals_generic_fold(name, gm):
         pytest.skip(f"{name} does not apply to {gm.describe()}")
     expr = perturb(expr.double())
     assert expr.has_fast_fold
-    fast, ref = expr.fast_fold(), expr.fold()
-    assert fast.spec == ref.spec
-    assert rel_err(fast.weight, ref.weight) < 1e-12
-    if ref.bias is None:
-        assert fast.bias is None
-    else:
-        assert rel_err(fast.bias, ref.bias) < 1e-12
-    # gradients of the fast path equal the generic fold's
-    g = torch.randn_like(ref.weight)
-    params = list(expr.parameters())
-    g_fast = torch.autograd.grad((fast.weight * g).sum(), params, allow_unused=True)
-    g_ref = torch.autograd.grad((expr.fold().weight * g).sum(), params, allow_unused=True)
-    for a, b in zip(g_fast, g_ref):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert rel_err(a, b) < 1e-10
+    assert_kernel_matches_fold(expr, expr.fast_fold())  # kernels and gradients
 
 
 @settings(deadline=None, max_examples=25)

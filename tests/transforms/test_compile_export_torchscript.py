@@ -6,7 +6,7 @@
 
 ``torch.compile`` with inductor is slow on this 2-core machine (~10 s warm, ~40 s with a
 cold cache per test), so the default run has exactly two inductor tests; the other
-compile checks are ``zoo_full`` (run with ``pytest -m zoo_full tests/transforms/test_compat.py``).
+compile checks are ``zoo_full`` (run with ``pytest -m zoo_full tests/transforms/test_compile_export_torchscript.py``).
 """
 
 from __future__ import annotations
