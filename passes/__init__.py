@@ -19,11 +19,15 @@ pass                        what it does
 ``InsertPostBN``            one BN after each linearized region's sum
                             (:mod:`.insert_post_bn`) -> ``state.post_bns``
 ``PushBias``                a conv's bias into the eval BNs its output reaches
-                            (:mod:`.push_bias`)
+                            (:mod:`.push_bias`) -> ``state.pushed_biases``
+``RewriteOwners``           apply ``state.plans`` to the user's modules: module-only regions
+                            swapped in place, others squeezed into their owner's re-traced
+                            graph and installed as its ``forward`` (:mod:`.rewrite_owners`)
+                            -> ``state.rewrites``; ``fold`` and ``linearize`` both end in it
 ``Cleanup``                 drop identity calls and dead constants (:mod:`.cleanup`)
 ``FoldLinearBN``            Linear/BatchNorm1d pairs on ``(N, C)`` features (no 0-d convs in
                             the algebra): ``fold`` runs it on each traced unit first
-                            (:mod:`.fold_linear_bn`)
+                            (:mod:`.fold_linear_bn`) -> ``state.linear_bn_folds``
 ==========================  ==============================================================
 
 :func:`~repcompiler.passes.squeeze.fold_passes` is ``FindRegions -> SqueezeRegions ->
@@ -33,7 +37,7 @@ Cleanup`` with :func:`repcompiler.fold`'s options (rules, shared modules,
 Writing a pass: subclass ``GraphPass``, implement ``call`` (return
 ``PassResult(gm, modified)``, honestly), and state its contract::
 
-    from torch import nn
+    import logging
     from repcompiler.passes.base import GraphPass, PassResult, run_passes
     from repcompiler.passes.find_regions import FindRegions
     from repcompiler.passes.state import pipeline_state
@@ -48,14 +52,18 @@ Writing a pass: subclass ``GraphPass``, implement ``call`` (return
                 self.fail("run FindRegions first")   # raises PassContractError
 
         def call(self, gm):
-            self.count = sum(r.foldable for r in pipeline_state(gm).regions)
+            n = sum(r.foldable for r in pipeline_state(gm).regions)
+            log.info("%d foldable regions", n)
             return PassResult(gm, False)
 
+    log = logging.getLogger(__name__)
     gm, modified = run_passes(traced, [FindRegions(), CountFoldable()])
 
-Modules of this package import each other and :mod:`repcompiler`'s leaf modules
-(algebra, rules, errors, report, the blocks' option names) only, so ``import repcompiler.passes.<module>``
-works in a fresh interpreter and ``import repcompiler`` has no cycle through here.
+Modules of this package import each other and :mod:`repcompiler`'s stage modules below
+the transforms (algebra, rules, errors, report, analysis, capture, the rewrite engine,
+the blocks' option names), never ``repcompiler.transforms``, so
+``import repcompiler.passes.<module>`` works in a fresh interpreter and
+``import repcompiler`` has no cycle through here.
 """
 
 __all__: list[str] = []

@@ -158,7 +158,7 @@ class PassManager:
             graph_meta(gm)[META_STATE] = state
         try:
             res = self._upstream(gm)
-        except Exception as exc:
+        except Exception as exc:  # upstream wraps any pass error in a bare Exception: unwrap, re-raise
             cause = exc.__cause__
             if type(exc) is Exception and cause is not None:  # upstream's wrapper: unwrap
                 cause.add_note(str(exc))

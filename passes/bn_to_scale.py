@@ -57,13 +57,11 @@ from ..blocks import SCALINGS as _SCALINGS
 from ..errors import UnsupportedError, check_choice
 
 from .base import GraphPass, PassResult
-from .squeeze import set_submodule
-from .state import LEGACY_META_SELECTED, ScaledBN, live_regions, pipeline_state
+from .state import ScaledBN, live_regions, pipeline_state
 
 __all__ = [
     "SCALINGS",
     "INITS",
-    "META_LINEARIZE",
     "scale_for_bn",
     "branch_bn_nodes",
     "branch_bns",
@@ -78,10 +76,6 @@ log = logging.getLogger(__name__)
 
 SCALINGS = _SCALINGS  # the blocks' options (re-exported for the passes)
 INITS = ("default", "from_bn")
-
-META_LINEARIZE = LEGACY_META_SELECTED
-"""Transition only (see :data:`repcompiler.passes.state.LEGACY_META_SELECTED`): set
-``PipelineState.selected`` instead."""
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -234,7 +228,7 @@ class BnToScale(GraphPass):
                 leaf = scale_for_bn(bn, region.dims, scaling=self.scaling, init=self.init, name=target or name)
                 leaf.train(bn.training)
                 if target is not None:  # a BN module called by the graph: swap it under its name
-                    set_submodule(graph_module, target, leaf)
+                    graph_module.set_submodule(target, leaf)
                 swaps[id(bn)] = leaf
                 state.scaled.append(ScaledBN(target or name, bn, leaf))
                 modified = True

@@ -49,13 +49,12 @@ from .regions.dominance import dominators, entry_candidates
 from .regions.lowering import CONV_FUNCTIONS, ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES, LoweredGraph
 from .regions.region import Region, node_owner, region_name
 from .regions.expression import build_region
-from .regions.selection import choose_region, not_worth, worth_alone
+from .regions.selection import choose_region, worth_alone
 from .state import pipeline_state
 
 __all__ = [
     "Region",
     "find_regions",
-    "undone_folds",
     "FindRegions",
     "node_owner",
     "region_name",
@@ -65,12 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# transition aliases for repcompiler.fold / linearize (the lead removes them at merge)
-_region_name = region_name
-_ELEMENTWISE_FUNCS = ELEMENTWISE_FUNCS
-_ELEMENTWISE_MODULES = ELEMENTWISE_MODULES
-
 
 def _analyse(gm: fx.GraphModule, rules: RuleRegistry | None, shared_modules: Iterable[nn.Module],
              pinned: Mapping[str, str] | None = None) -> tuple[LoweredGraph, dict]:
@@ -148,40 +141,6 @@ def _written_region(g: LoweredGraph, e: fx.Node) -> Region | None:
     reg = build_region(g, d, e, body, aliases)
     reg.reasons = (*reg.reasons, why)
     return reg if reg.has_conv else None
-
-
-def undone_folds(
-    gm: fx.GraphModule,
-    rules: RuleRegistry | None = None,
-    *,
-    shared_modules: Iterable[nn.Module] = (),
-    merge_convs: bool = False,
-) -> list[Region]:
-    """Every exact fold still possible in ``gm``: the check that a graph is folded to
-    its **minimum**.
-
-    Unlike :func:`find_regions` (one region per exit, chosen greedily), this looks at
-    *every* single-entry single-exit linear region: for every linear node ``e``, every
-    valid entry on its dominator chain, no node excluded. A region is an undone fold
-    when it is exact, holds a conv, has more than one op that is not an identity call
-    (a lone conv is already folded), and folding it is worth it by :func:`find_regions`'s
-    own rule (the conv does not get bigger than the convs it replaces; unless
-    ``merge_convs``, it is not a plain chain of convs). Folding such a region removes
-    at least one conv, BN, affine, pad, pool or branch sum without growing the kernel.
-    Returns them largest first per exit, exits in reverse graph order (empty: minimal).
-    """
-    g, idom = _analyse(gm, rules, shared_modules)
-    out: list[Region] = []
-    for e in reversed(g.nodes):
-        if not g.linear(e):
-            continue
-        for d, body, aliases in reversed(entry_candidates(g, idom, e, set())):
-            reg = build_region(g, d, e, body, aliases)
-            if not (reg.exact and reg.has_conv) or not_worth(g, reg, merge_convs):
-                continue
-            if worth_alone(g, reg):
-                out.append(reg)
-    return out
 
 
 class FindRegions(GraphPass):

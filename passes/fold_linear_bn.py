@@ -1,7 +1,7 @@
 """Fold ``nn.BatchNorm1d`` into the ``nn.Linear`` next to it, on ``(N, C)`` features.
 
-This module owns :class:`FoldLinearBN` (a graph pass) and :func:`fold_linear_bn` (the
-same on a whole model). A Linear is a convolution with no spatial dimension, but the
+This module owns :class:`FoldLinearBN`, a graph pass (:func:`repcompiler.fold` runs it
+on each traced unit and reports the pairs). A Linear is a convolution with no spatial dimension, but the
 kernel algebra is 1-, 2- and 3-d only (:class:`repcompiler.algebra.ConvSpec` rejects
 ``dims=0``), so these pairs - BN -> Linear classifier heads (timm's ``NormLinear``),
 Linear -> BN token layers (LeViT's ``LinearNorm``) - are folded here directly:
@@ -39,7 +39,6 @@ the caller), is left as it is.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 from typing import Any, Mapping
@@ -49,12 +48,11 @@ import torch.fx as fx
 from torch import nn
 
 from .. import algebra as A
-from ..analysis.isolation import propagate_shapes
-from ..capture.tracing import trace_units
 from ..analysis.uses import graph_pins
 from .base import GraphPass, PassResult
+from .state import pipeline_state
 
-__all__ = ["FoldLinearBN", "fold_linear_bn", "fuse_linear_bn"]
+__all__ = ["FoldLinearBN", "fuse_linear_bn"]
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +238,12 @@ def _bn_after(gm: fx.GraphModule, lin: fx.Node) -> tuple[fx.Node, list[fx.Node]]
 class FoldLinearBN(GraphPass):
     """Fold ``Linear -> BatchNorm1d`` and ``BatchNorm1d -> Linear`` pairs on ``(N, C)``
     features (see the module docstring). ``root``: the module ``gm`` was traced from
-    (its submodules are replaced too). ``folded`` lists ``(linear, bn)`` paths."""
+    (its submodules are replaced too). The folded ``(linear, bn)`` targets are appended
+    to ``pipeline_state(gm).linear_bn_folds``."""
 
     def __init__(self, root: nn.Module | None = None, pinned: Mapping[str, str] | None = None) -> None:
         self.root = root
         self.pinned = dict(pinned or {})
-        self.folded: list[tuple[str, str]] = []
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
@@ -292,37 +290,6 @@ class FoldLinearBN(GraphPass):
         for target, module in ((str(lin_node.target), fused), (str(bn_node.target), nn.Identity())):
             for owner in (gm, self.root):
                 if owner is not None:
-                    _set(owner, target, module)
-        self.folded.append((str(lin_node.target), str(bn_node.target)))
+                    owner.set_submodule(target, module)
+        pipeline_state(gm).linear_bn_folds.append((str(lin_node.target), str(bn_node.target)))
         return True
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    *prefix, last = path.split(".")
-    parent = root.get_submodule(".".join(prefix)) if prefix else root
-    setattr(parent, last, module)
-
-
-def fold_linear_bn(model: nn.Module, example_inputs: Any = None, *,
-                   inplace: bool = False) -> tuple[nn.Module, list[tuple[str, str]]]:
-    """Fold every Linear/BN1d pair of ``model`` (see the module docstring).
-
-    Traces the largest traceable parts (:func:`repcompiler.capture.tracing.trace_units`); with
-    ``example_inputs`` (whole model traced) shapes are propagated. Returns the model
-    (a deep copy unless ``inplace``; in eval mode) and the folded ``(linear, bn)``
-    qualified names."""
-    work = model if inplace else copy.deepcopy(model)
-    work.eval()
-    done: list[tuple[str, str]] = []
-    for unit in trace_units(work).units:
-        if example_inputs is not None and unit.path == "":
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            try:
-                propagate_shapes(unit.gm, args)
-            except Exception as exc:  # shapes are only a hint
-                log.debug("shape propagation failed: %s", exc)
-        p = FoldLinearBN(unit.module)
-        p(unit.gm)
-        pre = unit.path + "." if unit.path else ""
-        done += [(pre + a, pre + b) for a, b in p.folded]
-    return work, done

@@ -40,17 +40,14 @@ from torch import nn
 from .. import algebra as A
 from ..errors import UnsupportedError, check_choice
 
-from .base import GraphPass, PassResult, graph_meta
+from .base import GraphPass, PassResult
 from .bn_to_scale import INITS, BnToScale, exit_bn
-from .state import LEGACY_META_POST_BN, PostBN, live_regions, pipeline_state
+from .squeeze import fresh_name
+from .state import PostBN, live_regions, pipeline_state
 
-__all__ = ["META_POST_BN", "make_post_bn", "exit_bn", "InsertPostBN"]
+__all__ = ["make_post_bn", "exit_bn", "InsertPostBN"]
 
 log = logging.getLogger(__name__)
-
-META_POST_BN = LEGACY_META_POST_BN
-"""Transition only (see :data:`repcompiler.passes.state.LEGACY_META_POST_BN`): read
-``PipelineState.post_bns`` instead."""
 
 _BN = nn.modules.batchnorm._BatchNorm
 _BN_FOR_DIMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -75,13 +72,6 @@ def make_post_bn(
     return bn
 
 
-def _fresh_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 def _ref_tensor(gm: fx.GraphModule, region) -> torch.Tensor | None:
     if region.expr is not None:
         for t in region.expr.parameters():
@@ -104,7 +94,6 @@ class InsertPostBN(GraphPass):
         check_choice("init", init, INITS)
         self.init = init
         self.enabled = enabled
-        self._first = 0
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         state = pipeline_state(graph_module)
@@ -116,8 +105,6 @@ class InsertPostBN(GraphPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         state = pipeline_state(graph_module)
         record = state.post_bns
-        self._first = len(record)
-        graph_meta(graph_module)[LEGACY_META_POST_BN] = record  # transition, see state.py
         modified = False
         for region in state.selected:
             if exit_bn(graph_module, region) is not None:
@@ -137,7 +124,7 @@ class InsertPostBN(GraphPass):
             )
             old_exit = region.exit
             bn.train(graph_module.training)
-            target = _fresh_name(graph_module, "post_bn")
+            target = fresh_name(graph_module, "post_bn")
             graph_module.add_submodule(target, bn)
             with graph_module.graph.inserting_after(old_exit):
                 node = graph_module.graph.call_module(target, (old_exit,))
@@ -155,7 +142,7 @@ class InsertPostBN(GraphPass):
         return PassResult(graph_module, modified)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
-        for post in pipeline_state(graph_module).post_bns[self._first:]:
+        for post in pipeline_state(graph_module).post_bns:
             if post.target is None:
                 continue
             e = post.region.exit

@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from .base import GraphPass, PassResult
+from .state import pipeline_state
 
 __all__ = ["PushBias"]
 
@@ -42,14 +43,15 @@ _CAT = (torch.cat, torch.concat)
 class PushBias(GraphPass):
     """Move the biases of the convs named in ``targets`` into consumer BNs (see module doc).
 
-    ``pushed`` lists the convs whose bias was removed after :meth:`call`."""
+    The convs whose bias was removed are appended to
+    ``pipeline_state(gm).pushed_biases``."""
 
     def __init__(self, targets: Iterable[str]) -> None:
         self.targets = set(targets)
-        self.pushed: list[str] = []
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        self.pushed = []
+        pushed = pipeline_state(graph_module).pushed_biases
+        first = len(pushed)
         uses = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
         channels: dict[fx.Node, int | None] = {}
         for node in list(graph_module.graph.nodes):
@@ -66,11 +68,11 @@ class PushBias(GraphPass):
                 for bn, offset in edits:
                     bn.running_mean[offset: offset + conv.out_channels] -= conv.bias.to(bn.running_mean.dtype)
             conv.bias = None
-            self.pushed.append(str(node.target))
-        return PassResult(graph_module, bool(self.pushed))
+            pushed.append(str(node.target))
+        return PassResult(graph_module, len(pushed) > first)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
-        for target in self.pushed:
+        for target in pipeline_state(graph_module).pushed_biases:
             if graph_module.get_submodule(target).bias is not None:
                 self.fail(f"{target} still has a bias after it was pushed")
 

@@ -42,7 +42,8 @@ from ..rules.registry import RuleRegistry
 from .base import GraphPass, PassResult
 from .cleanup import Cleanup
 from .find_regions import FindRegions, Region, region_name
-from .state import FoldPlan, live_regions, pipeline_state
+from .regions.lowering import constant_nodes
+from .state import FoldPlan, Rewrite, live_regions, pipeline_state
 
 __all__ = [
     "fold_region",
@@ -50,7 +51,7 @@ __all__ = [
     "RegionRunner",
     "verify_region",
     "squeeze_region",
-    "set_submodule",
+    "fresh_name",
     "SqueezeRegions",
     "fold_passes",
     "relative_error",
@@ -62,13 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at qualified name ``path`` under ``root`` (parents must exist)."""
-    *prefix, last = path.split(".")
-    parent = root.get_submodule(".".join(prefix)) if prefix else root
-    setattr(parent, last, module)
 
 
 def fold_region(region: Region) -> nn.Module:
@@ -227,7 +221,11 @@ def _fold_target(gm: fx.GraphModule, region: Region) -> str:
     found = conv_target(gm, region)
     if found is not None:
         return found
-    base = f"folded_{region.exit.name}"
+    return fresh_name(gm, f"folded_{region.exit.name}")
+
+
+def fresh_name(gm: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first that is not an attribute of ``gm``."""
     name, i = base, 1
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
@@ -256,11 +254,8 @@ def squeeze_region(
             entry = replaced[entry]
     for t in region.module_targets():
         if t != target:
-            set_submodule(gm, t, nn.Identity())
-    if "." in target or hasattr(gm, target):
-        set_submodule(gm, target, folded)
-    else:  # a region of function calls only: a new module (installed before its call node)
-        gm.add_submodule(target, folded)
+            gm.set_submodule(t, nn.Identity())
+    gm.set_submodule(target, folded)  # added under a new name for a region of function calls only
     with graph.inserting_before(region.exit):
         new = graph.call_module(target, (entry,))
     new.meta = dict(region.exit.meta)
@@ -280,25 +275,25 @@ def squeeze_region(
 
 def _erase_dead_operands(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     """Erase the region's constant operands (``self.weight + self.id_tensor``, parameter
-    reads) that nothing reads any more, and what only they read: the module they read
-    may be replaced (a conv traced into and folded whole)."""
+    reads; :func:`~repcompiler.passes.regions.lowering.constant_nodes`) that nothing
+    reads any more, and what only they read: the module they read may be replaced (a
+    conv traced into and folded whole)."""
     todo, erased = list(nodes), set()
+    constants: set[fx.Node] | None = None
     while todo:
         n = todo.pop()
         if n in erased or n.users or n.op not in ("get_attr", "call_function", "call_method"):
             continue
         if n.is_impure() or (n.op == "call_method" and str(n.target).endswith("_")):
             continue
-        if any(a.op in ("placeholder",) for a in n.all_input_nodes) or not _constant(n):
+        if constants is None:  # computed once, on the first candidate
+            constants = constant_nodes(graph)
+        if n not in constants:
             continue
         ins = list(n.all_input_nodes)
         graph.erase_node(n)
         erased.add(n)
         todo += ins
-
-
-def _constant(n: fx.Node) -> bool:
-    return n.op == "get_attr" or (bool(n.all_input_nodes) and all(_constant(a) for a in n.all_input_nodes))
 
 
 class SqueezeRegions(GraphPass):
@@ -317,8 +312,9 @@ class SqueezeRegions(GraphPass):
       ``pipeline_state(gm).plans`` for an owner-module rewrite to apply (and report).
 
     Requires regions found on this version of the graph; after a rewrite the state's
-    regions are cleared (they describe the old graph) and each folded conv is the
-    module its new node calls.
+    regions are cleared (they describe the old graph), each squeezed plan is recorded
+    as a :class:`~repcompiler.passes.state.Rewrite` in ``pipeline_state(gm).rewrites``
+    and ensured to be the module its new node calls.
     """
 
     runs_after = (FindRegions,)
@@ -329,7 +325,6 @@ class SqueezeRegions(GraphPass):
         self.prefix = prefix
         self.report = report
         self.rewrite = rewrite
-        self._squeezed: list[tuple[str, nn.Module]] = []
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         regions = pipeline_state(graph_module).regions
@@ -355,13 +350,12 @@ class SqueezeRegions(GraphPass):
                 verify_region(r, RegionRunner(graph_module, r), folded)
             plans.append(FoldPlan(r, folded, sum(p.numel() for p in region_params(graph_module, r))))
         state.plans = plans
-        self._squeezed = []
         if not self.rewrite or not plans:
             return PassResult(graph_module, False)
         replaced: dict[fx.Node, fx.Node] = {}
         for plan in plans:
             target = squeeze_region(graph_module, plan.region, plan.folded, replaced=replaced)
-            self._squeezed.append((target, plan.folded))
+            state.rewrites.append(Rewrite(plan, "", target, plan.folded))
             if report is not None:
                 report.add_region(plan.region, "folded", params_before=plan.params_before,
                                   params_after=plan.params_after)
@@ -372,7 +366,8 @@ class SqueezeRegions(GraphPass):
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         called = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_module"}
-        for target, folded in self._squeezed:
+        for rw in pipeline_state(graph_module).rewrites:
+            target, folded = rw.target, rw.module
             if target not in called or graph_module.get_submodule(target) is not folded:
                 self.fail(f"the folded conv of {target} is not what the graph calls there")
 

@@ -7,35 +7,44 @@ it (creating an empty one on first use).
 
 Records:
 
-* :class:`FoldPlan` - a region checked and folded into a plain conv, waiting to be
-  squeezed into the graph (:class:`~repcompiler.passes.squeeze.SqueezeRegions`);
+* :class:`RewritePlan` - a region to replace by one module in its owner's hierarchy
+  (:class:`~repcompiler.passes.rewrite_owners.RewriteOwners`), and
+  :class:`FoldPlan`, one whose replacement is a plain conv, checked and folded by
+  :class:`~repcompiler.passes.squeeze.SqueezeRegions`;
+* :class:`Rewrite` - what the owner rewrite did with one plan (installed where, or
+  refused with the error);
 * :class:`ScaledBN` - a branch BN replaced by a learnable affine leaf
   (:class:`~repcompiler.passes.bn_to_scale.BnToScale`);
 * :class:`PostBN` - the post-addition BN of a linearized region
-  (:class:`~repcompiler.passes.insert_post_bn.InsertPostBN`).
+  (:class:`~repcompiler.passes.insert_post_bn.InsertPostBN`);
+* ``linear_bn_folds`` - the ``(linear, bn)`` pairs
+  :class:`~repcompiler.passes.fold_linear_bn.FoldLinearBN` folded, and
+  ``pushed_biases`` - the convs whose bias :class:`~repcompiler.passes.push_bias.PushBias`
+  moved into BatchNorms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
+from ..errors import RepCompilerError
 from ..explain.report import TransformReport
 from .regions.region import Region
 
 __all__ = [
     "META_STATE",
     "PipelineState",
+    "RewritePlan",
     "FoldPlan",
+    "Rewrite",
     "ScaledBN",
     "PostBN",
     "pipeline_state",
     "live_regions",
-    "LEGACY_META_SELECTED",
-    "LEGACY_META_POST_BN",
 ]
 
 META_STATE = "repcompiler.state"
@@ -43,17 +52,59 @@ META_STATE = "repcompiler.state"
 
 
 @dataclass
-class FoldPlan:
-    """A foldable region and the plain conv equal to it (verified when asked)."""
+class RewritePlan:
+    """A region of a traced unit's graph to replace by one module.
+
+    ``module`` is the replacement when it is known before the owner's graph is built
+    (a folded conv); ``None`` when the owner rewrite's builder makes it on the owner's
+    graph (an online conv, see :class:`~repcompiler.passes.rewrite_owners.OwnerBuilder`).
+    """
 
     region: Region
-    folded: nn.Module
-    params_before: int
+    module: nn.Module | None = None
+
+
+@dataclass
+class FoldPlan(RewritePlan):
+    """A foldable region and the plain conv equal to it (verified when asked)."""
+
+    params_before: int = 0
     """Parameters of the region's modules before folding (for the report)."""
+
+    @property
+    def folded(self) -> nn.Module:
+        """The plain conv equal to the region."""
+        assert self.module is not None
+        return self.module
 
     @property
     def params_after(self) -> int:
         return sum(p.numel() for p in self.folded.parameters())
+
+
+@dataclass
+class Rewrite:
+    """What the owner rewrite did with one :class:`RewritePlan`.
+
+    ``owner``: the module path (relative to the unit) whose ``forward`` was rewritten
+    (``''``: the unit, or the graph module itself for
+    :class:`~repcompiler.passes.squeeze.SqueezeRegions`), ``None`` when the region is
+    made of module calls only and its modules were swapped in place. ``target``: where the replacement ``module`` was installed (relative to
+    the unit; ``None`` for a region without modules: the owner's new forward calls it
+    under a fresh name). ``detail``: what the builder returned for the report.
+    ``error``: why the owner was left as it is (then nothing was installed).
+    """
+
+    plan: RewritePlan
+    owner: str | None
+    target: str | None = None
+    module: nn.Module | None = None
+    detail: Any = None
+    error: RepCompilerError | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.error is None
 
 
 @dataclass
@@ -76,11 +127,6 @@ class PostBN:
     target: str | None
     inserted: bool
 
-    def __iter__(self) -> Iterator[object]:
-        # transition: repcompiler.linearize unpacks ``(region, target, inserted)``
-        # until it reads the fields (remove with LEGACY_META_POST_BN)
-        return iter((self.region, self.target, self.inserted))
-
 
 @dataclass
 class PipelineState:
@@ -99,23 +145,20 @@ class PipelineState:
     """Regions chosen for linearization (read by ``BnToScale`` and ``InsertPostBN``)."""
     scaled: list[ScaledBN] = field(default_factory=list)
     post_bns: list[PostBN] = field(default_factory=list)
-    plans: list[FoldPlan] = field(default_factory=list)
-    """Regions folded by ``SqueezeRegions`` (those it did not squeeze itself when
-    ``rewrite=False``, for an owner-module rewrite to apply)."""
+    plans: list[RewritePlan] = field(default_factory=list)
+    """Regions to rewrite: folded by ``SqueezeRegions`` (those it did not squeeze
+    itself when ``rewrite=False``), or set by the caller, for ``RewriteOwners``."""
+    rewrites: list[Rewrite] = field(default_factory=list)
+    """What ``RewriteOwners`` did with each plan, in the order it did it."""
+    linear_bn_folds: list[tuple[str, str]] = field(default_factory=list)
+    """``(linear, bn)`` module targets ``FoldLinearBN`` folded."""
+    pushed_biases: list[str] = field(default_factory=list)
+    """Conv targets whose bias ``PushBias`` moved into BatchNorms."""
     completed: list[str] = field(default_factory=list)
 
     def ran(self, pass_type: type) -> bool:
         """Whether a pass of ``pass_type`` (by class name) completed on this graph."""
         return pass_type.__name__ in self.completed
-
-
-LEGACY_META_SELECTED = "repcompiler.transforms.linearize.regions"
-"""Transition only: the key :mod:`repcompiler.transforms.linearize` stores its selected regions
-under before it sets ``PipelineState.selected``; :func:`pipeline_state` moves them into
-the state. Remove (with :data:`LEGACY_META_POST_BN`) once linearize uses the state."""
-LEGACY_META_POST_BN = "repcompiler.transforms.linearize.post_bn"
-"""Transition only: ``InsertPostBN`` also exposes ``PipelineState.post_bns`` (the same
-list) under this key for :mod:`repcompiler.transforms.linearize`'s current reader."""
 
 
 def pipeline_state(gm: fx.GraphModule) -> PipelineState:
@@ -126,9 +169,6 @@ def pipeline_state(gm: fx.GraphModule) -> PipelineState:
     state = meta.get(META_STATE)
     if state is None:
         state = meta[META_STATE] = PipelineState()
-    legacy = meta.pop(LEGACY_META_SELECTED, None)
-    if legacy is not None:
-        state.selected = list(legacy)
     return state
 
 

@@ -63,6 +63,15 @@ def autograd_node_names(t: Tensor) -> set[str]:
     return {type(n).__name__ for n in seen}
 
 
+def linear_bn_folds(model: nn.Module, *example_inputs: Any) -> tuple[nn.Module, list[tuple[str, ...]]]:
+    """``rc.fold`` ``model`` and return the folded model and the ``(linear, bn)`` pairs
+    its report lists as folded."""
+    import repcompiler as rc
+
+    folded, report = rc.fold(model, *example_inputs, return_report=True)
+    return folded, [tuple(e.name.split(" -> ")) for e in report.by_action("folded") if e.kind == "linear"]
+
+
 def randomized_eval(model: nn.Module, seed: int = 0) -> nn.Module:
     """``model`` with randomized BN statistics (library defaults, seeded), in eval mode."""
     rct.randomize_bn(model, torch.Generator().manual_seed(seed))

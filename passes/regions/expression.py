@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from ... import algebra as A
+from ...errors import RepCompilerError
 from .lowering import PLAIN_LEAVES, LoweredGraph, fetch_attr
 from .region import Region, region_name
 
@@ -72,7 +73,7 @@ def build_region(g: LoweredGraph, d: fx.Node, e: fx.Node, body: set[fx.Node], al
     except _NoChannels:
         expr = None
         reasons.append(f"channel count of {d.name} unknown (pass example_inputs to fold)")
-    except Exception as exc:  # IncompatibleError and friends
+    except RepCompilerError as exc:  # IncompatibleError and friends: the branches do not combine
         expr = None
         reasons.append(f"{type(exc).__name__}: {exc}")
     kinds = {g.kind[n] for n in nodes}
@@ -110,7 +111,7 @@ def region_dtype(g: LoweredGraph, nodes: list[fx.Node], entry: fx.Node) -> torch
             if g.constant(a):
                 try:
                     v = g.value(a)
-                except Exception:
+                except Exception:  # evaluating the graph's constant operands runs the user's code
                     continue
                 if isinstance(v, torch.Tensor) and v.is_floating_point():
                     return v.dtype

@@ -32,9 +32,10 @@ sums, concats and elementwise activations). No input shape is required.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import algebra as A
+from ...errors import RepCompilerError, RuleError, UnsupportedError
 from ...analysis.effects import Effects
 from ...rules.base import INPUT, FunctionCall, LowerInfo
 from ...rules.registry import RuleRegistry
@@ -60,6 +62,8 @@ __all__ = [
     "fetch_attr",
     "is_identity_call",
     "is_rank_read",
+    "constant_nodes",
+    "LoweringRuleError",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,7 +110,6 @@ class LoweredGraph:
         self.nodes = [n for n in gm.graph.nodes]
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.const: dict[fx.Node, Any] = {}
-        self.is_const: dict[fx.Node, bool] = {}
         self.kind: dict[fx.Node, str] = {}
         self.data_in: dict[fx.Node, list[fx.Node]] = {}
         self.chan: dict[fx.Node, int] = {}
@@ -125,26 +128,21 @@ class LoweredGraph:
         self.why: dict[fx.Node, str] = {}
         """Why a module call with a rule is not linear here (``pinned`` nodes)."""
         self.effects = Effects(gm, rules.describes)
+        self._constants: set[fx.Node] | None = None
         self.refusals: dict[fx.Node, tuple[fx.Node, set[fx.Node], list[fx.Node], str]] = {}
         """Exit -> the first larger region ending there that in-place writes made invalid:
         ``(entry, body, aliases, reason)`` (:mod:`~repcompiler.passes.regions.dominance`)."""
 
     # -- constants ---------------------------------------------------------------
     def constant(self, n: fx.Node) -> bool:
-        if n in self.is_const:
-            return self.is_const[n]
-        # a value written in place (a buffer updated in forward, or anything sharing its
-        # storage) is not a constant, nor is a node that writes: evaluating it would write
-        if n in self.effects.writers or self.effects.written(n):
-            res = False
-        elif n.op == "get_attr":
-            res = True
-        elif n.op in ("call_function", "call_method") and n.all_input_nodes:
-            res = all(self.constant(a) for a in n.all_input_nodes)
-        else:
-            res = False
-        self.is_const[n] = res
-        return res
+        """Whether ``n`` is computed from parameters and buffers alone
+        (:func:`constant_nodes`): a value written in place (a buffer updated in forward,
+        or anything sharing its storage) is not, nor is a node that writes (evaluating
+        it would write)."""
+        if self._constants is None:
+            self._constants = constant_nodes(
+                self.gm.graph, never=lambda m: m in self.effects.writers or self.effects.written(m))
+        return n in self._constants
 
     def value(self, n: fx.Node) -> Any:
         if n not in self.const:
@@ -237,7 +235,7 @@ class LoweredGraph:
                     self._set(self.chan, n, m.num_features)
                 try:
                     d = A.dims_of(m)
-                except Exception:
+                except UnsupportedError:  # not a conv, BN or pool: no declared dims
                     d = None
                 if d is not None:
                     self._set(self.dims, self.data_in[n][0], d)
@@ -288,6 +286,35 @@ class LoweredGraph:
             if k == "unary" and n not in self.lowered:
                 self._try_lower(n, final=True)
 
+    def _lower(self, n: fx.Node, inp: fx.Node, info: LowerInfo) -> A.Expr | None:
+        """``n``'s expression by its rule (``None``: no rule or the rule declines); a rule
+        that raises anything but a :class:`~repcompiler.errors.RepCompilerError` is a bug,
+        raised as one naming the rule and the module or node."""
+        if n.op == "call_module":
+            m = fetch_attr(self.gm, str(n.target))
+            with _rule_errors(self.rules, m, str(n.target)):
+                expr = self.rules.lower_module(m, info)
+                if expr is not None:
+                    expr.plan()
+                return expr
+        target = n.target if n.op == "call_function" else METHODS[str(n.target)]
+        rule = self.rules.lookup(target)
+        if rule is None:
+            return None
+        try:
+            args = fx.node.map_arg(n.args, lambda a: INPUT if a is inp else self.value(a))
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: INPUT if a is inp else self.value(a))
+        except Exception as exc:  # evaluating the graph's constant operands runs the user's code
+            log.debug("constant operands of %s not evaluated: %s", n, exc)
+            return None
+        calls = self._split_weight(n, target, tuple(args), dict(kwargs))
+        with _rule_errors(self.rules, target, n.name):
+            exprs = [rule(c, info) for c in calls]
+            expr = None if any(e is None for e in exprs) else exprs[0] if len(exprs) == 1 else A.Sum(*exprs)
+            if expr is not None:
+                expr.plan()
+        return expr
+
     def _try_lower(self, n: fx.Node, final: bool = False) -> bool:
         inp = self.data_in[n][0]
         cin = self.chan.get(inp)
@@ -299,16 +326,19 @@ class LoweredGraph:
             if dims is None:
                 try:
                     dims = A.dims_of(m)
-                except Exception:
+                except UnsupportedError:  # not a conv, BN or pool: no declared dims
                     dims = None
             if cin is None or dims is None:
                 # probe: a rule that does not need the input's channels (a conv-like
                 # block) lowers with a meaningless channel count; parameter-free
                 # leaves refuse it (they need a positive count)
                 try:
-                    probe = self.rules.lower_module(m, LowerInfo(-1, dims or 2, str(n.target)))
-                    pspec = None if probe is None else probe.plan()[0]
-                except Exception:
+                    with _rule_errors(self.rules, m, str(n.target)):
+                        probe = self.rules.lower_module(m, LowerInfo(-1, dims or 2, str(n.target)))
+                        pspec = None if probe is None else probe.plan()[0]
+                except RuleError:  # a bug in a rule, not a refusal
+                    raise
+                except RepCompilerError:  # the rule refuses the meaningless channel count
                     pspec = None
                 if pspec is not None and pspec.in_channels > 0:
                     cin = cin if cin is not None else pspec.in_channels
@@ -321,19 +351,12 @@ class LoweredGraph:
             return False
         info = LowerInfo(int(cin), int(dims), str(n.target) if n.op == "call_module" else n.name)
         try:
-            if n.op == "call_module":
-                expr = self.rules.lower_module(fetch_attr(self.gm, str(n.target)), info)
-            else:
-                target = n.target if n.op == "call_function" else METHODS[str(n.target)]
-                rule = self.rules.lookup(target)
-                args = fx.node.map_arg(n.args, lambda a: INPUT if a is inp else self.value(a))
-                kwargs = fx.node.map_arg(n.kwargs, lambda a: INPUT if a is inp else self.value(a))
-                calls = self._split_weight(n, target, tuple(args), dict(kwargs))
-                exprs = [None if rule is None else rule(c, info) for c in calls]
-                expr = None if any(e is None for e in exprs) else exprs[0] if len(exprs) == 1 else A.Sum(*exprs)
+            expr = self._lower(n, inp, info)
             spec = None if expr is None else expr.plan()[0]
-        except Exception as exc:  # a rule that cannot lower this instance: opaque
-            log.debug("lowering %s failed: %s", n, exc)
+        except RuleError:  # a bug in a rule, not a refusal
+            raise
+        except RepCompilerError as exc:  # a rule that refuses this instance (IncompatibleError, ...): opaque
+            log.debug("lowering %s refused: %s", n, exc)
             expr, spec = None, None
         if guessed and (spec is None or spec.out_channels != cin):
             return False
@@ -423,6 +446,43 @@ def is_identity_call(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 _RANK_METHODS = ("dim", "ndimension")
+
+
+class LoweringRuleError(RuleError):
+    """A lowering rule raised something other than a ``RepCompilerError`` (a bug in the
+    rule, not a refusal)."""
+
+
+@contextlib.contextmanager
+def _rule_errors(rules: RuleRegistry, subject: Any, where: str) -> Iterator[None]:
+    """Let :class:`~repcompiler.errors.RepCompilerError` (a rule refusing) through;
+    raise any other exception of a rule as a ``RepCompilerError`` naming the rule and
+    ``where`` (the module's name or the node's), chained to the original."""
+    try:
+        yield
+    except RepCompilerError:  # a refusal, or a RuleError the registry already raised
+        raise
+    except Exception as exc:  # a rule is user code: any bug in it is reported, never swallowed
+        rule = rules.lookup(subject)
+        name = getattr(rule, "__qualname__", None) or repr(rule)
+        what = type(subject).__name__ if isinstance(subject, nn.Module) else getattr(subject, "__name__", subject)
+        raise LoweringRuleError(
+            f"the lowering rule {name} for {what} raised {type(exc).__name__} on {where}: {exc}") from exc
+
+
+def constant_nodes(graph: fx.Graph, never: Callable[[fx.Node], bool] | None = None) -> set[fx.Node]:
+    """The nodes of ``graph`` computed from its parameters and buffers alone:
+    ``get_attr`` reads and function or method calls whose inputs are all such nodes
+    (one pass in topological order). ``never``: nodes that are not constants whatever
+    their inputs (e.g. values written in place)."""
+    const: set[fx.Node] = set()
+    for n in graph.nodes:
+        if never is not None and never(n):
+            continue
+        if n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.all_input_nodes
+                                  and all(a in const for a in n.all_input_nodes)):
+            const.add(n)
+    return const
 
 
 def is_rank_read(n: fx.Node) -> bool:

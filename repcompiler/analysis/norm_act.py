@@ -276,25 +276,14 @@ def norm_owner(n: fx.Node) -> str | None:
     return paths[-1] if paths else None
 
 
-def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """The nodes of ``gm`` computed from its parameters and buffers alone: ``get_attr``
-    reads and function or method calls whose inputs are all such nodes."""
-    const: set[fx.Node] = set()
-    for n in gm.graph.nodes:  # topological order: a node's inputs come first
-        if n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.all_input_nodes
-                                  and all(a in const for a in n.all_input_nodes)):
-            const.add(n)
-    return const
-
-
 def owned_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """For each module path in the traced graph ``gm``, the nodes its own ``forward``
     created that compute data, elementwise ops (an activation) aside: not a child's
     call, a constant, or a read of dims.
     Taken before a fold rewrites the graph, for :func:`folded_norms`."""
-    from ..passes.regions.lowering import is_rank_read
+    from ..passes.regions.lowering import constant_nodes, is_rank_read
 
-    constant = _constant_nodes(gm).__contains__
+    constant = constant_nodes(gm.graph).__contains__
 
     def dims_only(n: fx.Node) -> bool:
         return is_rank_read(n) or (n.op == "call_function" and bool(n.all_input_nodes)
@@ -317,9 +306,9 @@ def leaf_uses(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     e.g. ``self.weight + self.id_tensor``). When a fold replaced all of them, nothing
     computes with the module any more (:func:`unused_modules`). Taken before the
     rewrite edits the graph."""
-    from ..passes.regions.lowering import is_rank_read
+    from ..passes.regions.lowering import constant_nodes, is_rank_read
 
-    constant = _constant_nodes(gm).__contains__
+    constant = constant_nodes(gm.graph).__contains__
 
     out: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,9 @@ from torch import nn
 from .. import algebra as A
 from ..online.conv import OfflineBlock, OnlineConv
 from ..passes.bn_to_scale import branch_bns, iter_leaves
-from ..passes.find_regions import Region, find_regions, node_owner
+from ..passes.base import run_passes
+from ..passes.find_regions import FindRegions, Region, node_owner
+from ..passes.state import PipelineState
 from ..passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_MODULES
 from ..rewrite.owner import qualify, region_owner
 from ..rules.defaults import default_rules
@@ -37,7 +39,7 @@ from ..rules.registry import RuleRegistry
 from ..capture.tracing import TracedUnit, TraceResult, trace_units
 from .uses import local_pins, model_pins, shared_modules
 
-__all__ = ["ModelAnalysis", "analyse_model", "LinearizeCandidate", "analyse_unit", "find_linearizable", "is_sum",
+__all__ = ["ModelAnalysis", "analyse_model", "unit_regions", "LinearizeCandidate", "analyse_unit", "find_linearizable", "is_sum",
            "is_activation"]
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -85,12 +87,21 @@ def analyse_model(model: nn.Module, *, rules: RuleRegistry | None = None, traini
             model.train(training)
         traced = trace_units(model, rules=rules, bns_become_scales=bns_become_scales)
         pinned = model_pins(model, [(u.path, u.gm) for u in traced.units], [p for p, _ in traced.skipped])
-        regions = {u.path: find_regions(u.gm, rules, shared_modules=shared_modules(model),
-                                        pinned=local_pins(pinned, u.path)) for u in traced.units}
+        shared = shared_modules(model)
+        regions = {u.path: unit_regions(u.gm, rules, shared, local_pins(pinned, u.path)) for u in traced.units}
     finally:
         for m, f in zip(modules, flags):
             m.training = f
     return ModelAnalysis(traced, regions, model.training if training is None else training, pinned)
+
+
+def unit_regions(gm: fx.GraphModule, rules: RuleRegistry, shared: Iterable[nn.Module] = (),
+                 pinned: Mapping[str, str] | None = None) -> list[Region]:
+    """The linear regions of the traced graph ``gm`` (:class:`FindRegions` run on it
+    through the pass manager; ``gm`` is not modified)."""
+    state = PipelineState()
+    run_passes(gm, [FindRegions(rules, shared, pinned=pinned)], state=state)
+    return state.regions or []
 
 
 @dataclass
@@ -325,7 +336,7 @@ def analyse_unit(unit: TracedUnit, rules: RuleRegistry, regions: list[Region] | 
     gm = unit.gm
     cands: list[LinearizeCandidate] = []
     covered: set[fx.Node] = set()
-    for r in (regions if regions is not None else find_regions(gm, rules)):
+    for r in (regions if regions is not None else unit_regions(gm, rules)):
         why = _classify(gm, r)
         if why is None:
             continue

@@ -1,4 +1,5 @@
-"""Rewrite: the one owner-module rewrite engine of ``fold``, ``deploy`` and ``linearize``.
+"""The owner-module rewrite engine of ``fold``, ``deploy`` and ``linearize``: the steps
+:class:`~repcompiler.passes.rewrite_owners.RewriteOwners` runs.
 
 A region found in a traced unit (:mod:`repcompiler.capture.tracing`) is replaced by one module
 (a plain conv for ``fold``, an :class:`~repcompiler.online.conv.OnlineConv` for
@@ -12,7 +13,7 @@ A region found in a traced unit (:mod:`repcompiler.capture.tracing`) is replaced
   ``F.pad``, ...) lives in the ``forward`` of its **owner**, the deepest module whose
   ``forward`` created all its nodes (:func:`region_owner`). The owner is re-traced
   (:func:`owner_graph`; the unit's own graph when the owner is the unit), its regions
-  are mapped onto that graph, the caller squeezes them, and :func:`install_forward`
+  are mapped onto that graph, they are squeezed, and :func:`install_forward`
   gives the owner the rewritten graph's code: the **object stays** (same ``id``,
   children, attributes, other methods and ``isinstance``); only its class is swapped
   for a subclass of the **user's** class whose ``forward`` is the generated code. One
@@ -39,6 +40,7 @@ from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
 from ..errors import TraceError
+from ..passes.base import run_passes
 from ..passes.cleanup import Cleanup
 from ..passes.find_regions import Region, node_owner
 from ..passes.squeeze import conv_target
@@ -119,8 +121,7 @@ class OwnerGraph:
 
     def finish(self) -> None:
         """Drop identity calls, check the graph and give the owner its forward."""
-        Cleanup()(self.gm)
-        self.gm.graph.lint()
+        run_passes(self.gm, [Cleanup()])
         self.gm.recompile()
         install_forward(self.module, self.gm)
 

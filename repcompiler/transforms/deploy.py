@@ -19,7 +19,9 @@ from ..analysis.inputs import as_inputs, check_model
 from ..analysis.isolation import isolated_call, propagate_shapes
 from ..errors import TraceError
 from .fold import compile_folds
+from ..passes.base import run_passes
 from ..passes.push_bias import PushBias
+from ..passes.state import PipelineState
 from ..explain.report import FoldReport
 from ..rules.registry import RuleRegistry
 from ..capture.tracing import trace_model
@@ -64,7 +66,9 @@ def deploy(
 
 
 def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs: Any, verify: bool) -> None:
-
+    """Move the biases of the convs ``names`` of ``deployed`` into the BatchNorms their
+    outputs reach (:class:`PushBias` on the traced deployed model); with
+    ``example_inputs`` and ``verify`` the model's output is checked before and after."""
     try:
         gm = trace_model(deployed)
     except TraceError as exc:
@@ -74,9 +78,9 @@ def _push_inserted_biases(deployed: nn.Module, names: list[str], example_inputs:
     want = None
     if inputs is not None:  # channel counts for concatenations, and the reference output
         want = propagate_shapes(gm, inputs)
-    push = PushBias(names)
-    push.call(gm)
-    log.info("deploy: moved %d inserted post-BN biases into downstream BatchNorms", len(push.pushed))
-    if verify and want is not None and push.pushed:
+    state = PipelineState()
+    run_passes(gm, [PushBias(names)], state=state)
+    log.info("deploy: moved %d inserted post-BN biases into downstream BatchNorms", len(state.pushed_biases))
+    if verify and want is not None and state.pushed_biases:
         compare_outputs(want, isolated_call(deployed, inputs), type(deployed).__name__,
                         "deployed model after moving inserted post-BN biases into BatchNorms")

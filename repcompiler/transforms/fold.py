@@ -12,10 +12,16 @@ folded regions' nodes to the modules that now compute them), not from a new trac
 Only an owner whose ``forward`` is rewritten is traced again, alone
 (:func:`repcompiler.rewrite.owner.owner_graph`), to produce its own code.
 
+Per unit, the steps are one pass pipeline run by
+:func:`~repcompiler.passes.base.run_passes`: ``FoldLinearBN -> FindRegions ->
+SqueezeRegions(rewrite=False) -> RewriteOwners``.
+
 **How the hierarchy is edited** (names, ``state_dict`` keys and user methods survive
 outside the rewritten regions; the owner of a region with function calls keeps its
-object and gets a generated ``forward``): :mod:`repcompiler.rewrite.owner`, the engine
-``linearize`` uses too. Output checks: :mod:`repcompiler.rewrite.verify`.
+object and gets a generated ``forward``): the
+:class:`~repcompiler.passes.rewrite_owners.RewriteOwners` pass (engine:
+:mod:`repcompiler.rewrite.owner`), which ``linearize`` ends in too. Output checks:
+:mod:`repcompiler.rewrite.verify`.
 
 Untraceable parts (see :func:`repcompiler.capture.tracing.trace_units`) are left as they
 are and listed in the report. Region boundaries, lowering and exactness: see
@@ -32,20 +38,22 @@ import inspect
 import logging
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RepCompilerError, UnsupportedError, VerificationError, first_line
+from ..errors import UnsupportedError, VerificationError, first_line
 from ..passes.base import run_passes
 from ..passes.find_regions import Region
 from ..passes.fold_linear_bn import FoldLinearBN
-from ..passes.squeeze import fold_passes, set_submodule, squeeze_region
-from ..passes.state import PipelineState
+from ..passes.rewrite_owners import RewriteOwners
+from ..passes.squeeze import fold_passes
+from ..passes.state import FoldPlan, PipelineState
 from ..explain.report import FoldReport, count_convs, count_params
-from ..rewrite.owner import conv_target, group_by_owner, owner_graph, qualify
+from ..rewrite.owner import qualify
 from ..rules.defaults import default_rules
 from ..rules.registry import RuleRegistry
 from ..analysis.inputs import as_inputs, check_flags, check_model, check_rules, check_weights, copy_model
@@ -54,7 +62,7 @@ from ..explain.leftovers import explain_left_bns
 from ..online.conv import block_calls_as_modules
 from ..analysis.norm_act import folded_norms, leaf_uses, owned_nodes, strip_folded_norms, unused_modules
 from ..explain.opaque import opaque_reasons
-from ..capture.tracing import TracedUnit, trace_units
+from ..capture.tracing import TracedUnit, TraceResult, trace_units
 from ..analysis.uses import local_pins, model_pins, shared_modules
 from ..rewrite.verify import compare_outputs
 
@@ -110,7 +118,10 @@ def compile_folds(
     title: str = "fold",
     merge_convs: bool = False,
 ) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """The machinery behind :func:`fold` and :func:`repcompiler.deploy`."""
+    """The machinery behind :func:`fold` and :func:`repcompiler.deploy` (arguments as
+    :func:`fold`; ``title`` names the caller in errors and the report): check the
+    call, capture the model once, fold each traced unit, report what else the folds
+    made dead, verify the whole model, explain what is left."""
     t0 = time.perf_counter()
     check_model(model, title)
     check_flags(title, inplace=inplace, verify=verify, return_report=return_report, merge_convs=merge_convs)
@@ -125,93 +136,134 @@ def compile_folds(
     work = copy_model(model, title, inplace)
     block_calls_as_modules(work)  # a model fx-traced after orepa_transform: its blocks become module calls again
     work.eval()
+    traced = _trace(work, model, rules, title, report)
+    run = _run_capturing(work, inputs, traced.units, title) if inputs is not None else None
+    units = _all_units(work, model, traced, rules, report)
+    with _few_threads():
+        folds = _fold_units(work, units, rules, report, verify=verify, merge_convs=merge_convs,
+                            received=run[2] if run is not None else {})
+    _report_consumed(work, rules, folds, report)
+    if run is not None and verify:
+        _verify_folded(model, work, traced, inputs, run, report)  # type: ignore[arg-type]
+    _explain_left(model, work, rules, traced, folds.replaced, report)
+    report.seconds = time.perf_counter() - t0
+    log.info("%s", report.summary())
+    return (work, report) if return_report else work
+
+
+@dataclass
+class _Folds:
+    """What folding the units did beyond their regions (for :func:`_report_consumed`)."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    """Linear/BN1d pairs folded (qualified names)."""
+    replaced: dict[fx.Node, str] = field(default_factory=dict)
+    """Node of a unit's graph -> the module now computing the region it was in."""
+    norms: set[str] = field(default_factory=set)
+    """Norm modules (qualified) whose norm folded away."""
+    unused: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Modules traced into whose every use folded, with the modules they folded into."""
+
+
+def _trace(work: nn.Module, model: nn.Module, rules: RuleRegistry, title: str, report: FoldReport) -> TraceResult:
+    """The one capture of ``work``; a model of which nothing traces is reported (and warned)."""
     traced = trace_units(work, rules=rules)
     report.skipped = list(traced.skipped)
     if not traced.units:
         msg = f"{title}: no part of {type(model).__name__} traces with torch.fx; nothing was folded"
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)  # at the caller of compile_folds
         report.notes.append(msg)
+    return traced
 
-    ref_out = None
-    unit_args: dict[str, tuple] = {}
-    unit_received: dict[str, tuple] = {}
-    unit_outs: dict[str, Any] = {}
-    if inputs is not None:
-        ref_out, unit_args, unit_received, unit_outs = _run_capturing(work, inputs, traced.units, title)
 
-    shared = shared_modules(work)
-    # submodules the eval forward never runs (GoogLeNet's auxiliary heads): traced on their own
+def _all_units(work: nn.Module, model: nn.Module, traced: TraceResult, rules: RuleRegistry,
+               report: FoldReport) -> list[TracedUnit]:
+    """The traced units, and the submodules the eval forward never runs (GoogLeNet's
+    auxiliary heads) traced on their own."""
     units = list(traced.units)
     for path, found in _unreached(work, traced.units, rules):
         units += found.units
         report.skipped += [(qualify(path, p) if p != "<root>" else path, why) for p, why in found.skipped]
         report.notes.append(f"{path}: not executed by the forward of {type(model).__name__} in eval mode; "
                             "traced and folded on its own")
-    # modules whose tensors or submodules are used other than by their call stay as they are
+    return units
+
+
+def _fold_units(work: nn.Module, units: list[TracedUnit], rules: RuleRegistry, report: FoldReport, *,
+                verify: bool, merge_convs: bool, received: dict[str, tuple]) -> _Folds:
+    """Fold every unit (:func:`_fold_unit`); modules whose tensors or submodules are used
+    other than by their call stay as they are (reported before the graphs change)."""
+    shared = shared_modules(work)
     pinned = model_pins(work, [(u.path, u.gm) for u in units], [p for p, _ in report.skipped])
-    _report_pinned(units, pinned, rules, report)  # read from the graphs before they are rewritten
-    pairs: list[tuple[str, str]] = []
-    replaced: dict[fx.Node, str] = {}
-    norms: set[str] = set()
-    unused: list[tuple[str, list[str]]] = []
-    with _few_threads():
-        for unit in units:
-            owned, uses = owned_nodes(unit.gm), leaf_uses(unit.gm)  # before the rewrite edits the unit's graph
-            done = _fold_unit(work, unit, rules, shared, verify, report, unit_received.get(unit.path), merge_convs,
-                              pairs, local_pins(pinned, unit.path))
-            replaced.update(done)
-            prefix = unit.path + "." if unit.path else ""
-            norms |= folded_norms(owned, prefix, done)
-            unused += [(p, sorted({done[n] for n in uses[p[len(prefix):]]}))
-                       for p in unused_modules(work, uses, prefix, done)]
-    # a norm-plus-activation module whose norm folded away keeps only its activation
-    stripped = strip_folded_norms(work, norms, rules)
+    _report_pinned(units, pinned, rules, report)
+    folds = _Folds()
+    for unit in units:
+        owned, uses = owned_nodes(unit.gm), leaf_uses(unit.gm)  # before the rewrite edits the unit's graph
+        done = _fold_unit(unit, rules, shared, verify, report, received.get(unit.path), merge_convs,
+                          folds.pairs, local_pins(pinned, unit.path))
+        folds.replaced.update(done)
+        prefix = unit.path + "." if unit.path else ""
+        folds.norms |= folded_norms(owned, prefix, done)
+        folds.unused += [(p, sorted({done[n] for n in uses[p[len(prefix):]]}))
+                         for p in unused_modules(work, uses, prefix, done)]
+    return folds
+
+
+def _report_consumed(work: nn.Module, rules: RuleRegistry, folds: _Folds, report: FoldReport) -> None:
+    """Strip the norms that folded away from norm-plus-activation modules, replace the
+    modules traced into that a fold consumed whole by ``nn.Identity``, and report
+    them and the Linear/BN1d pairs."""
+    stripped = strip_folded_norms(work, folds.norms, rules)
     for path, match in stripped:
         report.add(path, type(match.module).__name__, "folded",
                    f"its norm folded into the conv before it; {match.activation} stays after it",
                    activation=match.activation)
-    # a conv/BN traced into (its forward computes with its tensors) that a fold consumed whole
     taken = {p for p, _ in stripped}
-    for path, into in unused:
+    for path, into in folds.unused:
         if path in taken:
             continue
         module = work.get_submodule(path)
-        set_submodule(work, path, nn.Identity())
+        work.set_submodule(path, nn.Identity())
         report.add(path, type(module).__name__, "folded",
                    f"its forward was traced into and folded into {', '.join(into) or 'a conv'}")
-    for linear, bn in pairs:
+    for linear, bn in folds.pairs:
         report.add(f"{linear} -> {bn}", "linear", "folded", "BatchNorm1d folded into the Linear")
 
-    if ref_out is not None and verify:
-        # every traced part on the inputs it saw: strict, names the part
-        # (each run from the state the reference run started from, on its own copy of the inputs)
-        for unit in traced.units:
-            if unit.path in unit_args and unit.path in unit_outs:
-                got_u = isolated_call(unit.module, unit_args[unit.path])
-                compare_outputs(unit_outs[unit.path], got_u, unit.path or type(model).__name__)
-        out = isolated_call(work, inputs)  # type: ignore[arg-type]
-        if traced.whole:
-            compare_outputs(ref_out, out, type(model).__name__)
-        else:
-            # untraced parts (detection post-processing: box decoding, thresholds, mask
-            # pasting) can amplify float rounding discontinuously: report, do not raise
-            try:
-                compare_outputs(ref_out, out, type(model).__name__)
-            except VerificationError as exc:
-                msg = f"whole-model check outside the folded parts: {exc} (every folded part matched)"
-                warnings.warn(msg, stacklevel=2)
-                report.notes.append(msg)
 
+def _verify_folded(model: nn.Module, work: nn.Module, traced: TraceResult, inputs: tuple,
+                   run: tuple[Any, dict[str, tuple], dict[str, tuple], dict[str, Any]], report: FoldReport) -> None:
+    """Check every traced part on the inputs it saw (strict, names the part; each run
+    from the state the reference run started from, on its own copy of the inputs),
+    then the whole model."""
+    ref_out, unit_args, _, unit_outs = run
+    for unit in traced.units:
+        if unit.path in unit_args and unit.path in unit_outs:
+            got_u = isolated_call(unit.module, unit_args[unit.path])
+            compare_outputs(unit_outs[unit.path], got_u, unit.path or type(model).__name__)
+    out = isolated_call(work, inputs)
+    if traced.whole:
+        compare_outputs(ref_out, out, type(model).__name__)
+        return
+    # untraced parts (detection post-processing: box decoding, thresholds, mask
+    # pasting) can amplify float rounding discontinuously: report, do not raise
+    try:
+        compare_outputs(ref_out, out, type(model).__name__)
+    except VerificationError as exc:
+        msg = f"whole-model check outside the folded parts: {exc} (every folded part matched)"
+        warnings.warn(msg, stacklevel=3)  # at the caller of compile_folds
+        report.notes.append(msg)
+
+
+def _explain_left(model: nn.Module, work: nn.Module, rules: RuleRegistry, traced: TraceResult,
+                  replaced: dict[fx.Node, str], report: FoldReport) -> None:
+    """Report the opaque modules and, read from the graphs traced above (no re-trace),
+    why every BatchNorm left stays; order the report as the model and count."""
     for path, reason in opaque_reasons(work, rules):
         report.add(path, type(dict(work.named_modules())[path]).__name__, "opaque", reason)
-    # every BatchNorm left gets a row saying why, read from the graphs traced above (no re-trace)
     explain_left_bns(work, report, rules, traced, replaced)
     report.sort_by_model(name for name, _ in model.named_modules())
     report.convs_after = count_convs(work)
     report.params_after = count_params(work)
-    report.seconds = time.perf_counter() - t0
-    log.info("%s", report.summary())
-    return (work, report) if return_report else work
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -274,7 +326,7 @@ def _run_capturing(
         handles.append(u.module.register_forward_pre_hook(_capture_args(received, u.path), with_kwargs=True))
     try:
         out = isolated_call(model, inputs)
-    except Exception as exc:
+    except Exception as exc:  # the user's forward may raise anything: re-raised naming the model
         raise UnsupportedError(
             f"{title}: {type(model).__name__} does not run on the given example_inputs: {type(exc).__name__}: "
             f"{first_line(exc)}"
@@ -350,7 +402,6 @@ def _report_pinned(units: Sequence[TracedUnit], pinned: dict[str, str], rules: R
 
 
 def _fold_unit(
-    model: nn.Module,
     unit: TracedUnit,
     rules: RuleRegistry,
     shared: list[nn.Module],
@@ -361,73 +412,43 @@ def _fold_unit(
     linear_pairs: list[tuple[str, str]],
     pinned: dict[str, str],
 ) -> dict[fx.Node, str]:
-    """Fold one traced unit: Linear/BN1d pairs (:class:`FoldLinearBN`), then the conv
-    regions (:func:`fold_passes`), whose plans are applied by the owner rewrite.
-    Appends the folded Linear/BN pairs to ``linear_pairs``; returns, for the nodes of
-    ``unit.gm`` a folded region replaced, the qualified name of the module now
-    computing that region (the graph is not re-traced afterwards: this says what its
-    stale nodes became)."""
+    """Fold one traced unit with one pass pipeline: Linear/BN1d pairs
+    (:class:`FoldLinearBN`), the conv regions (:func:`fold_passes`) and the owner
+    rewrite (:class:`RewriteOwners`). Appends the folded Linear/BN pairs to
+    ``linear_pairs``; returns, for the nodes of ``unit.gm`` a folded region replaced,
+    the qualified name of the module now computing that region (the graph is not
+    re-traced afterwards: this says what its stale nodes became)."""
     gm = unit.gm
     prefix = unit.path + "." if unit.path else ""
     if args is not None:
         try:
             propagate_shapes(gm, args)
-        except Exception as exc:  # shapes are only a hint
+        except Exception as exc:  # shapes are only a hint: any error of the user's forward is acceptable here
             log.debug("shape propagation of %s failed: %s", unit.path or "<root>", exc)
-    # analysis and folding are the pass pipeline; applying the plans rewrites owners.
+    uses = _attribute_uses(gm)  # read before the rewrite edits the graph
+    state = PipelineState()
     # Linear/BN1d pairs first (the kernel algebra has no 0-d convs: a dedicated pass;
     # a BN it folds reads a 2-d value, which no conv region holds)
-    linear_bn = FoldLinearBN(unit.module, pinned)
-    state = PipelineState()
-    run_passes(gm, [linear_bn, *fold_passes(rules, shared_modules=shared, pinned=pinned, merge_convs=merge_convs,
-                                            verify=verify, prefix=prefix, report=report, rewrite=False)],
-               state=state, lint=False)
-    linear_pairs += [(prefix + a, prefix + b) for a, b in linear_bn.folded]
-    plans = [(p.region, p.folded, p.params_before) for p in state.plans]
-    if not plans:
-        return {}
-
+    run_passes(gm, [FoldLinearBN(unit.module, pinned),
+                    *fold_passes(rules, shared_modules=shared, pinned=pinned, merge_convs=merge_convs,
+                                 verify=verify, prefix=prefix, report=report, rewrite=False),
+                    RewriteOwners(unit)], state=state)
+    linear_pairs += [(prefix + a, prefix + b) for a, b in state.linear_bn_folds]
     replaced: dict[fx.Node, str] = {}
     done: list[Region] = []
-    uses = _attribute_uses(gm)  # read before the rewrite edits the graph
-
-    def applied(region: Region, target: str | None) -> None:
-        done.append(region)
-        for n in region.nodes:
-            replaced[n] = qualify(unit.path, target or "")
-
-    groups, direct = group_by_owner(plans, lambda plan: plan[0])
-    for owner, group in groups.items():
-        try:
-            og = owner_graph(unit, owner, [r for r, _, _ in group])
-            squeezed: dict = {}
-            targets = []
-            for r, (orig, folded, _) in zip(og.regions, group):
-                target = conv_target(unit.module, orig)
-                targets.append(target)
-                squeeze_region(og.gm, r, folded, og.local(target), replaced=squeezed)
-            og.finish()
-        except RepCompilerError as exc:
-            for plan in group:
-                if plan[0].all_modules:
-                    direct.append(plan)
-                else:
-                    report.add_region(plan[0], "refused", f"could not rewrite the forward of "
-                                      f"{qualify(unit.path, owner) or '<root>'}: {exc}")
+    for rw in state.rewrites:
+        plan = rw.plan
+        assert isinstance(plan, FoldPlan)
+        if not rw.applied:
+            report.add_region(plan.region, "refused", f"could not rewrite the forward of "
+                              f"{qualify(unit.path, rw.owner or '') or '<root>'}: {rw.error}")
             continue
-        for (r, folded, before), target in zip(group, targets):
-            applied(r, target)
-            report.add_region(r, "folded", params_before=before,
-                              params_after=sum(p.numel() for p in folded.parameters()))
-
-    for r, folded, before in direct:
-        target = conv_target(unit.module, r)
-        for t in r.module_targets():
-            set_submodule(unit.module, t, folded if t == target else nn.Identity())
-        applied(r, target)
-        report.add_region(r, "folded", params_before=before,
-                          params_after=sum(p.numel() for p in folded.parameters()))
-    _drop_dead_holders(unit, uses, done)
+        done.append(plan.region)
+        for n in plan.region.nodes:
+            replaced[n] = qualify(unit.path, rw.target or "")
+        report.add_region(plan.region, "folded", params_before=plan.params_before, params_after=plan.params_after)
+    if state.rewrites:
+        _drop_dead_holders(unit, uses, done)
     return replaced
 
 
@@ -467,4 +488,4 @@ def _drop_dead_holders(unit: TracedUnit, uses: tuple[dict[str, list[fx.Node]], s
         if tensors and all(t in dead for t in tensors) and not isinstance(module, nn.Identity):
             log.debug("fold: %s no longer runs (its tensors are folded): replaced by nn.Identity",
                       qualify(unit.path, owner))
-            set_submodule(unit.module, owner, nn.Identity())
+            unit.module.set_submodule(owner, nn.Identity())

@@ -32,7 +32,8 @@ What it does (arXiv 2204.00826, Sec. 3), as one pipeline shared with ``fold``:
    one convolution on the feature map, then the post-BN), installed at the qualified
    name of the region's largest-kernel conv; the region's other modules become
    ``nn.Identity`` under their names;
-6. **rewrite** (:mod:`repcompiler.rewrite.owner`, the engine ``fold`` uses): the module
+6. **rewrite** (the :class:`~repcompiler.passes.rewrite_owners.RewriteOwners` pass
+   ``fold`` ends in too, with a builder making steps 3-5 on the owner's graph): the module
    that owns the region (the deepest whose ``forward`` holds every op of it, e.g.
    timm's ``RepVggBlock``) keeps its object and gets the rewritten ``forward`` (its
    class becomes a subclass of the user's class);
@@ -104,9 +105,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from .. import algebra as A
@@ -114,17 +114,19 @@ from ..blocks import MODES
 from ..blocks.accel import LinearizedSumAccelerator
 from ..analysis.inputs import as_inputs, check_flags, check_model, check_rules, check_weights, copy_model, run_example
 from ..analysis.isolation import preserved_state
-from ..errors import RepCompilerError, VerificationError, check_choice
+from ..errors import RepCompilerError, check_choice
 from ..analysis.regions import LinearizeCandidate, ModelAnalysis, analyse_model, analyse_unit, find_linearizable
 from ..online.conv import OnlineConv
 from ..passes.base import run_passes
-from ..passes.bn_to_scale import META_LINEARIZE, BnToScale, branch_bns, check_options
+from ..passes.bn_to_scale import BnToScale, branch_bns, check_options
 from ..passes.find_regions import Region
-from ..passes.insert_post_bn import META_POST_BN, InsertPostBN
-from ..passes.squeeze import region_reference, squeeze_region, verify_region
+from ..passes.insert_post_bn import InsertPostBN
+from ..passes.rewrite_owners import OwnerBuilder, Replacement, RewriteOwners
+from ..passes.squeeze import region_reference, verify_region
+from ..passes.state import PipelineState, RewritePlan
 from ..explain.report import TransformReport, count_convs, count_params
 from ..capture.python import capture_info
-from ..rewrite.owner import OwnerGraph, conv_target, group_by_owner, is_under, owner_graph, qualify
+from ..rewrite.owner import OwnerGraph, conv_target, is_under, qualify
 from ..rules.defaults import default_rules
 from ..rules.registry import RuleRegistry
 from ..capture.tracing import TracedUnit
@@ -173,48 +175,58 @@ def _online_conv(gm: nn.Module, region: Region, post_target: str | None, trainin
     return online
 
 
-def _linearize_owner(
-    og: OwnerGraph, unit: TracedUnit, names: list[str], *, scaling: str, post_bn: bool, init: str, verify: bool
-) -> list[_Done]:
-    """BN -> scale, post-BN and squeeze of every region of one owner graph, then its
-    rewrite; each block verified in eval mode before the owner is touched."""
-    gm, path = og.gm, unit.path
-    before = []
-    for r, name in zip(og.regions, names):
-        mods = [(str(n.target), gm.get_submodule(str(n.target))) for n in r.nodes if n.op == "call_module"]
-        before.append(dict(
+class _Linearizer(OwnerBuilder):
+    """Builds the online blocks of one owner's regions on its graph: BN -> scale and
+    post-BN (:class:`BnToScale`, :class:`InsertPostBN`), then one
+    :class:`OnlineConv` per region, each verified in eval mode before the owner's
+    forward is rewritten."""
+
+    def __init__(self, names: dict[int, str], scaled: list[str], *, scaling: str, post_bn: bool, init: str,
+                 verify: bool) -> None:
+        self.names, self.scaled = names, scaled
+        self.scaling, self.post_bn, self.init, self.verify = scaling, post_bn, init, verify
+
+    def check(self, unit: TracedUnit, owner: str, plans: Sequence[RewritePlan]) -> None:
+        _check_scaled(unit, owner, plans, self.scaled)
+
+    def _before(self, og: OwnerGraph, path: str, region: Region, name: str) -> dict[str, Any]:
+        """What the report and the check need, read before the BNs become scales."""
+        gm = og.gm
+        mods = [(str(n.target), gm.get_submodule(str(n.target))) for n in region.nodes if n.op == "call_module"]
+        return dict(
             name=name,
-            ref=region_reference(gm, r) if verify and init == "from_bn" else None,
+            ref=region_reference(gm, region) if self.verify and self.init == "from_bn" else None,
             convs=[qualify(path, og.prefix + t) for t, m in mods if isinstance(m, _CONVS)],
-            bns=[qualify(path, og.prefix + t) for t, _ in branch_bns(gm, r)],
-            target=conv_target(gm, r),
+            bns=[qualify(path, og.prefix + t) for t, _ in branch_bns(gm, region)],
+            target=conv_target(gm, region),
             params=sum(p.numel() for _, m in mods for p in m.parameters()),
-        ))
-    gm.meta[META_LINEARIZE] = og.regions
-    run_passes(gm, [BnToScale(scaling, init), InsertPostBN(init, enabled=post_bn)], lint=False)
-    post = {id(r): (t, ins) for r, t, ins in gm.meta.get(META_POST_BN, [])}
-    done: list[_Done] = []
-    replaced: dict = {}  # a block whose input is an earlier block's output reads its online conv
-    for r, d in zip(og.regions, before):
-        post_target, inserted = post.get(id(r), (None, False))
-        online = _online_conv(gm, r, post_target, og.module.training)
-        if verify:
-            r.name = d["name"]
-            with eval_mode(online, *([d["ref"]] if d["ref"] is not None else [])):
-                verify_region(r, d["ref"] if d["ref"] is not None else online.deploy_expr(), online)
-        squeeze_region(gm, r, online, d["target"], replaced)
-        if inserted:
-            delattr(gm, post_target)
-        if post_target is None:
-            post_desc = "none (post_bn=False)"
-        elif inserted:
-            post_desc = "inserted" + (" (identity in eval)" if init == "from_bn" else "")
-        else:
-            post_desc = f"{qualify(path, og.prefix + post_target)} (existing)"
-        done.append(_Done(d["name"], qualify(path, og.prefix + d["target"]), d["convs"], d["bns"], post_desc,
-                          d["params"], sum(p.numel() for p in online.parameters())))
-    og.finish()
-    return done
+        )
+
+    def build(self, unit: TracedUnit, og: OwnerGraph, plans: Sequence[RewritePlan]) -> list[Replacement]:
+        gm, path = og.gm, unit.path
+        before = [self._before(og, path, r, self.names[id(p)]) for r, p in zip(og.regions, plans)]
+        state = PipelineState(selected=list(og.regions))
+        run_passes(gm, [BnToScale(self.scaling, self.init), InsertPostBN(self.init, enabled=self.post_bn)],
+                   state=state)
+        post = {id(p.region): (p.target, p.inserted) for p in state.post_bns}
+        out: list[Replacement] = []
+        for r, d in zip(og.regions, before):
+            post_target, inserted = post.get(id(r), (None, False))
+            online = _online_conv(gm, r, post_target, og.module.training)
+            if self.verify:
+                r.name = d["name"]
+                with eval_mode(online, *([d["ref"]] if d["ref"] is not None else [])):
+                    verify_region(r, d["ref"] if d["ref"] is not None else online.deploy_expr(), online)
+            if post_target is None:
+                post_desc = "none (post_bn=False)"
+            elif inserted:
+                post_desc = "inserted" + (" (identity in eval)" if self.init == "from_bn" else "")
+            else:
+                post_desc = f"{qualify(path, og.prefix + post_target)} (existing)"
+            done = _Done(d["name"], qualify(path, og.prefix + d["target"]), d["convs"], d["bns"], post_desc,
+                         d["params"], sum(p.numel() for p in online.parameters()))
+            out.append(Replacement(online, d["target"], drop=(post_target,) if inserted else (), detail=done))
+        return out
 
 
 def linearize_regions(
@@ -289,39 +301,39 @@ def linearize_regions(
 
 def _linearize_unit(unit: TracedUnit, cands: list[LinearizeCandidate], handled: set[str],
                     report: TransformReport, **options: Any) -> None:
-    groups, direct = group_by_owner(cands, lambda c: c.region)
-    for c in direct:  # a block always holds a sum or concat: never only module calls
-        groups.setdefault("", []).append(c)  # pragma: no cover
+    """Linearize the blocks ``cands`` of one traced unit with :class:`RewriteOwners`
+    and report each block (or each owner left as it is)."""
+    pairs = [(RewritePlan(c.region), c) for c in cands if c.region is not None]
+    plans = [p for p, _ in pairs]
+    by_plan = {id(p): c for p, c in pairs}
     scaled = capture_info(unit.gm).scaled_bns  # BN-and-pad layers rewritten for BNs that become scales
-    for owner, group in groups.items():
-        try:
-            _check_scaled(unit, owner, group, scaled)
-            og = owner_graph(unit, owner, [c.region for c in group])
-            done = _linearize_owner(og, unit, [c.name for c in group], **options)
-        except RepCompilerError as exc:
-            if isinstance(exc, VerificationError):
-                raise
-            where = qualify(unit.path, owner) or "<root>"
-            log.warning("linearize: %s: %s", where, exc)
-            report.notes.append(f"{where}: {exc}")
+    builder = _Linearizer({i: c.name for i, c in by_plan.items()}, scaled, **options)
+    state = PipelineState(plans=plans)
+    run_passes(unit.gm, [RewriteOwners(unit, builder)], state=state)
+    for owner, exc in dict.fromkeys((rw.owner, rw.error) for rw in state.rewrites if not rw.applied):
+        where = qualify(unit.path, owner or "") or "<root>"
+        log.warning("linearize: %s: %s", where, exc)
+        report.notes.append(f"{where}: {exc}")
+    for rw in state.rewrites:
+        if not rw.applied:
             continue
-        for c, d in zip(group, done):
-            d.convs = list(dict.fromkeys([*d.convs, *c.convs]))  # with convs traced into (DBB's 1x1)
-            handled |= set(d.convs)
-            report.add(
-                d.region, "branches", "linearized",
-                f"online conv at {d.target}; {len(d.convs)} conv(s), {len(d.bns)} BN(s) -> scales; "
-                f"post-BN {d.post_bn}",
-                d.params_before, d.params_after,
-                target=d.target, convs=d.convs, bns=d.bns, post_bn=d.post_bn,
-            )
+        c, d = by_plan[id(rw.plan)], rw.detail
+        d.convs = list(dict.fromkeys([*d.convs, *c.convs]))  # with convs traced into (DBB's 1x1)
+        handled |= set(d.convs)
+        report.add(
+            d.region, "branches", "linearized",
+            f"online conv at {d.target}; {len(d.convs)} conv(s), {len(d.bns)} BN(s) -> scales; "
+            f"post-BN {d.post_bn}",
+            d.params_before, d.params_after,
+            target=d.target, convs=d.convs, bns=d.bns, post_bn=d.post_bn,
+        )
 
 
-def _check_scaled(unit: TracedUnit, owner: str, group: list[LinearizeCandidate], scaled: list[str]) -> None:
+def _check_scaled(unit: TracedUnit, owner: str, group: Sequence[RewritePlan], scaled: list[str]) -> None:
     """Refuse to rewrite ``owner`` if its forward holds a BN-and-pad layer captured in its
     affine form (:mod:`repcompiler.capture.patterns`) whose BN would stay a BN: the
     rewritten forward would not be the original in training mode."""
-    mine = {t for c in group for t, _ in branch_bns(unit.gm, c.region)}  # type: ignore[arg-type]
+    mine = {t for p in group for t, _ in branch_bns(unit.gm, p.region)}
     left = [t for t in scaled if is_under(t, owner) and t not in mine]
     if left:
         raise RepCompilerError(

@@ -22,11 +22,11 @@ from torch import nn
 
 import repcompiler as rc
 from fixtures_thirdparty import DBBBNAndPad, DBBIdentityConv1x1, OfficialOREPA
+from helpers import linear_bn_folds
 from repcompiler.algebra.crop import Crop
 from repcompiler.capture.python import CaptureTracerMixin, capture_info
 from repcompiler.capture.tracing import trace_model
 from repcompiler.errors import TraceError
-from repcompiler.passes.fold_linear_bn import fold_linear_bn
 from repcompiler.rules.layers import crop_of_index
 from repcompiler.testing import randomize_bn
 
@@ -290,7 +290,7 @@ class _AmbiguousBN1d(nn.Module):
 def test_linear_bn_pairs_fold_without_shapes():
     m = _randomized(_Head())
     x = torch.randn(5, 3, 2, 2)
-    f, done = fold_linear_bn(m)
+    f, done = linear_bn_folds(m)
     assert done == [("fc0", "bn0"), ("fc1", "bn1")]
     assert not any(isinstance(a, nn.BatchNorm1d) for a in f.modules())
     assert _rel(f(x), m(x)) < 1e-5
@@ -300,8 +300,8 @@ def test_linear_bn_pairs_fold_without_shapes():
 def test_linear_norm_tokens_fold_with_example_inputs_only():
     m = _randomized(_LinearNormTokens())
     x = torch.randn(2, 5, 8)
-    assert fold_linear_bn(m)[1] == []  # rank unknown without shapes
-    f, done = fold_linear_bn(m, x)
+    assert linear_bn_folds(m)[1] == []  # rank unknown without shapes
+    f, done = linear_bn_folds(m, x)
     assert done == [("linear", "bn")]
     assert _rel(f(x), m(x)) < 1e-5
 
@@ -310,6 +310,6 @@ def test_bn1d_on_three_d_input_is_not_folded():
     m = _randomized(_AmbiguousBN1d())
     x = torch.randn(3, 6, 6)
     for args in ((), (x,)):
-        f, done = fold_linear_bn(m, *args)
+        f, done = linear_bn_folds(m, *args)
         assert done == []
         assert _rel(f(x), m(x)) < 1e-6

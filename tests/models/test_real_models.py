@@ -25,8 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 import repcompiler as rc
 from fixtures_thirdparty import ACNetBlock, DBBBlock, InPlaceParent, OfficialOREPA, YoloConv, YoloRepConv
-from repcompiler.passes.fold_linear_bn import fold_linear_bn
-from helpers import first_tensor, randomized_eval
+from helpers import first_tensor, linear_bn_folds, randomized_eval
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -184,13 +183,13 @@ def test_timm_family_folds_like_reparameterize_model(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["repvit_m1", "levit_128s"])
 def test_fold_reports_its_linear_bn_folds(name):
-    """fold runs :mod:`repcompiler.passes.fold_linear_bn` (BN1d heads and token layers),
+    """fold runs :class:`repcompiler.passes.fold_linear_bn.FoldLinearBN` (BN1d heads and token layers),
     lists each pair in its report, and nothing is left for a second run."""
     model, _ = _timm(name)
     x = torch.randn(1, 3, TIMM[name][0], TIMM[name][0])
     folded, report = rc.fold(model, x, return_report=True)
     assert [e for e in report.entries if e.kind == "linear" and e.action == "folded"]
-    assert fold_linear_bn(folded, x)[1] == []
+    assert linear_bn_folds(folded, x)[1] == []
 
 
 # -- ultralytics (built from the YAML shipped in the package, random weights) ------------------

@@ -14,9 +14,9 @@ import repcompiler as rc
 from fixtures_blocks import RepVGGBlock, count_convs, randomize_bn
 from helpers import rel_err
 from repcompiler import algebra as A
-from repcompiler.errors import VerificationError
+from repcompiler.errors import IncompatibleError, VerificationError
 from repcompiler.passes.base import GraphPass, PassContractError, PassResult, run_passes
-from repcompiler.passes.state import PipelineState, pipeline_state
+from repcompiler.passes.state import pipeline_state
 from repcompiler.passes.cleanup import Cleanup
 from repcompiler.passes.find_regions import FindRegions
 from repcompiler.passes.squeeze import SqueezeRegions, fold_passes
@@ -30,7 +30,7 @@ def test_find_squeeze_cleanup_on_a_graph_module():
     gm = trace_model(block)
     state = pipeline_state(gm)
     state.report = FoldReport()
-    res = FindRegions()(gm)
+    res = run_passes(gm, [FindRegions()])
     assert isinstance(res, PassResult) and res.modified is False
     assert len(state.regions) == 1 and state.regions[0].foldable
     gm, modified = run_passes(gm, [SqueezeRegions(), Cleanup(delete_unused_submodules=True)])
@@ -208,3 +208,29 @@ def test_plain_functions_and_lint_after_a_modifying_pass():
         run_passes(gm, [break_graph])
     gm = trace_model(nn.Sequential(nn.Conv2d(1, 1, 1)))
     assert run_passes(gm, [lambda g: None]).modified  # upstream's pass_result_wrapper: assumed modified
+
+
+def test_a_rule_that_raises_is_an_error_naming_the_rule_and_the_module():
+    """A rule refuses an instance by raising a RepCompilerError (the module stays
+    opaque); any other exception is a bug in the rule and reaches the caller."""
+    from repcompiler.errors import RuleError
+    from repcompiler.rules.defaults import default_rules
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    def buggy_rule(m, info):
+        raise KeyError("no such weight")
+
+    def refusing_rule(m, info):
+        raise IncompatibleError("not this instance")
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Twice(), nn.BatchNorm2d(4)).eval()
+    rules = default_rules().copy()
+    rules.register(Twice, buggy_rule)
+    with pytest.raises(RuleError, match="(?s)buggy_rule.*Twice.*KeyError"):
+        rc.fold(model, rules=rules)
+    rules.register(Twice, refusing_rule, override=True)
+    folded, report = rc.fold(model, rules=rules, return_report=True)
+    assert isinstance(folded[2], nn.BatchNorm2d)  # Twice is opaque: the BN stays after it

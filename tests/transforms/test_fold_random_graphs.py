@@ -10,7 +10,7 @@
 
 Equivalently: no conv, BN, affine, pad, pool or branch sum is left that an exact fold
 could merge into a conv without growing the kernel. Checked by
-:func:`repcompiler.passes.find_regions.undone_folds` (which enumerates those regions)
+:func:`undone_folds` below (which enumerates those regions)
 returning nothing on the re-traced folded model. So when a maximal region is refused
 (bias under zero padding, a kernel that would grow), its best exact sub-regions must
 have been folded.
@@ -46,11 +46,44 @@ from hypothesis import strategies as st
 from torch import nn
 
 import repcompiler
-from repcompiler.passes.find_regions import find_regions, undone_folds
+from repcompiler.passes.find_regions import find_regions
+from repcompiler.passes.regions.dominance import dominators, entry_candidates
+from repcompiler.passes.regions.expression import build_region
+from repcompiler.passes.regions.lowering import LoweredGraph
+from repcompiler.passes.regions.selection import not_worth, worth_alone
+from repcompiler.rules.defaults import default_rules
 from repcompiler.capture.tracing import trace_model
 from test_fold_passes import assert_pipeline_matches_fold
 
 SIZE = 10
+
+
+def undone_folds(gm, merge_convs=False):
+    """Every exact fold still possible in ``gm``: the check that a graph is folded to
+    its **minimum**.
+
+    Unlike ``find_regions`` (one region per exit, chosen greedily), this looks at
+    *every* single-entry single-exit linear region: for every linear node ``e``, every
+    valid entry on its dominator chain, no node excluded. A region is an undone fold
+    when it is exact, holds a conv, has more than one op that is not an identity call
+    (a lone conv is already folded), and folding it is worth it by ``find_regions``'s
+    own rule. Returns them largest first per exit, exits in reverse graph order.
+    """
+    g = LoweredGraph(gm, default_rules(), frozenset())
+    g.classify()
+    g.infer_shapes()
+    idom = dominators(g)
+    out = []
+    for e in reversed(g.nodes):
+        if not g.linear(e):
+            continue
+        for d, body, aliases in reversed(entry_candidates(g, idom, e, set())):
+            reg = build_region(g, d, e, body, aliases)
+            if not (reg.exact and reg.has_conv) or not_worth(g, reg, merge_convs):
+                continue
+            if worth_alone(g, reg):
+                out.append(reg)
+    return out
 
 
 class DagNet(nn.Module):

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from repcompiler.passes.base import PassContractError, run_passes
-from repcompiler.passes.bn_to_scale import META_LINEARIZE, BnToScale, branch_bns, scale_for_bn
+from repcompiler.passes.bn_to_scale import BnToScale, branch_bns, scale_for_bn
 from repcompiler.passes.find_regions import FindRegions
-from repcompiler.passes.insert_post_bn import META_POST_BN, InsertPostBN, make_post_bn
+from repcompiler.passes.insert_post_bn import InsertPostBN, make_post_bn
 from repcompiler.passes.state import PipelineState, PostBN, ScaledBN, pipeline_state
 from repcompiler import algebra as A
 from repcompiler.errors import UnsupportedError
@@ -104,17 +104,6 @@ def test_bn_to_scale_refuses_regions_of_another_graph():
     with pytest.raises(PassContractError, match="not regions of this graph"):
         run_passes(new, [BnToScale()], state=state)
     assert isinstance(new.get_submodule("0.rbr_dense.bn"), nn.BatchNorm2d)  # untouched
-
-
-def test_legacy_meta_keys_still_drive_the_passes():
-    # transition: repcompiler.linearize stores its selection under META_LINEARIZE and
-    # unpacks META_POST_BN records as (region, target, inserted) tuples
-    gm = trace_model(nn.Sequential(fb.RepVGGBlock(8, 8)))
-    run_passes(gm, [FindRegions()])
-    regions = list(pipeline_state(gm).regions)
-    gm.meta[META_LINEARIZE] = regions
-    run_passes(gm, [BnToScale(), InsertPostBN()], lint=False)
-    assert [(r, t, ins) for r, t, ins in gm.meta[META_POST_BN]] == [(regions[0], "post_bn", True)]
 
 
 def test_scale_for_bn_inits():

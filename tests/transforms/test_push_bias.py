@@ -10,7 +10,9 @@ from torch import nn
 import repcompiler as rc
 from repcompiler.explain.report import count_params
 from repcompiler.capture.tracing import trace_model
+from repcompiler.passes.base import run_passes
 from repcompiler.passes.push_bias import PushBias
+from repcompiler.passes.state import pipeline_state
 
 from helpers import randomize_bn, rel_err
 
@@ -85,12 +87,11 @@ def test_pass_alone_reports_what_it_moved_and_respects_shared_bns():
     with torch.no_grad():
         want = m(x)
     gm = trace_model(m)
-    assert not PushBias(["conv"]).call(gm).modified  # the input's channel count is unknown
+    assert not run_passes(gm, [PushBias(["conv"])]).modified  # the input's channel count is unknown
     from torch.fx.passes.shape_prop import ShapeProp
 
     ShapeProp(gm).propagate(x)
-    push = PushBias(["conv"])
-    assert push.call(gm).modified and push.pushed == ["conv"]
+    assert run_passes(gm, [PushBias(["conv"])]).modified and pipeline_state(gm).pushed_biases == ["conv"]
     with torch.no_grad():
         assert rel_err(m(x), want) < 1e-12
     # a BN module called twice cannot absorb a shift for one of its calls
@@ -104,5 +105,4 @@ def test_pass_alone_reports_what_it_moved_and_respects_shared_bns():
             return self.bn(self.conv(t)) + self.bn(t)
 
     s = Shared()
-    push = PushBias(["conv"])
-    assert not push.call(trace_model(s)).modified and s.conv.bias is not None
+    assert not run_passes(trace_model(s), [PushBias(["conv"])]).modified and s.conv.bias is not None
