@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..rules.registry import RuleRegistry
 from .regions import ModelAnalysis, analyse_model
 from .norm_act import match_norm_act
 from ..passes.regions.lowering import is_rank_read
@@ -48,11 +49,12 @@ def region_pairs(gm: nn.Module, region: Region) -> dict[str, str]:
     return out
 
 
-def norm_act_pairs(gm: nn.Module) -> dict[str, str]:
+def norm_act_pairs(gm: nn.Module, rules: RuleRegistry | None = None) -> dict[str, str]:
     """``conv -> module`` targets where a conv's only user (reads of its dims aside) is a
     call of a norm-plus-activation module (:func:`repcompiler.analysis.norm_act.match_norm_act`,
     e.g. timm's ``BatchNormAct2d``) over the conv's channels: the module is the conv's
-    post-BN (its activation stays after it)."""
+    post-BN (its activation stays after it). ``rules``: the registry that recognises
+    such modules (default: the global one)."""
     out: dict[str, str] = {}
     graph = getattr(gm, "graph", None)
     if graph is None:
@@ -64,14 +66,14 @@ def norm_act_pairs(gm: nn.Module) -> dict[str, str]:
         if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (n,):
             continue
         m = gm.get_submodule(str(users[0].target))
-        match = match_norm_act(m)
+        match = match_norm_act(m, rules)
         if match is not None and match.num_features == gm.get_submodule(str(n.target)).out_channels:
             out[str(n.target)] = str(users[0].target)
     return out
 
 
 def pair_by_regions(
-    model: nn.Module, analysis: ModelAnalysis | None = None
+    model: nn.Module, analysis: ModelAnalysis | None = None, *, rules: RuleRegistry | None = None
 ) -> tuple[dict[str, str | None], list[str], set[str], list[tuple[str, str]]]:
     """``conv name -> following BN name or None`` for traced convs (the conv -> BN pairs
     are the ``chain`` regions of the region analysis that start with a conv and its BN),
@@ -79,12 +81,13 @@ def pair_by_regions(
     the parts that did not trace ``(path, reason)``.
 
     ``analysis``: the model's capture and regions (read before anything rewrote the
-    units' graphs); by default the model is traced and analysed here."""
+    units' graphs); by default the model is traced and analysed here, with ``rules``
+    (default: the global registry), which also recognises norm-plus-activation modules."""
     pairs: dict[str, str | None] = {}
     order: list[str] = []
     covered: set[str] = set()
     skipped: list[tuple[str, str]] = []
-    analysis = analysis if analysis is not None else analyse_model(model)
+    analysis = analysis if analysis is not None else analyse_model(model, rules=rules)
     res = analysis.traced
     for path, reason in res.skipped:
         skipped.append((path, f"{reason}; its convs are paired with BNs by module order"))
@@ -92,7 +95,7 @@ def pair_by_regions(
         prefix = unit.path + "." if unit.path else ""
         covered.add(unit.path)
         found = {c: b for r in analysis.regions[unit.path] for c, b in region_pairs(unit.gm, r).items()}
-        found.update({c: b for c, b in norm_act_pairs(unit.gm).items() if c not in found})
+        found.update({c: b for c, b in norm_act_pairs(unit.gm, rules).items() if c not in found})
         for node in unit.gm.graph.nodes:
             if node.op != "call_module" or not _is_conv(unit.gm.get_submodule(node.target)):
                 continue
@@ -108,6 +111,8 @@ def pair_by_regions(
 
 
 def pair_by_order(model: nn.Module, name: str) -> str | None:
+    """The BatchNorm that follows conv ``name`` in its parent module's child order (the
+    next sibling, a BatchNorm over the conv's output channels), or ``None``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     names = [n for n, _ in parent.named_children()]

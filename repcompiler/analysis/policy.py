@@ -17,6 +17,7 @@ from ..blocks import ConvGeometry, get_block
 from ..blocks.registry import accepted_options, build_block
 from ..errors import RegistrationError, UnsupportedError, check_choice, first_line
 from ..capture.tracing import TraceResult, trace_units
+from ..rules.registry import RuleRegistry
 
 __all__ = ["Policy", "POLICIES", "POLICY_OPTIONS", "default_block_for", "shortcut_convs", "policy_choice", "check_policy_and_options"]
 
@@ -95,7 +96,8 @@ def _pointwise_between(gm: fx.GraphModule, src: fx.Node, dst: fx.Node) -> bool:
     return False
 
 
-def shortcut_convs(model: nn.Module, traced: TraceResult | None = None) -> set[str]:
+def shortcut_convs(model: nn.Module, traced: TraceResult | None = None, *,
+                   rules: RuleRegistry | None = None) -> set[str]:
     """Qualified names of the 1x1 convs on the residual shortcut of a **basic** block:
     a 1x1 conv whose output (through BNs) is added to a residual branch that starts at the
     conv's own input and holds no 1x1 conv (ResNet-18/34's projections). A shortcut next
@@ -105,12 +107,13 @@ def shortcut_convs(model: nn.Module, traced: TraceResult | None = None) -> set[s
     parent module holds no other 1x1 conv.
 
     ``traced``: the model's capture, when the caller has it (``orepa_transform`` reads
-    its one analysis); by default the model is traced here."""
+    its one analysis); by default the model is traced here with ``rules`` (default: the
+    global registry)."""
     out: set[str] = set()
     convs = {n for n, m in model.named_modules() if _is_conv(m) and all(k == 1 for k in m.kernel_size)}
     if not convs:
         return out
-    res = traced if traced is not None else trace_units(model)
+    res = traced if traced is not None else trace_units(model, rules=rules)
     for unit in res.units:
         prefix = unit.path + "." if unit.path else ""
         for add in (n for n in unit.gm.graph.nodes if _is_add(n)):
