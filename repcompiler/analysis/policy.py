@@ -245,11 +245,12 @@ def _check_option_values(name: str, options: dict[str, Any]) -> None:
     geom = ConvGeometry.from_module(nn.Conv2d(8, 8, k, padding=k // 2))
     try:
         build_block(name, geom)
-    except Exception:  # the block does not cover the probe: nothing to learn about the options
+    except Exception:  # a builder (possibly a user's) that does not cover the probe, in whatever way it
+        # says so: the probe tells nothing about the options; each conv's own build reports its errors
         return
     try:
         build_block(name, geom, **given)
-    except Exception as exc:
+    except Exception as exc:  # a builder (possibly a user's) refusing the options: re-raised with the reason
         raise UnsupportedError(f"orepa_transform: block_options {given!r} are refused by block {name!r}: "
                                f"{type(exc).__name__}: {first_line(exc)}") from exc
 

@@ -95,7 +95,7 @@ def _quiet_exporters() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # torch >= 2.10 marks torch.jit.* deprecated; the TorchScript format is still offered
+            # torch marks torch.jit.* deprecated; the TorchScript format is still offered
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated.*")
             yield
     finally:

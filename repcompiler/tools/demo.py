@@ -15,9 +15,8 @@ table says so.
 
 Why two batch sizes: OREPA online adds a *fixed* cost per step (every kernel generated
 from its branches and backpropagated once), independent of the batch. At a small batch
-it dominates a single timing (ResNet-18, batch 8, 64x64 on a 2-core CPU: several times
-the plain step), which says little about training at a real batch size, where the ratio
-approaches the per-sample one.
+it dominates a single timing, which says little about training at a real batch size,
+where the ratio approaches the per-sample one.
 
 Peak memory of one step on the CPU = bytes live at its start (parameters, gradients,
 optimizer state, batch) + the maximum running sum of the allocator events recorded by
