@@ -41,7 +41,7 @@ PRESETS = {
     # start: the first grid of every configuration; select: the seeds that choose the rate;
     # seeds: the seeds run at each configuration's chosen rate; epochs per data set;
     # cost: Fig. 8 (batch, size, steps, warmup, quick cells)
-    "full": dict(start=[0.03, 0.1, 0.3], select=2, seeds=6, epochs={"digits": 30, "mnist1d": 10}, batch=128,
+    "full": dict(start=[0.03, 0.1, 0.3], select=2, seeds=6, epochs={"digits": 30, "mnist1d": 30}, batch=128,
                  cost=(16, 64, 3, 1, False)),
     "quick": dict(start=[0.03, 0.1, 0.3], select=1, seeds=2, epochs={"digits": 2, "mnist1d": 1}, batch=128,
                   cost=(8, 64, 2, 1, True)),
