@@ -119,7 +119,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from torch import nn
 
@@ -247,7 +247,8 @@ def orepa_transform(
             feature map, a BN per branch: the DBB/RepVGG baseline).
         scaling: branch scales (online): ``"vector"`` (learnable per channel, the
             paper's), ``"scalar"`` (learnable per branch), ``"fixed"`` (kept at the
-            branches' init values, not learnable) or ``"none"`` (no scale: every branch
+            branches' init values, not learnable; refused with ``init="from_conv"``,
+            whose zero scales would never move) or ``"none"`` (no scale: every branch
             weighted 1).
         post_bn: ``False`` removes the post-BN (following BNs become ``nn.Identity``).
         block_options: extra builder options, passed to each block that accepts them
@@ -375,7 +376,7 @@ def _paired_site(work: nn.Module, name: str, conv: nn.Module, found: _Analysis) 
     return _ConvSite(name, conv, pair_by_order(work, name), "module order")
 
 
-def _inside(name: str, paths: Any) -> bool:
+def _inside(name: str, paths: Iterable[str]) -> bool:
     """Whether module ``name`` is one of ``paths`` or inside one (``""``: the root)."""
     return any(p == "" or name == p or name.startswith(p + ".") for p in paths)
 
