@@ -325,14 +325,58 @@ def parallel(
     """
     if not specs:
         raise IncompatibleError("a parallel combination needs at least one branch")
-    _names: list[str] = []
+    nm = _BranchNames(specs, names)
+    _check_combinable(specs, concat, nm)
+    first = specs[0]
+    if any(s.stride != first.stride for s in specs[1:]):
+        detail = ", ".join(f"{nm(j)}: {'x'.join(map(str, s.stride))}" for j, s in enumerate(specs))
+        reasons = (f"branch windows do not align: strides differ ({detail})",)
+        return ParPlan(spec=None, groups=1, ups=(), offsets=(), reasons=reasons)
+    reasons = _misaligned(specs, nm)
+    dil, ksize, pads, ups, offsets = _frame(specs)
+    if any(r < 0 for _, r in pads):  # pragma: no cover - impossible (see docstring), kept as a guard
+        reasons.append(
+            f"branches {', '.join(nm(j) for j in range(len(specs)))} would need negative padding when merged"
+        )
+        return ParPlan(spec=None, groups=1, ups=(), offsets=(), reasons=tuple(reasons))
+    groups = 1 if concat else _gcd_all([s.groups for s in specs])
+    spec = ConvSpec(
+        dims=first.dims,
+        in_channels=first.in_channels,
+        out_channels=sum(s.out_channels for s in specs) if concat else first.out_channels,
+        kernel_size=tuple(ksize),
+        stride=first.stride,
+        padding=tuple(pads),
+        dilation=tuple(dil),
+        groups=groups,
+        has_bias=any(s.has_bias for s in specs),
+    )
+    return ParPlan(
+        spec=spec,
+        groups=groups,
+        ups=tuple(tuple(u) for u in ups),
+        offsets=tuple(tuple(o) for o in offsets),
+        reasons=tuple(reasons),
+    )
 
-    def nm(j: int) -> str:
-        if not _names:
-            given = names() if callable(names) else names
-            _names.extend(given if given else [s.describe() for s in specs])
-        return _names[j] or specs[j].describe()
 
+class _BranchNames:
+    """Branch ``j``'s label in messages: the given name, else its geometry (the names are
+    computed on first use)."""
+
+    def __init__(self, specs: Sequence[ConvSpec], names: "Sequence[str] | Callable[[], Sequence[str]] | None") -> None:
+        self._specs, self._given, self._names = specs, names, []  # type: ignore[var-annotated]
+
+    def __call__(self, j: int) -> str:
+        if not self._names:
+            given = self._given() if callable(self._given) else self._given
+            self._names.extend(given if given else [s.describe() for s in self._specs])
+        return self._names[j] or self._specs[j].describe()
+
+
+def _check_combinable(specs: Sequence[ConvSpec], concat: bool, nm: _BranchNames) -> None:
+    """Raise :class:`IncompatibleError` unless the branches agree in dims and input
+    channels (and, for a sum, output channels)."""
     first = specs[0]
     for j, s in enumerate(specs[1:], 1):
         if s.dims != first.dims:
@@ -347,22 +391,25 @@ def parallel(
                 f"cannot sum branches {nm(0)} and {nm(j)}: {first.out_channels} vs "
                 f"{s.out_channels} output channels"
             )
-    reasons: list[str] = []
-    dims = first.dims
-    if any(s.stride != first.stride for s in specs[1:]):
-        detail = ", ".join(f"{nm(j)}: {'x'.join(map(str, s.stride))}" for j, s in enumerate(specs))
-        reasons.append(f"branch windows do not align: strides differ ({detail})")
-        return ParPlan(spec=None, groups=1, ups=(), offsets=(), reasons=tuple(reasons))
+
+
+def _misaligned(specs: Sequence[ConvSpec], nm: _BranchNames) -> list[str]:
+    """Why the branches' outputs differ in size (padding minus extent per dim), if they do."""
+    dims = specs[0].dims
     consts = [tuple(s.padding[i][0] + s.padding[i][1] - s.extent[i] for i in range(dims)) for s in specs]
     bad = [i for i in range(dims) if len({c[i] for c in consts}) > 1]
-    if bad:
-        detail = ", ".join(
-            f"{nm(j)}: {'x'.join(str(c[i]) for i in bad)}" for j, c in enumerate(consts)
-        )
-        reasons.append(
-            f"branch windows do not align: output sizes differ in {_dims_text(bad)} "
-            f"(padding minus extent per branch: {detail})"
-        )
+    if not bad:
+        return []
+    detail = ", ".join(f"{nm(j)}: {'x'.join(str(c[i]) for i in bad)}" for j, c in enumerate(consts))
+    return [f"branch windows do not align: output sizes differ in {_dims_text(bad)} "
+            f"(padding minus extent per branch: {detail})"]
+
+
+def _frame(specs: Sequence[ConvSpec]) -> tuple[list[int], list[int], list[tuple[int, int]], list[list[int]],
+                                               list[list[int]]]:
+    """The shared frame of same-stride branches: its dilation, kernel size and padding per
+    dim, and each branch's tap spread (``ups``) and offset in it."""
+    dims = specs[0].dims
     lf = [max(s.padding[i][0] for s in specs) for i in range(dims)]
     offs_raw = [[lf[i] - s.padding[i][0] for i in range(dims)] for s in specs]
     dil, ksize, pads = [], [], []
@@ -382,27 +429,4 @@ def parallel(
         ksize.append(size)
         const = max(s.padding[i][0] + s.padding[i][1] - s.extent[i] for s in specs)
         pads.append((lf[i], df * (size - 1) + const - lf[i]))
-    if any(r < 0 for _, r in pads):  # pragma: no cover - impossible (see docstring), kept as a guard
-        reasons.append(
-            f"branches {', '.join(nm(j) for j in range(len(specs)))} would need negative padding when merged"
-        )
-        return ParPlan(spec=None, groups=1, ups=(), offsets=(), reasons=tuple(reasons))
-    groups = 1 if concat else _gcd_all([s.groups for s in specs])
-    spec = ConvSpec(
-        dims=dims,
-        in_channels=first.in_channels,
-        out_channels=sum(s.out_channels for s in specs) if concat else first.out_channels,
-        kernel_size=tuple(ksize),
-        stride=first.stride,
-        padding=tuple(pads),
-        dilation=tuple(dil),
-        groups=groups,
-        has_bias=any(s.has_bias for s in specs),
-    )
-    return ParPlan(
-        spec=spec,
-        groups=groups,
-        ups=tuple(tuple(u) for u in ups),
-        offsets=tuple(tuple(o) for o in offsets),
-        reasons=tuple(reasons),
-    )
+    return dil, ksize, pads, ups, offsets

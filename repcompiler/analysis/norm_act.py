@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Container, Iterable
+from typing import Any, Container, Iterable
 
 import torch
 import torch.fx as fx
@@ -110,8 +110,35 @@ def _state_key(m: nn.Module) -> tuple:
 
 
 def _match(module: nn.Module, rules: RuleRegistry) -> NormAct | None:
-    from ..passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, LoweredGraph, \
-        is_identity_call, is_rank_read
+    """``module`` traced alone, then read as norm chain -> elementwise tail -> output."""
+    gm = _trace_alone(module, rules)
+    if gm is None:
+        return None
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(places) != 1:
+        return None
+    x = places[0]
+    channels = int(module.running_mean.numel())
+    g = _lowered(gm, module, x, channels, rules)
+    found = _norm_chain(g, x, module)
+    if found is None:
+        return None
+    chain, cur = found
+    found_tail = _elementwise_tail(g, gm, cur)
+    if found_tail is None:
+        return None
+    tail, cur = found_tail
+    # nothing else: constants, rank reads and what only they feed
+    allowed = set(chain) | set(tail) | {x}
+    if any(not (n in allowed or n.op == "output" or g.constant(n) or _under_rank_read(n)) for n in gm.graph.nodes):
+        return None
+    return NormAct(module, _tail_module(gm, x, cur, tail, type(module).__name__), _describe(gm, tail),
+                   channels)
+
+
+def _trace_alone(module: nn.Module, rules: RuleRegistry) -> fx.GraphModule | None:
+    """``module`` traced alone in eval mode (its flags put back), or ``None`` where it
+    does not trace."""
     from .isolation import preserved_state
     from ..capture.rule_tracer import RuleTracer
 
@@ -121,39 +148,45 @@ def _match(module: nn.Module, rules: RuleRegistry) -> NormAct | None:
         tracer = RuleTracer(rules)
         with preserved_state(module):  # the capture evaluates parameter-only code: nothing may stay
             graph = tracer.trace(module)
-    except Exception as exc:  # not traceable alone: not recognised
+    except Exception as exc:  # tracing runs the module's own forward (user code): any failure means not recognised
         log.debug("%s does not trace alone: %s", type(module).__name__, exc)
         return None
     finally:
         for m, f in flags:
             m.training = f
-    gm = fx.GraphModule(module, graph, type(module).__name__)
-    places = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(places) != 1:
-        return None
-    x = places[0]
-    channels = int(module.running_mean.numel())
+    return fx.GraphModule(module, graph, type(module).__name__)
+
+
+def _lowered(gm: fx.GraphModule, module: nn.Module, x: fx.Node, channels: int, rules: RuleRegistry) -> Any:
+    """The lowered graph of ``gm`` with its input ``x`` of ``channels`` channels (dims
+    from the class name, 2 by default)."""
+    from ..passes.regions.lowering import LoweredGraph
+
     g = LoweredGraph(gm, rules, frozenset())
     g.classify()
     g.chan[x] = channels
     g.dims[x] = next((int(c.__name__[-2]) for c in type(module).__mro__ if c.__name__[-2:] in ("1d", "2d", "3d")), 2)
     g.infer_shapes()
-    own = {f"{name}" for name, _ in module.named_parameters(recurse=False)} | \
-          {f"{name}" for name, _ in module.named_buffers(recurse=False)}
+    return g
 
-    def rank_only(n: fx.Node) -> bool:
-        """``n`` and everything computed from it read only dims (asserts included)."""
-        return is_rank_read(n) and all(_pure_rank_use(u) for u in n.users)
 
-    def data_users(n: fx.Node) -> list[fx.Node]:
-        return [u for u in n.users if not rank_only(u)]
+def _data_users(n: fx.Node) -> list[fx.Node]:
+    """The users of ``n`` other than reads of its dims that only feed asserts."""
+    from ..passes.regions.lowering import is_rank_read
 
-    # the norm chain
+    return [u for u in n.users if not (is_rank_read(u) and all(_pure_rank_use(v) for v in u.users))]
+
+
+def _norm_chain(g: Any, x: fx.Node, module: nn.Module) -> tuple[list[fx.Node], fx.Node] | None:
+    """The chain of per-channel norm nodes from ``x`` reading only ``module``'s own
+    tensors, and its last node; ``None`` without a norm, or where a node of it reads a
+    child's tensors or has another data use."""
+    own = {name for name, _ in module.named_parameters(recurse=False)} | \
+          {name for name, _ in module.named_buffers(recurse=False)}
     chain: list[fx.Node] = []
-    cur = x
-    norms = 0
+    cur, norms = x, 0
     while True:
-        users = data_users(cur)
+        users = _data_users(cur)
         if len(users) != 1:
             return None
         u = users[0]
@@ -171,17 +204,23 @@ def _match(module: nn.Module, rules: RuleRegistry) -> NormAct | None:
         norms += sum(isinstance(e, (A.BatchNorm, A.Affine)) for e in leaves)
         chain.append(u)
         cur = u
-    if not norms:
-        return None
-    # the elementwise tail
+    return (chain, cur) if norms else None
+
+
+def _elementwise_tail(g: Any, gm: fx.GraphModule, cur: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
+    """The chain of elementwise ops from ``cur`` to the output, and its last node; ``None``
+    where something else comes first."""
+    from ..passes.regions.lowering import ELEMENTWISE_FUNCS, ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, \
+        is_identity_call
+
     tail: list[fx.Node] = []
     while True:
-        users = data_users(cur)
+        users = _data_users(cur)
         if len(users) != 1:
             return None
         u = users[0]
         if u.op == "output":
-            break
+            return tail, cur
         elementwise = (
             (u.op == "call_module" and (isinstance(gm.get_submodule(str(u.target)), ELEMENTWISE_MODULES)
                                         or is_identity_call(gm, u)))
@@ -192,14 +231,6 @@ def _match(module: nn.Module, rules: RuleRegistry) -> NormAct | None:
             return None
         tail.append(u)
         cur = u
-    # nothing else: constants, rank reads and what only they feed
-    allowed = set(chain) | set(tail) | {x}
-    for n in graph.nodes:
-        if n in allowed or n.op == "output" or g.constant(n) or _under_rank_read(n):
-            continue
-        return None
-    return NormAct(module, _tail_module(gm, x, cur, tail, type(module).__name__), _describe(gm, tail),
-                   channels)
 
 
 def _leaves(expr: A.Expr) -> Iterable[A.Expr]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..rules.registry import RuleRegistry
 from .regions import ModelAnalysis, analyse_model
 from .norm_act import match_norm_act
 from ..passes.regions.lowering import is_rank_read
@@ -112,6 +113,8 @@ def pair_by_regions(
 
 
 def pair_by_order(model: nn.Module, name: str) -> str | None:
+    """The BatchNorm that follows conv ``name`` in its parent module's child order (the
+    next sibling, a BatchNorm over the conv's output channels), or ``None``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     names = [n for n, _ in parent.named_children()]

@@ -102,9 +102,10 @@ def shortcut_convs(model: nn.Module, traced: TraceResult | None = None, *,
     a 1x1 conv whose output (through BNs) is added to a residual branch that starts at the
     conv's own input and holds no 1x1 conv (ResNet-18/34's projections). A shortcut next
     to a residual branch with 1x1 convs (a bottleneck: ResNet-50 and deeper) is not
-    included: the official OREPA-ResNet gives it ``orepa_1x1``. In parts that do not
-    trace: a 1x1 whose qualified name contains ``downsample`` or ``shortcut`` and whose
-    parent module holds no other 1x1 conv.
+    included: the official OREPA-ResNet gives it ``orepa_1x1``. Where no traced graph
+    holds both the 1x1 and the module around its shortcut (parts that do not trace): a
+    1x1 whose qualified name contains ``downsample`` or ``shortcut`` and whose parent
+    module holds no other 1x1 conv.
 
     ``traced``: the model's capture, when the caller has it (``orepa_transform`` reads
     its one analysis); by default the model is traced here, with ``rules`` (default:
@@ -127,17 +128,31 @@ def shortcut_convs(model: nn.Module, traced: TraceResult | None = None, *,
                 if n.op == "call_module" and prefix + str(n.target) in convs and isinstance(n.args[0], fx.Node) \
                         and _reaches(n.args[0], other) and not _pointwise_between(unit.gm, n.args[0], other):
                     out.add(prefix + str(n.target))
-    traced = [u.path for u in res.units]
-    for name in convs:  # parts that did not trace: by name, and the parent's other 1x1 convs
-        untraced = not any(p == "" or name.startswith(p + ".") for p in traced)
+    return out | _shortcuts_by_name(convs, res)
+
+
+def _shortcuts_by_name(convs: set[str], res: TraceResult) -> set[str]:
+    """The 1x1 ``convs`` that no traced graph holds together with the module around their
+    shortcut, whose qualified name contains ``downsample`` or ``shortcut`` and whose
+    parent module holds no other 1x1 conv."""
+    callers: dict[str, list[str]] = {}  # conv -> the units whose graphs call it
+    for u in res.units:
+        for n in u.gm.graph.nodes:
+            if n.op == "call_module":
+                callers.setdefault((u.path + "." if u.path else "") + str(n.target), []).append(u.path)
+    out: set[str] = set()
+    for name in convs:
         parts = name.split(".")
         at = next((i for i, w in enumerate(parts) if "downsample" in w or "shortcut" in w), None)
-        if untraced and at is not None:
-            parent, own = ".".join(parts[:at]), ".".join(parts[:at + 1])
-            siblings = [c for c in convs if c != name and (not parent or c.startswith(parent + "."))
-                        and not c.startswith(own + ".") and c != own]
-            if not siblings:
-                out.add(name)
+        if at is None:
+            continue
+        parent, own = ".".join(parts[:at]), ".".join(parts[:at + 1])
+        if any(p == "" or parent == p or parent.startswith(p + ".") for p in callers.get(name, ())):
+            continue  # the graph analysis above decided
+        siblings = [c for c in convs if c != name and (not parent or c.startswith(parent + "."))
+                    and not c.startswith(own + ".") and c != own]
+        if not siblings:
+            out.add(name)
     return out
 
 
@@ -230,11 +245,12 @@ def _check_option_values(name: str, options: dict[str, Any]) -> None:
     geom = ConvGeometry.from_module(nn.Conv2d(8, 8, k, padding=k // 2))
     try:
         build_block(name, geom)
-    except Exception:  # the block does not cover the probe: nothing to learn about the options
+    except Exception:  # a builder (possibly a user's) that does not cover the probe, in whatever way it
+        # says so: the probe tells nothing about the options; each conv's own build reports its errors
         return
     try:
         build_block(name, geom, **given)
-    except Exception as exc:
+    except Exception as exc:  # a builder (possibly a user's) refusing the options: re-raised with the reason
         raise UnsupportedError(f"orepa_transform: block_options {given!r} are refused by block {name!r}: "
                                f"{type(exc).__name__}: {first_line(exc)}") from exc
 

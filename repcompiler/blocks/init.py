@@ -12,7 +12,8 @@ block start as exactly the conv it replaces, for fine-tuning pretrained models:
 * every other branch contributes zero: its scale is 0 (offline: its BN's gamma and beta
   are 0). A zero scale keeps the branch trainable: the scale's gradient is the
   correlation of the kernel gradient with the branch's kernel, non-zero in general, and
-  the branch's own parameters receive gradients once its scale moves;
+  the branch's own parameters receive gradients once its scale moves (a fixed scale,
+  ``scaling="fixed"``, never moves: such a block is refused);
 * the block's bias (after the branch sum) is the conv's bias;
 * a BatchNorm inserted after the block (``insert_bn=True``) is the identity in eval
   mode (running mean 0, variance 1, gamma ``sqrt(1 + eps)``, beta 0).
@@ -21,7 +22,8 @@ So in eval mode the block computes what the conv computed (up to the rounding of
 multiply by 1 and additions of zeros). Blocks that cannot start as the conv raise
 :class:`~repcompiler.errors.UnsupportedError` with the reason (a stacked block such as
 ``orepa_large`` cannot hold an arbitrary kxk kernel; a block without scales or BNs at
-its branch ends, ``scaling="none"``, has nothing that starts at zero; a block without
+its branch ends, ``scaling="none"``, has nothing that starts at zero, and one with fixed
+scales, ``scaling="fixed"``, would keep its other branches at zero; a block without
 an origin branch or a bias where the conv has one); the transform then leaves that conv
 as it is and reports why - a pretrained weight is never silently replaced.
 
@@ -106,7 +108,11 @@ def identity_bn_(bn: nn.Module) -> None:
 
 
 def _end(branch: nn.Module, name: str, block: str) -> str:
-    """``"scale"`` or ``"bn"``: the end of ``branch`` that can start at zero."""
+    """``"scale"`` or ``"bn"``: the end of ``branch`` that can start at zero and learn
+    from there (a learnable scale, or an affine BN)."""
+    if isinstance(branch, BranchExpr) and branch.end == "scale" and not isinstance(branch.scale, nn.Parameter):
+        raise UnsupportedError(f"block {block!r}: branch {name!r} has a fixed scale (scaling='fixed'): started at "
+                               "zero it would stay zero, so the block would train as the plain conv")
     if isinstance(branch, BranchExpr) and (branch.end == "scale" or (branch.end == "bn" and branch.bn.affine)):
         return branch.end
     raise UnsupportedError(f"block {block!r}: branch {name!r} has no scale or affine BN at its end that can "

@@ -32,8 +32,7 @@ It
 5. writes the artifact **atomically** (:func:`repcompiler.io.atomic_dir`).
 
 The module is ``repcompiler.io.export`` because ``rc.export`` is the function;
-``rc.export.onnx_op_counts`` (the helper counting ONNX node types) is an attribute of
-that function, so the README's spelling works.
+:func:`repcompiler.io.writers.onnx_op_counts` counts the ONNX node types of an artifact.
 
 Owns :func:`export` and :class:`ExportResult`.
 """
@@ -80,7 +79,6 @@ __all__ = [
     "export",
     "normalize_format",
     "format_from_suffix",
-    "onnx_op_counts",
     "has_online_blocks",
     "ROUNDING_FACTOR",
 ]
@@ -190,7 +188,8 @@ def _float64_reference(model: nn.Module, batches: Sequence[tuple[Tensor, ...]]) 
         exact = copy.deepcopy(model).to(torch.float64).eval()
         return [run_flat(exact, tuple(a.double() if a.is_floating_point() else a for a in args))
                 for args in batches]
-    except Exception as e:  # a model holding non-float64 tensors it creates itself, a custom kernel...
+    except Exception as e:  # runs the user's model in float64: a model holding non-float64 tensors it creates
+        # itself, a custom kernel... may fail in any way; the check then uses the model's own dtype
         log.info("export: the model does not run in float64 (%s: %s); the check compares with its own dtype",
                  type(e).__name__, first_line(e))
         return None
@@ -206,7 +205,7 @@ def _verify(run: Any, args: tuple[Tensor, ...], ref: list[Tensor], what: str, rt
             hint: str = "") -> float:
     try:
         got = run(*args)
-    except Exception as e:
+    except Exception as e:  # the runtime runs the exported model: its errors are of the runtime's own types
         raise VerificationError(f"{what}: the runtime cannot run it on batch {args[0].shape[0]} "
                                 f"({type(e).__name__}: {first_line(e)}){hint}") from e
     return compare_outputs(ref, got, f"{what} (batch {args[0].shape[0]})", "artifact", rtol=rtol, atol=atol)
@@ -236,32 +235,20 @@ def export(
         model: any ``nn.Module`` (a transformed/online model, a model with conv -> BN, or
             an already plain one). It is not modified (its train/eval flags are restored).
         path: destination file. Written atomically, and only if verification passed.
-        example_inputs: one tensor or a tuple of tensors (positional ``forward`` args);
-            dimension 0 of each is the batch dimension.
-        format: ``"onnx"``, ``"torchscript"`` or ``"exported_program"`` (aliases ``"ts"``,
-            ``"torch.export"``, ``"pt2"``); default: from the suffix of ``path``
-            (``.onnx``; ``.pt``/``.ts``/``.torchscript``; ``.pt2``), else ONNX. A format
-            contradicting the suffix is refused.
-        deploy: run ``repcompiler.deploy`` first (online blocks -> plain convs, conv -> BN
-            folded).
-        dynamic_batch: make the batch dimension dynamic (ONNX, exported program; a
-            traced TorchScript module is checked to generalize). If the model cannot
-            have a dynamic batch, it falls back to a static one with a ``UserWarning``
-            (see ``ExportResult.dynamic_batch``).
-        verify: load the artifact and compare with the eager model (and let ``deploy``
-            verify its rewrite).
+        example_inputs: a tensor or a tuple of tensors (``forward``'s args), batch first.
+        format: ``"onnx"``, ``"torchscript"`` or ``"exported_program"`` (or an alias); default:
+            from the suffix of ``path``, else ONNX. One contradicting the suffix is refused.
+        deploy: run ``repcompiler.deploy`` first (online blocks -> plain convs, BNs folded).
+        dynamic_batch: make the batch dimension dynamic; a model that cannot have one
+            falls back to a static batch with a ``UserWarning``.
+        verify: compare the loaded artifact with the eager model (``deploy`` checks too).
         rtol, atol: an output passes when ``max|artifact - eager| <= atol + rtol *
-            max|eager|``, the eager output computed in float64 (see the module
-            docstring). Default: scaled to the outputs' dtype (float32: 1e-4 / 1e-5;
-            float16/bfloat16: 2e-2 / 2e-3; float64: 1e-9 / 1e-10), raised to
-            :data:`ROUNDING_FACTOR` times the model's own measured rounding where that
-            is larger (atol: rtol / 10). Must be >= 0.
-        opset: ONNX only: the opset to write (default: the exporter's). Opsets below 17
-            use the TorchScript-based exporter (with ``onnx_exporter="auto"``) or are
-            refused (``"dynamo"``); the written opset is checked.
-        onnx_exporter: ONNX only: ``"auto"`` (default: torch.export-based ``dynamo``
-            exporter, the legacy ``"torchscript"`` one on failure), ``"dynamo"`` or
-            ``"torchscript"``.
+            max|eager|``, the eager output computed in float64. Default: by the outputs'
+            dtype (:func:`repcompiler.io.formats.default_tolerances`), raised to
+            :data:`ROUNDING_FACTOR` times the model's own rounding (atol: rtol / 10).
+        opset: ONNX only: the opset to write (default: the exporter's); checked.
+        onnx_exporter: ONNX only: ``"auto"`` (default: ``"dynamo"``, ``"torchscript"`` on
+            failure or for opsets below 17), ``"dynamo"`` or ``"torchscript"``.
         onnx_optimize: ONNX only: let the exporter optimize / constant-fold (default True).
         torchscript_method: TorchScript only: ``"trace"`` (default) or ``"script"``.
         progress: show a progress bar over the stages (on a terminal only).
@@ -274,12 +261,72 @@ def export(
     Raises:
         VerificationError: the artifact's outputs differ from the eager model's.
         TraceError: the exporter could not capture the model.
-        UnsupportedError: unknown format/option, an option the format does not honour,
-            a missing package, a dtype the runtime cannot run, non-tensor or missing
-            example inputs, negative tolerances, NaN/inf or meta weights.
+        UnsupportedError: a request the checks refuse (module docstring, step 1).
         IncompatibleError: the model does not run on the example inputs.
     """
     t0 = time.perf_counter()
+    fmt, dest, args = _check_request(model, path, example_inputs, format=format, deploy=deploy,
+                                     dynamic_batch=dynamic_batch, verify=verify, rtol=rtol, atol=atol, opset=opset,
+                                     onnx_exporter=onnx_exporter, onnx_optimize=onnx_optimize,
+                                     torchscript_method=torchscript_method, progress=progress, rules=rules)
+    options = dict(fmt=fmt, opset=opset, onnx_exporter=onnx_exporter or "auto",
+                   onnx_optimize=onnx_optimize is not False, torchscript_method=torchscript_method or "trace")
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with Stages(f"export {dest.name}", ["deploy", "export"] + ["verify"] * verify, enabled=progress) as bar:
+            bar.start("deploy")
+            refs = _references(model, args, verify=verify, dynamic_batch=dynamic_batch, rtol=rtol, atol=atol)
+            target, report = (deploy_model(model, args, inplace=False, verify=verify, return_report=True,
+                                           rules=rules)
+                              if deploy else (model, None))
+            bar.done()
+            done = _write_and_check(target.eval(), args, dest, refs, bar, options, dynamic=dynamic_batch,
+                                    verify=verify)
+    finally:
+        for m, t in flags:
+            m.training = t
+    result = ExportResult(path=dest, format=fmt, deployed=deploy, rtol=refs.rtol if verify else None,
+                          atol=refs.atol if verify else None, deploy_report=report, reference_rounding=refs.rounding,
+                          seconds=time.perf_counter() - t0, **done)
+    _log_result(result, report)
+    return result
+
+
+def _log_result(result: ExportResult, report: Any) -> None:
+    log.info("exported %s", result)
+    if result.batch_norms:
+        log.warning("export: %s still has %d BatchNorm layer(s)%s", result.path.name, result.batch_norms,
+                    _why_bns_left(report, result.deployed))
+
+
+def _write_and_check(target: nn.Module, args: tuple[Tensor, ...], dest: Path, refs: "_References", bar: Stages,
+                     options: dict[str, Any], *, dynamic: bool, verify: bool) -> dict[str, Any]:
+    """Write the artifact atomically at ``dest`` (verified first, with ``verify``); the
+    :class:`ExportResult` fields that say what was written and checked."""
+    with atomic_dir(dest) as tmpdir:
+        out = tmpdir / dest.name
+        bar.start(f"export {options['fmt']}")
+        exporter, dynamic = _write(target, args, out, dynamic, dict(options, n_outputs=len(refs.ref)))
+        opset = onnx_opset(out) if options["fmt"] == "onnx" else None
+        convs, bns = _layer_counts(options["fmt"], out, target)
+        bar.done()
+        worst, batches = None, ()
+        if verify:
+            bar.start("verify")
+            worst, batches = _check_artifact(options["fmt"], out, args, refs, dynamic)
+            bar.done()
+        companions = sorted(p.name for p in tmpdir.iterdir() if p.name != dest.name)
+    return dict(exporter=exporter, opset=opset, dynamic_batch=dynamic, verified_batches=batches, max_rel_error=worst,
+                files=tuple([dest] + [dest.parent / n for n in companions]), convs=convs, batch_norms=bns)
+
+
+def _check_request(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *, format: str | None,
+                   deploy: bool, dynamic_batch: bool, verify: bool, rtol: float | None, atol: float | None,
+                   opset: int | None, onnx_exporter: str | None, onnx_optimize: bool | None,
+                   torchscript_method: str | None, progress: bool,
+                   rules: RuleRegistry | None) -> tuple[str, Path, tuple[Tensor, ...]]:
+    """Check an :func:`export` request before any work: ``(format, destination, inputs)``."""
     check_model(model, "export")
     check_rules(rules, "export")
     path = check_path(path, "export")
@@ -295,92 +342,84 @@ def export(
     check_weights(model, "export")
     check_dtypes(fmt, [t.dtype for t in (*model.parameters(), *args)], verify=verify,
                  convs=any(isinstance(m, (nn.modules.conv._ConvNd, OnlineConv, OfflineBlock)) for m in model.modules()))
-    flags = [(m, m.training) for m in model.modules()]
-    stages = ["deploy", "export", "verify"] if verify else ["deploy", "export"]
+    return fmt, dest, args
+
+
+@dataclass
+class _References:
+    """The outputs the artifact is checked against, and the tolerances of the check."""
+
+    ref: list[Tensor]  # on the example inputs
+    ref_other: list[Tensor]  # on a batch of another size (dynamic batch), else empty
+    rtol: float
+    atol: float
+    rounding: float | None  # the eager model's own rounding (see ExportResult.reference_rounding)
+
+
+def _references(model: nn.Module, args: tuple[Tensor, ...], *, verify: bool, dynamic_batch: bool,
+                rtol: float | None, atol: float | None) -> _References:
+    """Run the eager ``model`` (eval mode) on the example inputs (and, to verify a dynamic
+    batch, on a batch of another size); with ``verify``, the float64 reference where the
+    model runs in float64, and the tolerances scaled to its rounding."""
+    eager = run_example(model, args, "export")
+    ref = run_flat(lambda *a: eager, args)
+    if not ref:
+        raise UnsupportedError(f"export: {type(model).__name__} returns no tensor (its output is "
+                               f"{type(eager).__name__}); an artifact would have no outputs - make forward "
+                               "return the tensors to export")
+    ref_other = run_flat(lambda *a: run_example(model, a, "export"), _other_batch(args)) if verify and dynamic_batch \
+        else []
+    d_rtol, d_atol = default_tolerances(t.dtype for t in ref)
+    rounding = None
+    if verify:
+        exact = _float64_reference(model, [args, _other_batch(args)] if dynamic_batch else [args])
+        if exact is not None:
+            rounding = max(_rounding(ref, exact[0]), _rounding(ref_other, exact[1]) if ref_other else 0.0)
+            ref, ref_other = exact[0], (exact[1] if ref_other else [])
+            d_rtol = max(d_rtol, ROUNDING_FACTOR * rounding)
+            d_atol = d_rtol / 10
+    return _References(ref, ref_other, d_rtol if rtol is None else rtol, d_atol if atol is None else atol, rounding)
+
+
+def _write(target: nn.Module, args: tuple[Tensor, ...], out: Path, dynamic: bool,
+           options: dict[str, Any]) -> tuple[str, bool]:
+    """Write ``target`` to ``out``: ``(exporter, dynamic batch)``. A dynamic-batch export
+    that fails is retried with a static batch, with a ``UserWarning``."""
+    fmt = options["fmt"]
+    # torch.export specialises a dimension of size 1: a batch-1 example is
+    # traced as a batch of two (its first sample repeated) for a dynamic batch
+    traced = _other_batch(args) if dynamic and int(args[0].shape[0]) == 1 else args
     try:
-        model.eval()
-        with Stages(f"export {dest.name}", stages, enabled=progress) as bar:
-            bar.start("deploy")
-            eager = run_example(model, args, "export")
-            ref = run_flat(lambda *a: eager, args)
-            if not ref:
-                raise UnsupportedError(f"export: {type(model).__name__} returns no tensor (its output is "
-                                       f"{type(eager).__name__}); an artifact would have no outputs - make forward "
-                                       "return the tensors to export")
-            ref_other = run_flat(lambda *a: run_example(model, a, "export"), _other_batch(args)) if verify and dynamic_batch else []
-            d_rtol, d_atol = default_tolerances(t.dtype for t in ref)
-            rounding = None
-            if verify:
-                exact = _float64_reference(model, [args, _other_batch(args)] if dynamic_batch else [args])
-                if exact is not None:
-                    rounding = max(_rounding(ref, exact[0]), _rounding(ref_other, exact[1]) if ref_other else 0.0)
-                    ref, ref_other = exact[0], (exact[1] if ref_other else [])
-                    d_rtol = max(d_rtol, ROUNDING_FACTOR * rounding)
-                    d_atol = d_rtol / 10
-            rtol, atol = (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
-            target, report = (deploy_model(model, args, inplace=False, verify=verify, return_report=True,
-                                             rules=rules)
-                              if deploy else (model, None))
-            bar.done()
-            target.eval()
-            with atomic_dir(dest) as tmpdir:
-                out = tmpdir / dest.name
-                bar.start(f"export {fmt}")
-                options = dict(fmt=fmt, n_outputs=len(ref), opset=opset, onnx_exporter=onnx_exporter or "auto",
-                               onnx_optimize=True if onnx_optimize is None else onnx_optimize,
-                               torchscript_method=torchscript_method or "trace")
-                dynamic = dynamic_batch
-                # torch.export specialises a dimension of size 1: a batch-1 example is
-                # traced as a batch of two (its first sample repeated) for a dynamic batch
-                traced = _other_batch(args) if dynamic and int(args[0].shape[0]) == 1 else args
-                try:
-                    exporter = write_artifact(target, traced, out, dynamic=dynamic, **options)
-                except TraceError as e:
-                    if not dynamic or fmt == "torchscript":
-                        raise
-                    warnings.warn(f"export: {fmt} export of {dest.name} with a dynamic batch failed ({e}); "
-                                  "retrying with a static batch (the artifact will accept batch "
-                                  f"{int(args[0].shape[0])} only)", UserWarning, stacklevel=2)
-                    for p in tmpdir.iterdir():
-                        p.unlink()
-                    dynamic = False
-                    exporter = write_artifact(target, args, out, dynamic=False, **options)
-                written_opset = onnx_opset(out) if fmt == "onnx" else None
-                convs, bns = _layer_counts(fmt, out, target)
-                bar.done()
-                batches: tuple[int, ...] = ()
-                worst: float | None = None
-                if verify:
-                    bar.start("verify")
-                    what = f"{fmt} artifact {dest.name}"
-                    try:
-                        run = load_artifact(fmt, out)
-                    except Exception as e:
-                        raise VerificationError(f"{what}: the runtime cannot load it ({type(e).__name__}: "
-                                                f"{first_line(e)})") from e
-                    worst = _verify(run, args, ref, what, rtol, atol)
-                    batches = (int(args[0].shape[0]),)
-                    if dynamic:
-                        other = _other_batch(args)
-                        worst = max(worst, _verify(run, other, ref_other, what, rtol, atol,
-                                                   "; export with dynamic_batch=False for a fixed batch size"))
-                        batches += (int(other[0].shape[0]),)
-                    bar.done()
-                companions = [p.name for p in tmpdir.iterdir() if p.name != dest.name]
-    finally:
-        for m, t in flags:
-            m.training = t
-    files = tuple([dest] + [dest.parent / n for n in sorted(companions)])
-    result = ExportResult(
-        path=dest, format=fmt, exporter=exporter, opset=written_opset, dynamic_batch=dynamic, deployed=deploy,
-        verified_batches=batches, max_rel_error=worst, rtol=rtol if verify else None, atol=atol if verify else None,
-        seconds=time.perf_counter() - t0, files=files, deploy_report=report, convs=convs, batch_norms=bns,
-        reference_rounding=rounding,
-    )
-    log.info("exported %s", result)
-    if bns:
-        log.warning("export: %s still has %d BatchNorm layer(s)%s", dest.name, bns, _why_bns_left(report, deploy))
-    return result
+        return write_artifact(target, traced, out, dynamic=dynamic, **options), dynamic
+    except TraceError as e:
+        if not dynamic or fmt == "torchscript":
+            raise
+        warnings.warn(f"export: {fmt} export of {out.name} with a dynamic batch failed ({e}); "
+                      "retrying with a static batch (the artifact will accept batch "
+                      f"{int(args[0].shape[0])} only)", UserWarning, stacklevel=4)  # export's caller
+        for p in out.parent.iterdir():
+            p.unlink()
+        return write_artifact(target, args, out, dynamic=False, **options), False
+
+
+def _check_artifact(fmt: str, out: Path, args: tuple[Tensor, ...], refs: _References,
+                    dynamic: bool) -> tuple[float, tuple[int, ...]]:
+    """Load the artifact and compare it with the references: ``(largest relative error,
+    batch sizes checked)``; :class:`VerificationError` on a mismatch."""
+    what = f"{fmt} artifact {out.name}"
+    try:
+        run = load_artifact(fmt, out)
+    except Exception as e:  # the runtimes (onnxruntime, torch.jit, torch.export) raise their own error types
+        raise VerificationError(f"{what}: the runtime cannot load it ({type(e).__name__}: "
+                                f"{first_line(e)})") from e
+    worst = _verify(run, args, refs.ref, what, refs.rtol, refs.atol)
+    batches = (int(args[0].shape[0]),)
+    if dynamic:
+        other = _other_batch(args)
+        worst = max(worst, _verify(run, other, refs.ref_other, what, refs.rtol, refs.atol,
+                                   "; export with dynamic_batch=False for a fixed batch size"))
+        batches += (int(other[0].shape[0]),)
+    return worst, batches
 
 
 def _layer_counts(fmt: str, artifact: Path, target: nn.Module) -> tuple[int, int]:
@@ -405,5 +444,3 @@ def _why_bns_left(report: Any, deployed: bool) -> str:
     more = f"; and {len(reasons) - 3} more in the deploy report" if len(reasons) > 3 else ""
     return " that fold could not remove: " + "; ".join(reasons[:3]) + more
 
-
-export.onnx_op_counts = onnx_op_counts  # type: ignore[attr-defined]  # rc.export.onnx_op_counts(path)

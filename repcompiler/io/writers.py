@@ -95,7 +95,7 @@ def _quiet_exporters() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # torch >= 2.10 marks torch.jit.* deprecated; the TorchScript format is still offered
+            # torch marks torch.jit.* deprecated; the TorchScript format is still offered
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated.*")
             yield
     finally:
@@ -157,13 +157,13 @@ def _export_onnx(model: nn.Module, args: tuple[Tensor, ...], out: Path, *, n_out
                 if exporter == "dynamo":
                     raise UnsupportedError(f"ONNX export (dynamo) of {type(model).__name__}: {e}") from None
                 errors.append(f"dynamo: {e}")
-            except Exception as e:
+            except Exception as e:  # the exporter runs the user's model: any error type, reported or retried
                 if exporter == "dynamo":
                     raise TraceError(f"ONNX export (dynamo) of {type(model).__name__} failed: {first_line(e)}") from e
                 errors.append(f"dynamo: {first_line(e)}")
             warnings.warn(f"export: the dynamo ONNX exporter failed ({errors[-1]}); falling back to the "
                           "TorchScript-based exporter (ExportResult.exporter says which one wrote the file)",
-                          UserWarning, stacklevel=4)
+                          UserWarning, stacklevel=6)  # rc.export's caller
             out.unlink(missing_ok=True)
     dyn_axes = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic else None
     try:
@@ -172,7 +172,7 @@ def _export_onnx(model: nn.Module, args: tuple[Tensor, ...], out: Path, *, n_out
                 model, args, os.fspath(out), dynamo=False, input_names=names[0], output_names=names[1],
                 dynamic_axes=dyn_axes, opset_version=opset or 17, do_constant_folding=optimize,
             )
-    except Exception as e:
+    except Exception as e:  # the exporter runs the user's model: any error type becomes a TraceError
         errors.append(f"torchscript: {first_line(e)}")
         raise TraceError(f"ONNX export of {type(model).__name__} failed: " + " | ".join(errors)) from e
     return "torchscript"
@@ -183,7 +183,7 @@ def _export_torchscript(model: nn.Module, args: tuple[Tensor, ...], out: Path, *
         with _quiet_exporters(), torch.no_grad():
             sm = torch.jit.script(model) if method == "script" else torch.jit.trace(model, args, check_trace=False)
             torch.jit.save(sm, os.fspath(out))
-    except Exception as e:
+    except Exception as e:  # scripting/tracing runs the user's model: any error type becomes a TraceError
         raise TraceError(f"TorchScript ({method}) of {type(model).__name__} failed: {first_line(e)}") from e
     return method
 
@@ -194,7 +194,7 @@ def _export_program(model: nn.Module, args: tuple[Tensor, ...], out: Path, *, dy
             ep = torch.export.export(model, args, dynamic_shapes=_dynamic_dims(args) if dynamic else None)
         with open(out, "wb") as f:  # a file object: any suffix (torch warns on non-.pt2 paths)
             torch.export.save(ep, f)
-    except Exception as e:
+    except Exception as e:  # torch.export runs the user's model: any error type becomes a TraceError
         raise TraceError(f"torch.export of {type(model).__name__} failed: {first_line(e)}") from e
     return "torch.export"
 

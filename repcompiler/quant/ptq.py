@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import IncompatibleError, UnsupportedError, check_choice
-from ..io.export import export, onnx_op_counts
+from ..io.export import export
+from ..io.writers import onnx_op_counts
 from ..io.formats import require_packages
 
 __all__ = ["ACTIVATION_TYPES", "QuantizedModel", "Evaluation", "quantize_onnx", "run_onnx", "evaluate",

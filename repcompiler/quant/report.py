@@ -170,6 +170,34 @@ def quant_report(
             empty or malformed calibration inputs.
         IncompatibleError: the model does not run on a calibration batch (shape, dtype).
     """
+    thresholds = dict(channel_ratio_threshold=channel_ratio_threshold, act_ratio_threshold=act_ratio_threshold,
+                      min_sqnr_db=min_sqnr_db, dominate_share=dominate_share)
+    bits = _check_args(model, bits=bits, weight_mode=weight_mode, per_channel_axis=per_channel_axis,
+                       max_batches=max_batches, max_layers=max_layers, **thresholds)
+    batches = _batches(calibration_inputs, max_batches)
+    sim = QuantSim(model, bits, per_channel_axis)
+    log.info("%s: %d layers, calibrating on %d batch(es)", _TITLE, len(sim.layers), len(batches))
+    ref = sim.calibrate(batches)
+    end_to_end = {mode: _errors(ref, sim.run(batches, {layer: mode for layer in sim.order})) for mode in WEIGHT_MODES}
+    measured = sim.order if max_layers is None else sim.order[:max_layers]
+    solo = _sensitivities(sim, ref, batches, measured, weight_mode)
+    rows = _rows(sim, solo, per_channel_axis, end_to_end[weight_mode]["rel_l2"], bits=bits, weight_mode=weight_mode,
+                 **thresholds)
+    settings = {
+        "bits": bits, "per_channel_axis": per_channel_axis, "weight_mode": weight_mode,
+        "batches": len(batches), "samples": sum(_batch_size(b) for b in batches),
+        "max_layers": max_layers, "sensitivity_layers": len(measured),
+        "thresholds": {"channel_ratio": channel_ratio_threshold, "act_ratio": act_ratio_threshold,
+                       "min_sqnr_db": min_sqnr_db, "dominate_share": dominate_share},
+        "notes": _notes(sim, measured),
+    }
+    return QuantReport(rows, end_to_end, settings)
+
+
+def _check_args(model: nn.Module, *, bits: int, weight_mode: str, per_channel_axis: int, max_batches: int | None,
+                max_layers: int | None, channel_ratio_threshold: float, act_ratio_threshold: float,
+                min_sqnr_db: float, dominate_share: float) -> int:
+    """Check :func:`quant_report`'s arguments; the checked ``bits``."""
     if not isinstance(model, nn.Module):
         raise UnsupportedError(f"{_TITLE}: model must be an nn.Module, got {type(model).__name__}")
     check_model(model, _TITLE)
@@ -185,15 +213,22 @@ def quant_report(
                         ("act_ratio_threshold", act_ratio_threshold), ("dominate_share", dominate_share)):
         _check_number(name, value)
     _check_number("min_sqnr_db", min_sqnr_db, minimum=-math.inf)
+    return bits
 
-    batches = _batches(calibration_inputs, max_batches)
-    sim = QuantSim(model, bits, per_channel_axis)
-    log.info("%s: %d layers, calibrating on %d batch(es)", _TITLE, len(sim.layers), len(batches))
-    ref = sim.calibrate(batches)
-    end_to_end = {mode: _errors(ref, sim.run(batches, {layer: mode for layer in sim.order})) for mode in WEIGHT_MODES}
 
+def _sensitivities(sim: QuantSim, ref: list[list[Tensor]], batches: list[tuple[Any, ...]], measured: list[SimLayer],
+                   weight_mode: str) -> dict[SimLayer, dict[str, float | None]]:
+    """The end-to-end errors with only one layer quantized, for each ``measured`` layer."""
+    solo: dict[SimLayer, dict[str, float | None]] = {}
+    for i, layer in enumerate(measured):
+        log.info("%s: sensitivity %d/%d (%s)", _TITLE, i + 1, len(measured), layer.name)
+        solo[layer] = _errors(ref, sim.run(batches, {layer: weight_mode}))
+    return solo
+
+
+def _notes(sim: QuantSim, measured: list[SimLayer]) -> list[str]:
+    """What the report did not measure: layers past ``max_layers``, layers never called."""
     notes: list[str] = []
-    measured = sim.order if max_layers is None else sim.order[:max_layers]
     if len(measured) < len(sim.order):
         notes.append(f"per-layer sensitivity measured for the first {len(measured)} of {len(sim.order)} layers "
                      "in call order (max_layers)")
@@ -201,32 +236,22 @@ def quant_report(
     if uncalled:
         notes.append(f"{len(uncalled)} layer(s) not called on the calibration inputs (no activation range, no "
                      f"sensitivity): {', '.join(uncalled[:5])}{' ...' if len(uncalled) > 5 else ''}")
-    solo: dict[SimLayer, dict[str, float | None]] = {}
-    for i, layer in enumerate(measured):
-        log.info("%s: sensitivity %d/%d (%s)", _TITLE, i + 1, len(measured), layer.name)
-        solo[layer] = _errors(ref, sim.run(batches, {layer: weight_mode}))
+    return notes
 
+
+def _rows(sim: QuantSim, solo: dict[SimLayer, dict[str, float | None]], axis: int, e2e: float,
+          **flag_options: Any) -> list[QuantLayerRow]:
+    """One flagged row per layer: the called ones in call order, then the others."""
     total = sum(e["rel_l2"] ** 2 for e in solo.values())
-    axis = per_channel_axis
     rows = []
     for layer in sim.order + [la for la in sim.layers if not la.calls]:
         row = _row(sim, layer, axis % layer.weight.dim())
         if layer in solo:
             row.sensitivity, row.sensitivity_top1 = solo[layer]["rel_l2"], solo[layer]["top1_agreement"]
             row.error_share = row.sensitivity ** 2 / total if total > 0 else 0.0
-        _flag(row, len(solo), end_to_end[weight_mode]["rel_l2"], bits=bits, weight_mode=weight_mode,
-              channel_ratio_threshold=channel_ratio_threshold, act_ratio_threshold=act_ratio_threshold,
-              min_sqnr_db=min_sqnr_db, dominate_share=dominate_share)
+        _flag(row, len(solo), e2e, **flag_options)
         rows.append(row)
-    settings = {
-        "bits": bits, "per_channel_axis": per_channel_axis, "weight_mode": weight_mode,
-        "batches": len(batches), "samples": sum(_batch_size(b) for b in batches),
-        "max_layers": max_layers, "sensitivity_layers": len(measured),
-        "thresholds": {"channel_ratio": channel_ratio_threshold, "act_ratio": act_ratio_threshold,
-                       "min_sqnr_db": min_sqnr_db, "dominate_share": dominate_share},
-        "notes": notes,
-    }
-    return QuantReport(rows, end_to_end, settings)
+    return rows
 
 
 def _batch_size(batch: tuple[Any, ...]) -> int:

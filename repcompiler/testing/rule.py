@@ -92,8 +92,8 @@ def check_rule(
         seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
         size = tuple(data.draw(st.integers(3, 7 if d < 3 else 4), label="size") for _ in range(d))
         result.examples += 1
-        if _check_rulecase_text(target, is_module, subject, lower, make_module, make_call, c, d, seed, size, randomize,
-                            fold_fn, tol, result):
+        if _check_case(target, is_module, subject, lower, make_module, make_call, c, d, seed, size, randomize,
+                       fold_fn, tol, result):
             result.accepted += 1
         else:
             result.rejected += 1
@@ -134,59 +134,67 @@ def _to64(value: Any) -> Any:
     return value
 
 
-def _check_rulecase_text(
+def _check_case(
     target: Any, is_module: bool, subject: str, lower: Callable[..., Any], make_module: Callable[..., nn.Module] | None,
     make_call: Callable[..., Any] | None, c: int, d: int, seed: int, size: tuple[int, ...], randomize: bool,
     fold_fn: Callable[..., Any] | None, tol: float, result: CheckResult,
 ) -> bool:
+    """Check the rule on one generated case; ``False`` where the rule declines it
+    (returns ``None``), :class:`CheckFailure` where a property fails."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, c, *size, generator=g, dtype=torch.float64)
     case = f"{c} input channels, {d}-d, input {tuple(x.shape)}"
     info = LowerInfo(c, d, "layer")
     torch.manual_seed(seed)
-    module: nn.Module | None = None
-    if make_module is not None:
-        try:
-            module = _call(make_module, channels=c, dims=d, seed=seed)
-        except Exception as exc:
-            raise CheckFailure(subject, "make_module", case, f"make_module raised {type(exc).__name__}: {exc}") from exc
-        module = module.double()
-        if randomize:
-            randomize_module(module, g)
-        module.eval()
+    module = _make_module(make_module, subject, case, c, d, seed, g, randomize) if make_module is not None else None
     if is_module:
         assert module is not None
         case = f"{type(module).__name__} with " + case
         if lookup_rule(type(module)) is None and lower is lookup_rule(target):
             raise CheckFailure(subject, "has a rule", case, f"no rule applies to {type(module).__name__}")
-
-        def f(inp: Tensor) -> Tensor:
-            return module(inp)  # type: ignore[misc]
-
-        try:
-            expr = lower(module, info)
-        except Exception as exc:
-            raise CheckFailure(subject, "lowers to an Expr", case, f"the rule raised {type(exc).__name__}: {exc}") from exc
+        f, lowered = module, module
     else:
         args, kwargs = _to64(_call(make_call, channels=c, dims=d, seed=seed))  # type: ignore[arg-type]
-        call = FunctionCall(target, tuple(args), dict(kwargs))
+        lowered = FunctionCall(target, tuple(args), dict(kwargs))
 
         def f(inp: Tensor) -> Tensor:
             return target(*_subst(tuple(args), inp), **_subst(dict(kwargs), inp))
 
-        try:
-            expr = lower(call, info)
-        except Exception as exc:
-            raise CheckFailure(subject, "lowers to an Expr", case, f"the rule raised {type(exc).__name__}: {exc}") from exc
+    try:
+        expr = lower(lowered, info)
+    except Exception as exc:  # the rule under test is user code: any error it raises is the failure reported
+        raise CheckFailure(subject, "lowers to an Expr", case, f"the rule raised {type(exc).__name__}: {exc}") from exc
     if expr is None:
         result.reject(f"{case}: the rule returned None")
         return False
+    _check_expr(expr, subject, case, c, d, result)
+    _check_values(f, expr.double(), x, g, subject, case, tol, result)
+    if fold_fn is not None and module is not None:
+        _check_fold(fold_fn, subject, module, c, d, x, seed, tol, case, result)
+    return True
+
+
+def _make_module(make_module: Callable[..., nn.Module], subject: str, case: str, c: int, d: int, seed: int,
+                 g: torch.Generator, randomize: bool) -> nn.Module:
+    """The case's module (float64, eval mode, its tensors perturbed with ``randomize``)."""
+    try:
+        module = _call(make_module, channels=c, dims=d, seed=seed)
+    except Exception as exc:  # make_module is user code: any error it raises is the failure reported
+        raise CheckFailure(subject, "make_module", case, f"make_module raised {type(exc).__name__}: {exc}") from exc
+    module = module.double()
+    if randomize:
+        randomize_module(module, g)
+    return module.eval()
+
+
+def _check_expr(expr: Any, subject: str, case: str, c: int, d: int, result: CheckResult) -> None:
+    """The rule's answer is an expression that folds exactly, with the case's input
+    channels and dims."""
     if not isinstance(expr, A.Expr):
         raise CheckFailure(subject, "lowers to an Expr", case, f"the rule returned {type(expr).__name__}")
     result.record("lowers to an Expr")
-    expr = expr.double()
     try:
-        spec, reasons = expr.plan()
+        spec, reasons = expr.double().plan()
     except RepCompilerError as exc:
         raise CheckFailure(subject, "exact fold", case, str(exc)) from None
     if spec is None or reasons:
@@ -197,25 +205,25 @@ def _check_rulecase_text(
     result.record("input channels and dims")
     result.record("exact fold")
 
+
+def _check_values(f: Callable[[Tensor], Tensor], expr: A.Expr, x: Tensor, g: torch.Generator, subject: str,
+                  case: str, tol: float, result: CheckResult) -> None:
+    """The layer ``f`` is affine, and the expression, unfolded and folded, computes it."""
     with torch.no_grad():
         try:
             want = f(x)
-        except Exception as exc:
+        except Exception as exc:  # the layer is user code: any error it raises is the failure reported
             raise CheckFailure(subject, "module runs", case,
                                f"the layer raised {type(exc).__name__}: {exc} (restrict dims=/channels=?)") from exc
         y = torch.randn(x.shape, generator=g, dtype=x.dtype)
         a = 0.3
         assert_close(subject, "module is affine", case + " (f(a*x+(1-a)*y) vs a*f(x)+(1-a)*f(y), a=0.3)",
-               f(a * x + (1 - a) * y), a * want + (1 - a) * f(y), max(tol, 1e-9))
+                     f(a * x + (1 - a) * y), a * want + (1 - a) * f(y), max(tol, 1e-9))
         result.record("module is affine")
         assert_close(subject, "unfolded expr == module", case, expr(x), want, tol)
         result.record("unfolded expr == module")
         assert_close(subject, "folded kernel == module", case, expr.fold().apply(x), want, tol)
         result.record("folded kernel == module")
-
-    if fold_fn is not None and module is not None:
-        _check_fold(fold_fn, subject, module, c, d, x, seed, tol, case, result)
-    return True
 
 
 def _check_fold(fold_fn: Callable[..., Any], subject: str, module: nn.Module, c: int, d: int, x: Tensor, seed: int,

@@ -15,9 +15,8 @@ table says so.
 
 Why two batch sizes: OREPA online adds a *fixed* cost per step (every kernel generated
 from its branches and backpropagated once), independent of the batch. At a small batch
-it dominates a single timing (ResNet-18, batch 8, 64x64 on a 2-core CPU: several times
-the plain step), which says little about training at a real batch size, where the ratio
-approaches the per-sample one.
+it dominates a single timing, which says little about training at a real batch size,
+where the ratio approaches the per-sample one.
 
 Peak memory of one step on the CPU = bytes live at its start (parameters, gradients,
 optimizer state, batch) + the maximum running sum of the allocator events recorded by
@@ -251,7 +250,7 @@ def run_demo(
     drawn only when ``progress`` and stderr is a terminal."""
     import torchvision
 
-    from .. import deploy, orepa_transform
+    from .. import orepa_transform
     from ..explain.report import count_convs, count_params
 
     if steps < 1 or batch < 1 or size < 8 or repeats < 1:
@@ -267,8 +266,18 @@ def run_demo(
     res.convs_plain = count_convs(plain)
     x = torch.randn(4 * batch, 3, size, size, device=dev)
     y = torch.randint(0, num_classes, (4 * batch,), device=dev)
+    res.losses = _train(model, x[:batch], y[:batch], steps, progress)
+    if measure:
+        _measure(plain, x, y, batch, repeats, res)
+    _deploy_and_check(model, plain, x[:batch], res)
+    res.seconds = time.perf_counter() - t0
+    if out is not None:
+        print(res.table(), file=out)
+    return res
 
-    # train a few steps
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, progress: bool) -> list[float]:
+    """Train ``model`` ``steps`` SGD steps on one batch; the losses."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     try:
@@ -278,28 +287,38 @@ def run_demo(
                   file=sys.stderr)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         it = range(steps)
+    losses = []
     for _ in it:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[:batch]), y[:batch])
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        res.losses.append(loss.item())
+        losses.append(loss.item())
         if hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{loss.item():.3f}")
+    return losses
 
-    if measure:
-        forms = {"plain": plain, "OREPA online": orepa_transform(plain, init="fresh"),
-                 "OREPA offline (DBB-style)": orepa_transform(plain, init="fresh", mode="offline")}
-        for form, m in forms.items():
-            cost = res.cost[form] = StepCost()
-            for b in (batch, 4 * batch):
-                log.info("measuring %s at batch %d", form, b)
-                cost.seconds[b], cost.peak, cost.spreads[b] = measure_step(m, x[:b], y[:b], warmup=1,
-                                                                           repeats=repeats)
 
-    # deploy and check
+def _measure(plain: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, repeats: int, res: DemoResult) -> None:
+    """The step cost of the plain model and its online and offline forms at ``batch`` and
+    ``4 * batch``, into ``res.cost``."""
+    from .. import orepa_transform
+
+    forms = {"plain": plain, "OREPA online": orepa_transform(plain, init="fresh"),
+             "OREPA offline (DBB-style)": orepa_transform(plain, init="fresh", mode="offline")}
+    for form, m in forms.items():
+        cost = res.cost[form] = StepCost()
+        for b in (batch, 4 * batch):
+            log.info("measuring %s at batch %d", form, b)
+            cost.seconds[b], cost.peak, cost.spreads[b] = measure_step(m, x[:b], y[:b], warmup=1, repeats=repeats)
+
+
+def _deploy_and_check(model: nn.Module, plain: nn.Module, xs: torch.Tensor, res: DemoResult) -> None:
+    """Deploy the trained ``model``, compare it with itself on ``xs``, into ``res``."""
+    from .. import deploy
+    from ..explain.report import count_convs, count_params
+
     model.eval()
-    xs = x[:batch]
     deployed = deploy(model, (xs[:2],))
     with torch.no_grad():
         want, got = model(xs), deployed(xs)
@@ -309,10 +328,6 @@ def run_demo(
     res.convs_deployed = count_convs(deployed)
     res.max_abs_diff = (want - got).abs().max().item()
     res.rel_diff = res.max_abs_diff / max(want.abs().max().item(), 1e-30)
-    res.seconds = time.perf_counter() - t0
-    if out is not None:
-        print(res.table(), file=out)
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:

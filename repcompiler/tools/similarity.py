@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 
 def branch_kernels(expr: A.Expr) -> list[Tensor]:
-    """The equivalent kernel of each term of ``expr`` in the sum's frame (detached).
+    """The equivalent kernel of each term of ``expr`` in the sum's frame: new tensors,
+    detached, sharing no memory with the block's parameters (editing one leaves the
+    block as it is).
 
     Each tensor has the shape of the folded sum's weight (``[out, in/groups, *k]``)
     and they add up to it."""
@@ -57,7 +59,8 @@ def branch_kernels(expr: A.Expr) -> list[Tensor]:
             raise InexactFoldError("branch_kernels: the branches share no kernel frame: " + "; ".join(plan.reasons))
         size = plan.spec.kernel_size
         return [
-            A.spread(A.expand_groups(k.weight, k.spec.groups, plan.groups), up, off, size).detach()
+            # a branch without a scale folds to its own weight: copy it
+            A.spread(A.expand_groups(k.weight, k.spec.groups, plan.groups), up, off, size).detach().clone()
             for k, up, off in zip(kernels, plan.ups, plan.offsets)
         ]
 

@@ -15,7 +15,8 @@ from torch import nn
 import cli_models as models
 from repcompiler.errors import UnsupportedError, VerificationError
 from repcompiler.io import writers
-from repcompiler.io.export import export, format_from_suffix, has_online_blocks, normalize_format, onnx_op_counts
+from repcompiler.io.export import export, format_from_suffix, has_online_blocks, normalize_format
+from repcompiler.io.writers import onnx_op_counts
 from repcompiler.explain.report import count_convs
 from repcompiler.transforms.orepa import orepa_transform
 

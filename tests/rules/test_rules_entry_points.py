@@ -3,7 +3,6 @@ folds it; without that registry the layer stays opaque."""
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -89,8 +88,6 @@ def test_linearize_uses_the_given_registry() -> None:
     assert _has(rc.linearize(model), OnlineConv) == 0  # the gain branch is opaque: not a linear block
 
 
-@pytest.mark.xfail("rules" not in inspect.signature(rc.orepa_transform).parameters, strict=True,
-                   reason="orepa_transform takes rules= once transforms/orepa.py is split into stages")
 def test_orepa_transform_uses_the_given_registry() -> None:
     model = randomize_bn(_Branches()).eval()
     blocks = (OnlineConv, OfflineBlock)

@@ -298,3 +298,28 @@ def test_zoo_deploy(arch, size):
             assert rel_err(deployed(x), model(x)) < 1e-9
         if not any(e.details.get("post_bn") == "inserted" for e in report.by_action("transformed")):
             break  # insert_bn=False would be the same model
+
+
+def test_custom_rule_registry_decides_which_convs_are_plain():
+    from repcompiler.rules import default_rules
+
+    rules = default_rules().copy()
+    conv_rule = rules.lookup(nn.Conv2d)
+
+    def declines_wide(m, info):  # a user's rule: convs with 16 outputs are not plain convs
+        return None if m.out_channels == 16 else conv_rule(m, info)
+
+    rules.register(nn.Conv2d, declines_wide, override=True)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))
+    _, report = orepa_transform(model, rules=rules, return_report=True)
+    assert [e.name for e in report.by_action("transformed")] == ["0", "6"]
+    assert [e.name for e in report.by_action("refused")] == ["3"]
+    assert {e.name: e.details["post_bn"] for e in report.by_action("transformed")} == {
+        "0": "1 (existing)", "6": "7 (existing)"}
+    # the global registry is not changed by it
+    _, report = orepa_transform(model, return_report=True)
+    assert [e.name for e in report.by_action("transformed")] == ["0", "3", "6"]
+    with pytest.raises(rc.RepCompilerError, match="rules must be a RuleRegistry"):
+        orepa_transform(model, rules={nn.Conv2d: declines_wide})
