@@ -48,6 +48,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import algebra as A
+from ..errors import RuleError
 from ..rules.defaults import default_rules
 from ..rules.registry import RuleRegistry
 
@@ -148,6 +149,8 @@ def _trace_alone(module: nn.Module, rules: RuleRegistry) -> fx.GraphModule | Non
         tracer = RuleTracer(rules)
         with preserved_state(module):  # the capture evaluates parameter-only code: nothing may stay
             graph = tracer.trace(module)
+    except RuleError:  # a rule that raised while tracing is a bug to report, not "not recognised"
+        raise
     except Exception as exc:  # tracing runs the module's own forward (user code): any failure means not recognised
         log.debug("%s does not trace alone: %s", type(module).__name__, exc)
         return None
