@@ -32,10 +32,9 @@ sums, concats and elementwise activations). No input shape is required.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -46,7 +45,7 @@ from ... import algebra as A
 from ...errors import RepCompilerError, RuleError, UnsupportedError
 from ...analysis.effects import Effects
 from ...rules.base import INPUT, FunctionCall, LowerInfo
-from ...rules.registry import RuleRegistry
+from ...rules.registry import RuleRegistry, call_rule
 from ...analysis.uses import graph_pins
 
 __all__ = [
@@ -63,7 +62,6 @@ __all__ = [
     "is_identity_call",
     "is_rank_read",
     "constant_nodes",
-    "LoweringRuleError",
 ]
 
 log = logging.getLogger(__name__)
@@ -292,11 +290,10 @@ class LoweredGraph:
         raised as one naming the rule and the module or node."""
         if n.op == "call_module":
             m = fetch_attr(self.gm, str(n.target))
-            with _rule_errors(self.rules, m, str(n.target)):
-                expr = self.rules.lower_module(m, info)
-                if expr is not None:
-                    expr.plan()
-                return expr
+            expr = self.rules.lower_module(m, info)
+            if expr is not None:
+                expr.plan()
+            return expr
         target = n.target if n.op == "call_function" else METHODS[str(n.target)]
         rule = self.rules.lookup(target)
         if rule is None:
@@ -308,11 +305,10 @@ class LoweredGraph:
             log.debug("constant operands of %s not evaluated: %s", n, exc)
             return None
         calls = self._split_weight(n, target, tuple(args), dict(kwargs))
-        with _rule_errors(self.rules, target, n.name):
-            exprs = [rule(c, info) for c in calls]
-            expr = None if any(e is None for e in exprs) else exprs[0] if len(exprs) == 1 else A.Sum(*exprs)
-            if expr is not None:
-                expr.plan()
+        exprs = [call_rule(rule, c, info) for c in calls]
+        expr = None if any(e is None for e in exprs) else exprs[0] if len(exprs) == 1 else A.Sum(*exprs)
+        if expr is not None:
+            expr.plan()
         return expr
 
     def _try_lower(self, n: fx.Node, final: bool = False) -> bool:
@@ -333,9 +329,8 @@ class LoweredGraph:
                 # block) lowers with a meaningless channel count; parameter-free
                 # leaves refuse it (they need a positive count)
                 try:
-                    with _rule_errors(self.rules, m, str(n.target)):
-                        probe = self.rules.lower_module(m, LowerInfo(-1, dims or 2, str(n.target)))
-                        pspec = None if probe is None else probe.plan()[0]
+                    probe = self.rules.lower_module(m, LowerInfo(-1, dims or 2, str(n.target)))
+                    pspec = None if probe is None else probe.plan()[0]
                 except RuleError:  # a bug in a rule, not a refusal
                     raise
                 except RepCompilerError:  # the rule refuses the meaningless channel count
@@ -446,28 +441,6 @@ def is_identity_call(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 _RANK_METHODS = ("dim", "ndimension")
-
-
-class LoweringRuleError(RuleError):
-    """A lowering rule raised something other than a ``RepCompilerError`` (a bug in the
-    rule, not a refusal)."""
-
-
-@contextlib.contextmanager
-def _rule_errors(rules: RuleRegistry, subject: Any, where: str) -> Iterator[None]:
-    """Let :class:`~repcompiler.errors.RepCompilerError` (a rule refusing) through;
-    raise any other exception of a rule as a ``RepCompilerError`` naming the rule and
-    ``where`` (the module's name or the node's), chained to the original."""
-    try:
-        yield
-    except RepCompilerError:  # a refusal, or a RuleError the registry already raised
-        raise
-    except Exception as exc:  # a rule is user code: any bug in it is reported, never swallowed
-        rule = rules.lookup(subject)
-        name = getattr(rule, "__qualname__", None) or repr(rule)
-        what = type(subject).__name__ if isinstance(subject, nn.Module) else getattr(subject, "__name__", subject)
-        raise LoweringRuleError(
-            f"the lowering rule {name} for {what} raised {type(exc).__name__} on {where}: {exc}") from exc
 
 
 def constant_nodes(graph: fx.Graph, never: Callable[[fx.Node], bool] | None = None) -> set[fx.Node]:
