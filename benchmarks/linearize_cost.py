@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int) -> dict:
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.tools.profiling import sgd_step, step_peak_bytes, step_times
+    from repcompiler.tools.profiling import measure_sgd_step
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -58,22 +57,7 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int) -> dict:
     if form == "plain":
         model = rc.deploy(model)
     convert_s = time.perf_counter() - t0
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 1000, (batch,))
-    step = sgd_step(model, opt, x, y)
-    load0 = os.getloadavg()[0]
-    times = step_times(step, warmup, steps)
-    peak, base = step_peak_bytes(step, model, opt, x, y)
-    return {
-        "form": form, "batch": batch, "size": size,
-        "time_s": statistics.median(times), "times_s": times,
-        "peak_bytes": peak, "live_at_start_bytes": base,
-        "params": sum(p.numel() for p in model.parameters()),
-        "convert_s": convert_s,
-        "threads": torch.get_num_threads(), "load_before": load0, "load_after": os.getloadavg()[0],
-    }
+    return {"form": form, **measure_sgd_step(model, batch, size, warmup=warmup, steps=steps), "convert_s": convert_s}
 
 
 def markdown(results: list[dict], batches: list[int], meta: dict) -> str:

@@ -66,7 +66,7 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
 
     sys.path.insert(0, str(HERE.parent))
     import repcompiler as rc
-    from repcompiler.tools.profiling import sgd_step, step_peak_bytes, step_times
+    from repcompiler.tools.profiling import measure_sgd_step, step_times
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -74,21 +74,7 @@ def worker(form: str, batch: int, size: int, steps: int, warmup: int, threads: i
         model = rc.orepa_transform(model)
     elif form == "dbb":
         model = rc.orepa_transform(model, block="dbb", mode="offline", post_bn=False)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 1000, (batch,))
-    step = sgd_step(model, opt, x, y)
-    load0 = os.getloadavg()[0]
-    times = step_times(step, warmup, steps)
-    peak, base = step_peak_bytes(step, model, opt, x, y)
-    out = {
-        "form": form, "batch": batch, "size": size,
-        "time_s": statistics.median(times), "times_s": times,
-        "peak_bytes": peak, "live_at_start_bytes": base,
-        "params": sum(p.numel() for p in model.parameters()),
-        "threads": torch.get_num_threads(), "load_before": load0, "load_after": os.getloadavg()[0],
-    }
+    out = {"form": form, **measure_sgd_step(model, batch, size, warmup=warmup, steps=steps, weight_decay=1e-4)}
     if form == "online":
         out["kernel_gen_s"] = statistics.median(step_times(kernel_generation(model), 1, 5))
     return out

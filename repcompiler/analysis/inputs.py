@@ -191,7 +191,7 @@ def check_weights(model: nn.Module, title: str, *, allow_meta: bool = False) -> 
         )
     bad = []
     for n, t in tensors:
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
             nans, infs = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             bad.append(f"{n} ({nans} NaN, {infs} inf)")
     if bad:
@@ -200,6 +200,14 @@ def check_weights(model: nn.Module, title: str, *, allow_meta: bool = False) -> 
             f"{' ...' if len(bad) > 3 else ''}; no rewrite can be verified on them (was training diverging?)"
         )
     _check_bn_statistics(model, title)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite. A NaN or inf element makes the sum
+    non-finite, so a finite sum settles it in one reduction; only a non-finite sum
+    (possibly an overflow of finite values) needs the element-wise check."""
+    with torch.no_grad():
+        return bool(t.sum().isfinite()) or bool(torch.isfinite(t).all())
 
 
 def _check_bn_statistics(model: nn.Module, title: str) -> None:

@@ -26,10 +26,11 @@ the modules traced into.
 from __future__ import annotations
 
 import math
+import sys
+from types import ModuleType
 from typing import Any, Iterable
 
 import torch.fx as fx
-import torchvision.ops as tvops
 from torch import nn
 
 from .python import CaptureTracerMixin
@@ -51,7 +52,10 @@ _TV_OPAQUE_OPS = (
 )
 
 
-_TV_LEAVES = tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n))
+def _torchvision_ops() -> ModuleType | None:
+    """``torchvision.ops`` if something imported it: a model that uses its layers or
+    functions has, and importing it only to trace other models is slow."""
+    return sys.modules.get("torchvision.ops")
 
 
 class RuleTracer(CaptureTracerMixin, fx.Tracer):
@@ -65,10 +69,12 @@ class RuleTracer(CaptureTracerMixin, fx.Tracer):
 
     def __init__(self, rules: RuleRegistry | None = None, extra_leaves: Iterable[type] = (),
                  bns_become_scales: bool = False) -> None:
-        super().__init__(autowrap_modules=(math, tvops))
+        tvops = _torchvision_ops()
+        super().__init__(autowrap_modules=(math,) if tvops is None else (math, tvops))
         self.bns_become_scales = bns_become_scales
         self.rules = rules if rules is not None else default_rules()
-        self.extra_leaves = tuple(extra_leaves) + _TV_LEAVES
+        tv_leaves = () if tvops is None else tuple(getattr(tvops, n) for n in _TV_OPAQUE_OPS if hasattr(tvops, n))
+        self.extra_leaves = tuple(extra_leaves) + tv_leaves
         self._declined: dict[int, bool] = {}
         self.opaque: dict[int, str] = {}
         """``id(module) -> reason``: submodules kept as opaque calls because their own

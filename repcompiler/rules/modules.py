@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .. import algebra as A
 from .base import LowerInfo
@@ -60,4 +61,10 @@ def register_module_rules(registry: RuleRegistry) -> None:
     registry.register(nn.Identity, _lower_identity, override=True)
     for t in (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d):
         registry.register(t, _lower_zeropad, override=True)
-    registry.register(FrozenBatchNorm2d, _lower_frozen_bn, override=True)
+    # torchvision is imported by the models that use its layers; importing it here would
+    # only slow down ``import repcompiler``.
+    misc = sys.modules.get("torchvision.ops.misc")
+    if misc is not None:
+        registry.register(misc.FrozenBatchNorm2d, _lower_frozen_bn, override=True)
+    else:
+        registry.register_third_party("torchvision.ops.misc", "FrozenBatchNorm2d", _lower_frozen_bn)

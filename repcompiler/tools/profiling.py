@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sgd_step", "step_times", "steady_times", "spread", "alternated_times", "live_bytes", "step_peak_bytes"]
+__all__ = ["sgd_step", "measure_sgd_step", "step_times", "steady_times", "spread", "alternated_times", "live_bytes", "step_peak_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,30 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
         opt.step()
 
     return step
+
+
+def measure_sgd_step(model: nn.Module, batch: int, size: int, *, warmup: int, steps: int,
+                     weight_decay: float = 0.0, classes: int = 1000) -> dict[str, Any]:
+    """Time and measure one SGD (momentum 0.9) classification step of ``model`` in train mode
+    on a random ``batch x 3 x size x size`` input. Returns the median and every step time
+    (``time_s``, ``times_s``, after ``warmup`` untimed steps), the step's peak and starting
+    live bytes (:func:`step_peak_bytes`), the parameter count, the intra-op thread count
+    and the load average before and after timing."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=weight_decay)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, classes, (batch,))
+    step = sgd_step(model, opt, x, y)
+    load0 = os.getloadavg()[0]
+    times = step_times(step, warmup, steps)
+    peak, base = step_peak_bytes(step, model, opt, x, y)
+    return {
+        "batch": batch, "size": size,
+        "time_s": statistics.median(times), "times_s": times,
+        "peak_bytes": peak, "live_at_start_bytes": base,
+        "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(), "load_before": load0, "load_after": os.getloadavg()[0],
+    }
 
 
 def step_times(step: Callable[[], None], warmup: int, steps: int) -> list[float]:

@@ -272,15 +272,19 @@ def test_deploy_of_an_fx_traced_transformed_model(mode: str) -> None:
     as ``reparam_block_forward(<get_attr>, x)``; deploy turns those calls back into module
     calls on its copy and folds every block (it left them all online before, silently), the
     user's traced module is untouched, and the outputs are equal (float64, eval, random BN)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
     torch.manual_seed(0)
-    train = randomize_bn(rc.orepa_transform(torchvision.models.resnet18(num_classes=10), mode=mode)).double().eval()
+    base = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)  # ResNet-18's structure, one block per stage
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in base.modules())
+    train = randomize_bn(rc.orepa_transform(base, mode=mode)).double().eval()
     gm = torch.fx.symbolic_trace(train)
     code_before = gm.code
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     deployed, report = rc.deploy(gm, x, return_report=True)
     assert not any(isinstance(m, (OnlineConv, OfflineBlock)) for m in deployed.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
-    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == 20
+    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == n_convs == 12
     assert gm.code == code_before and any(isinstance(m, OnlineConv if mode == "online" else OfflineBlock)
                                           for m in gm.modules())
     with torch.no_grad():

@@ -262,11 +262,12 @@ def test_fold_report_order_is_deterministic() -> None:
     import sys
 
     pytest.importorskip("timm")
+    procs = [subprocess.Popen([sys.executable, "-c", _REPORT_ORDER_SCRIPT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONHASHSEED=seed))
+             for seed in ("1", "2")]  # both hash seeds at once: the two interpreters run side by side
     outs = []
-    for seed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=seed)
-        proc = subprocess.run([sys.executable, "-c", _REPORT_ORDER_SCRIPT], env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        outs.append(proc.stdout)
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        outs.append(stdout)
     assert outs[0] == outs[1] and outs[0].count("\n") > 10
