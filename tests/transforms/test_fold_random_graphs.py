@@ -53,7 +53,7 @@ from repcompiler.passes.regions.lowering import LoweredGraph
 from repcompiler.passes.regions.selection import not_worth, worth_alone
 from repcompiler.rules.defaults import default_rules
 from repcompiler.capture.tracing import trace_model
-from test_fold_passes import assert_pipeline_matches_fold
+from test_pass_contract import assert_pipeline_matches_fold
 
 SIZE = 10
 

@@ -1,4 +1,4 @@
-"""Tests of ``repcompiler.linearize`` (issue 7): OREPA's block linearization and
+"""Tests of ``repcompiler.linearize``: OREPA's block linearization and
 squeezing applied to multi-branch models written by someone else.
 
 Checked on the paper-faithful fixtures (RepVGG, DBB with four branches, ACNet,
@@ -586,7 +586,7 @@ def test_block_split_across_modules_is_judged_as_a_whole():
 
 
 def test_orepa_transform_linearizes_existing_blocks_instead_of_wrapping_their_convs():
-    # issue 7 item 3: one online conv per multi-branch block, not one OREPA block per conv
+    # one online conv per multi-branch block, not one OREPA block per conv
     net = fb.RepVGGNet(widths=(8, 16, 16), blocks=(1, 1, 1))
     out, report = rc.orepa_transform(net, return_report=True)
     assert n_online(out) == net.num_blocks and n_convs(out) == 0
