@@ -93,6 +93,7 @@ class RuleConfig:
         self._when: list[tuple[Callable[[Any], bool], str]] = []
         self._example: Callable[..., nn.Module] | None = None
         self._doc = ""
+        self._registry: RuleRegistry | None = None
 
     @property
     def name(self) -> str:
@@ -172,15 +173,19 @@ class RuleConfig:
             register_rule(self.target, self.rule, override=override)
         else:
             rules.register(self.target, self.rule, override=override)
+        self._registry = rules
         return self
 
     def check(self, **kwargs: Any) -> Any:
         """Run :func:`repcompiler.testing.check_rule` on the registered rule (using the
-        :meth:`example` factory unless ``make_module`` is given)."""
+        :meth:`example` factory unless ``make_module`` is given, and the registry it was
+        registered into unless ``rules`` is given)."""
         from .testing import check_rule  # testing imports the library, not the reverse
 
         if "make_module" not in kwargs and self._example is not None:
             kwargs["make_module"] = self._example
+        if "rules" not in kwargs and self._registry is not None:
+            kwargs["rules"] = self._registry
         return check_rule(self.target, **kwargs)
 
     def __repr__(self) -> str:

@@ -20,7 +20,8 @@ from ..blocks.registry import accepted_options
 from ..errors import RepCompilerError, UnsupportedError
 from ..transforms.fold import fold
 from ..rules.base import INPUT, FunctionCall, LowerInfo
-from ..rules.defaults import lookup_rule
+from ..rules.defaults import default_rules
+from ..rules.registry import RuleRegistry
 from .common import CheckFailure, CheckResult, assert_close
 from .randomize import randomize_module
 from .strategies import hypothesis_module, run_examples
@@ -46,6 +47,7 @@ def check_rule(
     derandomize: bool = False,
     shrink: bool = True,
     tol: float = 1e-9,
+    rules: RuleRegistry | None = None,
 ) -> CheckResult:
     """Check the lowering rule of ``target`` (a module type or a function) on
     hypothesis-generated channel counts, dimensionalities and input sizes (see the
@@ -64,6 +66,8 @@ def check_rule(
         randomize: perturb the module's parameters and buffers
             (:func:`randomize_module`) so defaults cannot hide a mistake.
         use_fold: also check :func:`repcompiler.fold` of ``Sequential(1x1 conv, layer)``.
+        rules: the registry holding the rule and used by the ``fold`` check (default:
+            the default registry).
         (other arguments as :func:`check_block`)
 
     Returns:
@@ -72,7 +76,8 @@ def check_rule(
     is_module = isinstance(target, type)
     name = getattr(target, "__qualname__", None) or repr(target)
     subject = f"rule for {name}"
-    lower = rule if rule is not None else lookup_rule(target)
+    registry = rules if rules is not None else default_rules()
+    lower = rule if rule is not None else registry.lookup(target)
     if lower is None:
         raise CheckFailure(subject, "has a rule", "lookup", f"no rule is registered for {name} (nor a base class)")
     if is_module and make_module is None:
@@ -81,7 +86,7 @@ def check_rule(
         raise UnsupportedError(f"check_rule({name}): a function target needs make_call=... (see the docstring)")
     result = CheckResult(subject)
     result.record("has a rule")
-    fold_fn = fold if use_fold else None
+    fold_fn = (lambda model, **kw: fold(model, rules=registry, **kw)) if use_fold else None
     st = hypothesis_module().strategies
     chans = (int(channels),) if isinstance(channels, int) else tuple(channels)
     dims = tuple(dims)
@@ -92,8 +97,8 @@ def check_rule(
         seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
         size = tuple(data.draw(st.integers(3, 7 if d < 3 else 4), label="size") for _ in range(d))
         result.examples += 1
-        if _check_case(target, is_module, subject, lower, make_module, make_call, c, d, seed, size, randomize,
-                       fold_fn, tol, result):
+        if _check_case(target, is_module, subject, lower, registry, make_module, make_call, c, d, seed, size,
+                       randomize, fold_fn, tol, result):
             result.accepted += 1
         else:
             result.rejected += 1
@@ -135,7 +140,8 @@ def _to64(value: Any) -> Any:
 
 
 def _check_case(
-    target: Any, is_module: bool, subject: str, lower: Callable[..., Any], make_module: Callable[..., nn.Module] | None,
+    target: Any, is_module: bool, subject: str, lower: Callable[..., Any], registry: RuleRegistry,
+    make_module: Callable[..., nn.Module] | None,
     make_call: Callable[..., Any] | None, c: int, d: int, seed: int, size: tuple[int, ...], randomize: bool,
     fold_fn: Callable[..., Any] | None, tol: float, result: CheckResult,
 ) -> bool:
@@ -150,7 +156,7 @@ def _check_case(
     if is_module:
         assert module is not None
         case = f"{type(module).__name__} with " + case
-        if lookup_rule(type(module)) is None and lower is lookup_rule(target):
+        if registry.lookup(type(module)) is None and lower is registry.lookup(target):
             raise CheckFailure(subject, "has a rule", case, f"no rule applies to {type(module).__name__}")
         f, lowered = module, module
     else:

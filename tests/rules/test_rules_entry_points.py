@@ -109,3 +109,14 @@ def test_rule_config_registers_into_a_given_registry() -> None:
     rc.RuleConfig(Gain).lower(_lower_gain).register(rules=rules)
     assert rules.lookup(Gain) is not None and default_rules().lookup(Gain) is None
     assert not _has(rc.fold(_chain(), X, rules=rules), Gain)
+
+
+def test_rule_config_checks_the_rule_in_the_registry_it_went_into() -> None:
+    """``.check()`` of a config registered with ``rules=`` looks the rule up there and folds
+    with that registry (the default registry has no rule for ``Gain``)."""
+    rules = default_rules().copy()
+    config = rc.RuleConfig(Gain).lower(_lower_gain).example(lambda channels: Gain(channels)).register(rules=rules)
+    result = config.check(max_examples=4, derandomize=True, dims=(2,))
+    assert result.accepted == 4 and default_rules().lookup(Gain) is None
+    with pytest.raises(rc.testing.CheckFailure, match="no rule is registered for Gain"):
+        rc.testing.check_rule(Gain, lambda channels: Gain(channels), max_examples=2, derandomize=True, dims=(2,))
