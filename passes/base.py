@@ -43,7 +43,7 @@ from torch.fx.passes.infra.pass_manager import PassManager as _UpstreamPassManag
 from torch.fx.passes.infra.pass_manager import pass_result_wrapper
 
 from ..errors import RepCompilerError
-from .state import PipelineState, pipeline_state, META_STATE
+from .state import META_STATE, PipelineState, pipeline_state, set_pipeline_state
 
 __all__ = [
     "GraphPass",
@@ -51,7 +51,6 @@ __all__ = [
     "PassManager",
     "PassContractError",
     "run_passes",
-    "graph_meta",
     "pipeline_state",
     "PipelineState",
     "META_STATE",
@@ -107,15 +106,6 @@ class GraphPass(PassBase):
         return self.name or type(self).__name__
 
 
-def graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
-    """The ``meta`` dict of a graph module (created if missing)."""
-    meta = getattr(gm, "meta", None)
-    if meta is None:
-        meta = {}
-        gm.meta = meta  # type: ignore[assignment]
-    return meta
-
-
 def _order_constraint(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
     """Upstream constraint: may ``a`` run before ``b``? Not if ``a`` needs ``b`` first."""
     return not any(isinstance(b, t) for t in getattr(a, "runs_after", ()))
@@ -155,7 +145,7 @@ class PassManager:
     def __call__(self, gm: fx.GraphModule, state: PipelineState | None = None) -> PassResult:
         """Run the passes on ``gm`` (with ``state`` installed, if given)."""
         if state is not None:
-            graph_meta(gm)[META_STATE] = state
+            set_pipeline_state(gm, state)
         try:
             res = self._upstream(gm)
         except Exception as exc:  # upstream wraps any pass error in a bare Exception: unwrap, re-raise

@@ -44,6 +44,7 @@ __all__ = [
     "ScaledBN",
     "PostBN",
     "pipeline_state",
+    "set_pipeline_state",
     "live_regions",
 ]
 
@@ -161,15 +162,25 @@ class PipelineState:
         return pass_type.__name__ in self.completed
 
 
-def pipeline_state(gm: fx.GraphModule) -> PipelineState:
-    """The :class:`PipelineState` of ``gm`` (an empty one is stored on first use)."""
+def _graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
     meta = getattr(gm, "meta", None)
     if meta is None:
         meta = gm.meta = {}  # type: ignore[assignment]
+    return meta
+
+
+def pipeline_state(gm: fx.GraphModule) -> PipelineState:
+    """The :class:`PipelineState` of ``gm`` (an empty one is stored on first use)."""
+    meta = _graph_meta(gm)
     state = meta.get(META_STATE)
     if state is None:
         state = meta[META_STATE] = PipelineState()
     return state
+
+
+def set_pipeline_state(gm: fx.GraphModule, state: PipelineState) -> None:
+    """Make ``state`` the :class:`PipelineState` of ``gm``."""
+    _graph_meta(gm)[META_STATE] = state
 
 
 def live_regions(gm: fx.GraphModule, regions: list[Region]) -> bool:
