@@ -41,6 +41,8 @@ __all__ = [
     "YoloConv",
     "YoloRepConv",
     "InPlaceParent",
+    "AssertingRepVGG",
+    "ShapeCheckBetweenConvAndBN",
     "fuse_bn",
 ]
 
@@ -343,3 +345,34 @@ class InPlaceParent(nn.Module):
         if bool(x.sum() > -1e30):  # data-dependent control flow: symbolic tracing fails here
             out += self.short(x)
         return torch.relu(out)
+
+
+# -- plain ``assert`` statements in forward (here, not in a test module: pytest rewrites the
+# asserts of test modules into other bytecode) ------------------------------------------------
+
+
+class AssertingRepVGG(nn.Module):
+    """A RepVGG-style block that checks its input with plain ``assert`` statements, as
+    much user code does (``x.ndim``, ``x.shape[1]``, an ``assert not``)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.k3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.k1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.ndim == 4, "expected NCHW"
+        assert not x.shape[1] != self.c
+        return self.bn3(self.k3(x)) + self.bn1(self.k1(x))
+
+
+class ShapeCheckBetweenConvAndBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        assert y.shape[1] == 4
+        return self.bn(y)

@@ -49,6 +49,15 @@ What it adds (each seen in real code, see ``tests/fixtures_thirdparty.py``):
   ``bns_become_scales`` (``linearize``: the BN becomes a learnable affine, for which
   the rewritten form is exact in both modes; see :mod:`repcompiler.capture.patterns`).
 
+* **Assert statements on input-dependent values** (``assert x.ndim == 4, "NCHW"``): the
+  test of an ``assert`` (recognised by its bytecode: the conditional jump over
+  ``LOAD_ASSERTION_ERROR``) is recorded as a ``torch._assert(cond, message)`` node,
+  which ``torch.fx`` keeps as side-effectful, and tracing continues on the branch where
+  the assertion holds. The graph raises where the eager code raises; a value the
+  assertion reads is a use like any other, so a fold that would remove it is not made.
+  Any other truth test of an input-dependent value (``if x.ndim == 3:``) still stops
+  the trace.
+
 Input-shape arithmetic (``x.shape[0]`` used as a Python int) is **not** captured:
 that would specialise the graph on one input size; such modules stay untraced.
 
@@ -145,7 +154,17 @@ class CaptureProxy(Proxy):
 
     def __bool__(self) -> bool:
         v = self._concrete("bool()")
-        return self.tracer.to_bool(self) if v is _MISSING else bool(v)
+        if v is not _MISSING:
+            return bool(v)
+        asserted = _assert_statement(inspect.currentframe())
+        if asserted is None:
+            return self.tracer.to_bool(self)
+        holds_when, message = asserted
+        cond = self if holds_when else self.tracer.create_proxy(  # type: ignore[attr-defined]
+            "call_function", operator.not_, (self,), {})
+        self.tracer.create_proxy("call_function", torch._assert, (cond, message), {})  # type: ignore[attr-defined]
+        _note(self.tracer, "assert on a value that depends on the inputs (recorded as torch._assert)")
+        return holds_when
 
     def __int__(self) -> int:
         v = self._concrete("int()")
@@ -190,6 +209,37 @@ def _unpack_count(frame: Any) -> int | None:
         if inst.offset >= caller.f_lasti:
             return int(inst.argval) if inst.opname == "UNPACK_SEQUENCE" else None
     return None
+
+
+_JUMPS_IF_TRUE = ("POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE")
+_JUMPS_IF_FALSE = ("POP_JUMP_IF_FALSE", "POP_JUMP_FORWARD_IF_FALSE")
+
+
+def _assert_statement(frame: Any) -> tuple[bool, str] | None:
+    """If the truth test that called ``frame``'s function is the test of an ``assert``
+    statement, ``(value for which the assertion holds, its message)``; else ``None``.
+
+    An ``assert c, msg`` compiles to the test of ``c`` (a conditional jump past the
+    raise, possibly preceded by ``TO_BOOL``) followed directly by
+    ``LOAD_ASSERTION_ERROR``; ``assert not c`` jumps on false instead."""
+    caller = frame.f_back if frame is not None else None
+    if caller is None:
+        return None
+    insts = [i for i in dis.get_instructions(caller.f_code) if i.opname not in ("CACHE", "NOT_TAKEN")]
+    at = next((k for k, i in enumerate(insts) if i.offset >= caller.f_lasti), None)
+    if at is None:
+        return None
+    if insts[at].opname == "TO_BOOL":
+        at += 1
+    if at + 1 >= len(insts) or insts[at + 1].opname != "LOAD_ASSERTION_ERROR":
+        return None
+    jump = insts[at].opname
+    if jump not in _JUMPS_IF_TRUE and jump not in _JUMPS_IF_FALSE:
+        return None
+    after = insts[at + 2] if at + 2 < len(insts) else None
+    message = after.argval if after is not None and after.opname == "LOAD_CONST" and isinstance(
+        after.argval, str) else f"assertion in {caller.f_code.co_qualname} failed"
+    return jump in _JUMPS_IF_TRUE, message
 
 
 def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[CaptureProxy, Any], Proxy]:

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import repcompiler as rc
-from fixtures_thirdparty import DBBBNAndPad, DBBIdentityConv1x1, OfficialOREPA
+from fixtures_thirdparty import (AssertingRepVGG, DBBBNAndPad, DBBIdentityConv1x1, OfficialOREPA,
+                                 ShapeCheckBetweenConvAndBN)
 from helpers import linear_bn_folds
 from repcompiler.algebra.crop import Crop
 from repcompiler.capture.python import CaptureTracerMixin, capture_info
@@ -313,3 +314,55 @@ def test_bn1d_on_three_d_input_is_not_folded():
         f, done = linear_bn_folds(m, *args)
         assert done == []
         assert _rel(f(x), m(x)) < 1e-6
+
+
+# -- assert statements on input-dependent values ------------------------------------------------
+
+
+def test_assert_statements_trace_as_torch_assert_and_the_block_folds() -> None:
+    """An ``assert`` on an input-dependent value becomes a ``torch._assert`` node (with its
+    message) instead of stopping the trace: the block folds to one conv, the outputs are
+    equal, and the folded model still raises on an input the assertion rejects."""
+    model = randomize_bn(nn.Sequential(AssertingRepVGG())).double().eval()
+    gm = trace_model(model)
+    asserts = [n for n in gm.graph.nodes if n.target is torch._assert]
+    assert [n.args[1] for n in asserts][0] == "expected NCHW" and len(asserts) == 2
+    assert ("0", "assert on a value that depends on the inputs (recorded as torch._assert)") in capture_info(gm).used
+    folded, report = rc.fold(model, return_report=True)
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 1, report
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(folded(x), model(x)) < 1e-12
+    for bad in (torch.randn(4, 7, 6, dtype=torch.float64), torch.randn(2, 3, 7, 6, dtype=torch.float64)):
+        with pytest.raises((AssertionError, RuntimeError)):
+            model(bad)
+        with pytest.raises((AssertionError, RuntimeError)):
+            folded(bad)
+
+
+def test_an_assert_reading_a_value_inside_a_region_keeps_that_value() -> None:
+    """The assertion reads the conv's output, which a conv+BN fold would remove: the fold
+    is not made (the read is a use outside the region) and the output is unchanged."""
+    model = randomize_bn(ShapeCheckBetweenConvAndBN()).double().eval()
+    folded, report = rc.fold(model, return_report=True)
+    assert isinstance(folded.bn, nn.BatchNorm2d) and not report.by_action("folded"), report
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(folded(x), model(x)) == 0.0
+
+
+class _BranchOnRank(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:  # control flow on the input, not an assertion: still untraceable
+            x = x.unsqueeze(0)
+        return self.bn(self.conv(x))
+
+
+def test_control_flow_on_the_input_still_stops_the_trace() -> None:
+    with pytest.raises(TraceError, match="control flow"):
+        trace_model(_BranchOnRank())
