@@ -199,16 +199,25 @@ class CaptureProxy(Proxy):
         return iter([self[i] for i in range(n)])
 
 
-def _unpack_count(frame: Any) -> int | None:
-    """The ``UNPACK_SEQUENCE`` count at the instruction that called ``frame``'s
-    function (``a, b = value``), or ``None``."""
+def _calling_instructions(frame: Any) -> tuple[list[dis.Instruction], int] | None:
+    """The instructions of the code that called ``frame``'s function (``CACHE`` and
+    ``NOT_TAKEN`` left out) and the index of the one that made the call, or ``None``."""
     caller = frame.f_back if frame is not None else None
     if caller is None:
         return None
-    for inst in dis.get_instructions(caller.f_code):
-        if inst.offset >= caller.f_lasti:
-            return int(inst.argval) if inst.opname == "UNPACK_SEQUENCE" else None
-    return None
+    insts = [i for i in dis.get_instructions(caller.f_code) if i.opname not in ("CACHE", "NOT_TAKEN")]
+    at = next((k for k, i in enumerate(insts) if i.offset >= caller.f_lasti), None)
+    return None if at is None else (insts, at)
+
+
+def _unpack_count(frame: Any) -> int | None:
+    """The ``UNPACK_SEQUENCE`` count at the instruction that called ``frame``'s
+    function (``a, b = value``), or ``None``."""
+    calling = _calling_instructions(frame)
+    if calling is None:
+        return None
+    insts, at = calling
+    return int(insts[at].argval) if insts[at].opname == "UNPACK_SEQUENCE" else None
 
 
 _JUMPS_IF_TRUE = ("POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE")
@@ -222,13 +231,10 @@ def _assert_statement(frame: Any) -> tuple[bool, str] | None:
     An ``assert c, msg`` compiles to the test of ``c`` (a conditional jump past the
     raise, possibly preceded by ``TO_BOOL``) followed directly by
     ``LOAD_ASSERTION_ERROR``; ``assert not c`` jumps on false instead."""
-    caller = frame.f_back if frame is not None else None
-    if caller is None:
+    calling = _calling_instructions(frame)
+    if calling is None:
         return None
-    insts = [i for i in dis.get_instructions(caller.f_code) if i.opname not in ("CACHE", "NOT_TAKEN")]
-    at = next((k for k, i in enumerate(insts) if i.offset >= caller.f_lasti), None)
-    if at is None:
-        return None
+    insts, at = calling
     if insts[at].opname == "TO_BOOL":
         at += 1
     if at + 1 >= len(insts) or insts[at + 1].opname != "LOAD_ASSERTION_ERROR":
@@ -238,7 +244,7 @@ def _assert_statement(frame: Any) -> tuple[bool, str] | None:
         return None
     after = insts[at + 2] if at + 2 < len(insts) else None
     message = after.argval if after is not None and after.opname == "LOAD_CONST" and isinstance(
-        after.argval, str) else f"assertion in {caller.f_code.co_qualname} failed"
+        after.argval, str) else f"assertion in {frame.f_back.f_code.co_qualname} failed"
     return jump in _JUMPS_IF_TRUE, message
 
 

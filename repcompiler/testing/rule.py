@@ -173,8 +173,8 @@ def _check_case(
     if expr is None:
         result.reject(f"{case}: the rule returned None")
         return False
-    _check_expr(expr, subject, case, c, d, result)
-    _check_values(f, expr.double(), x, g, subject, case, tol, result)
+    expr = _check_expr(expr, subject, case, c, d, result)
+    _check_values(f, expr, x, g, subject, case, tol, result)
     if fold_fn is not None and module is not None:
         _check_fold(fold_fn, subject, module, c, d, x, seed, tol, case, result)
     return True
@@ -193,14 +193,15 @@ def _make_module(make_module: Callable[..., nn.Module], subject: str, case: str,
     return module.eval()
 
 
-def _check_expr(expr: Any, subject: str, case: str, c: int, d: int, result: CheckResult) -> None:
+def _check_expr(expr: Any, subject: str, case: str, c: int, d: int, result: CheckResult) -> A.Expr:
     """The rule's answer is an expression that folds exactly, with the case's input
-    channels and dims."""
+    channels and dims; returns it in float64."""
     if not isinstance(expr, A.Expr):
         raise CheckFailure(subject, "lowers to an Expr", case, f"the rule returned {type(expr).__name__}")
     result.record("lowers to an Expr")
+    expr = expr.double()
     try:
-        spec, reasons = expr.double().plan()
+        spec, reasons = expr.plan()
     except RepCompilerError as exc:
         raise CheckFailure(subject, "exact fold", case, str(exc)) from None
     if spec is None or reasons:
@@ -210,6 +211,7 @@ def _check_expr(expr: Any, subject: str, case: str, c: int, d: int, result: Chec
                            f"the expression takes {spec.in_channels} channels, {spec.dims}-d")
     result.record("input channels and dims")
     result.record("exact fold")
+    return expr
 
 
 def _check_values(f: Callable[[Tensor], Tensor], expr: A.Expr, x: Tensor, g: torch.Generator, subject: str,
