@@ -18,7 +18,8 @@ default one installs the plans' modules (``fold``'s folded convs); ``linearize``
 one that makes online convs on the owner's graph. When an owner cannot be rewritten (a
 :class:`~repcompiler.errors.RepCompilerError` from re-tracing it or from the builder),
 its module-only regions are swapped in place and the others are left, recorded with
-the error; a :class:`~repcompiler.errors.VerificationError` is raised.
+the error. A :class:`~repcompiler.errors.VerificationError` (a replacement that does
+not compute what it replaces) is not such a case: it propagates.
 
 Every outcome is a :class:`~repcompiler.passes.state.Rewrite` appended to
 ``pipeline_state(gm).rewrites``, in the order the rewrite happened. Usage::
